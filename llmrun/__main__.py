@@ -1,0 +1,5 @@
+import sys
+
+from llmrun.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `llmrun` subcommand; each exposes add_parser(subparsers)."""

@@ -1,0 +1,33 @@
+"""Flags shared by the subcommands that load a model and generate."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="alias (see `llmrun list`), Hugging Face repo id, local HF directory or .gguf file "
+        "(default: the shipped SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="activation/compute dtype (default: float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--quant", choices=["int4", "none"], default=None,
+                   help="int4 packed-weight kernels or none (default: int4 where built)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size along K: 0 = per output channel, or 32/64/128/256")
+    p.add_argument("--no-compile", action="store_true", help="run eager, skip torch.compile")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
