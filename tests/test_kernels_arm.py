@@ -1,0 +1,203 @@
+"""llmrun.kernels.arm: argument construction for torch's KleidiAI int4 ops.
+
+On x86 (and on an Arm CPU without KleidiAI) the ATen ops run torch's scalar reference, which
+checks that our weights, scales, block sizes and dtypes are what the op expects. On aarch64
+with KleidiAI (run scripts/test-aarch64.sh for that under emulation) the same tests also
+check that the packing really took KleidiAI's layout, not the silent reference fallback.
+Set LLMRUN_REQUIRE_KLEIDIAI=1 to fail, rather than test the reference, when it is absent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+
+import pytest
+import torch
+
+from llmrun.kernels import arm
+
+ON_ARM = platform.machine().lower() in ("aarch64", "arm64")
+KLEIDIAI = ON_ARM and torch.backends.kleidiai.is_available()
+
+GROUPS = [0, 32, 64, 128, 256]
+MS = [1, 3, 17]
+K = 512
+N = 52  # neither a multiple of 16 nor of KleidiAI's nr = 8
+
+
+def _int4_linear_reference(x, qweight, scales, group_size, K):
+    """Dequantize the neutral format and multiply in fp32 (x [M, K] @ W.T)."""
+    u = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
+    q = u[:, :K].to(torch.float32) - 8.0
+    g = K if group_size == 0 else group_size
+    w = (q.reshape(q.shape[0], K // g, g) * scales.reshape(q.shape[0], -1, 1).float())
+    return x.float() @ w.reshape(q.shape[0], K).T
+
+
+def _random_int4(N, K, group_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (N, K), generator=gen)
+    u = (q + 8).to(torch.uint8)
+    qweight = (u[:, 1::2] << 4) | u[:, ::2]
+    n_groups = 1 if group_size == 0 else K // group_size
+    scales = torch.rand(N, n_groups, generator=gen) * 0.02 + 0.001
+    return q, qweight, scales
+
+
+def _random_x(M, K, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # Skewed rows (like activations after SiLU) exercise the asymmetric zero point.
+    return torch.randn(M, K, generator=gen) + torch.rand(M, 1, generator=gen)
+
+
+def _kernel_scales(scales, group_size, K):
+    """The scales the op multiplies with: group-wise ones are stored as bf16."""
+    if group_size in (0, K):
+        return scales.float()
+    return scales.to(torch.bfloat16).float()
+
+
+def _act_step(x):
+    """One int8 step of KleidiAI's per-row asymmetric quantization: range / 255."""
+    rng = x.clamp(min=0).amax(dim=1) - x.clamp(max=0).amin(dim=1)
+    return (rng / 255.0).unsqueeze(1)  # (M, 1)
+
+
+def _fake_quant_rows(x):
+    """KleidiAI's qai8dx quantize + dequantize of each row (lhs_quant_pack_qai8dxp_f32)."""
+    x = x.float()
+    rmin = x.amin(dim=1, keepdim=True).clamp(max=0)
+    rmax = x.amax(dim=1, keepdim=True).clamp(min=0)
+    scale = torch.where(rmax == rmin, torch.ones_like(rmax), 255.0 / (rmax - rmin))
+    lo, hi = rmin * scale, rmax * scale
+    zp = torch.where((-128 + lo) + (127 + hi) > 0, -128 - lo, 127 - hi).clamp(-128, 127).round()
+    a = (torch.round(x * scale) + zp).clamp(-128, 127)
+    return (a - zp) / scale
+
+
+def _packed_size_reference_layout(N, K, group_size):
+    n_groups = 1 if group_size in (0, K) else K // group_size
+    return N * K // 2 + N * n_groups
+
+
+def _kleidiai_packed_size(N, K, group_size):
+    from torch._meta_registrations import get_kai_packed_weight_size
+
+    return int(get_kai_packed_weight_size(4, N, K, K if group_size == 0 else group_size))
+
+
+def test_is_supported_matches_platform():
+    if os.environ.get("LLMRUN_REQUIRE_KLEIDIAI") == "1":
+        assert ON_ARM, f"LLMRUN_REQUIRE_KLEIDIAI=1 on {platform.machine()}"
+        assert KLEIDIAI, f"torch {torch.__version__} reports no KleidiAI"
+    assert arm.is_supported() == KLEIDIAI
+    if KLEIDIAI:
+        print(f"\nKleidiAI available: torch {torch.__version__} on {platform.machine()}")
+
+
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_pack_layout(group_size):
+    q, qweight, scales = _random_int4(N, K, group_size, seed=1)
+    packed = arm.pack(qweight, scales, group_size, K, N)
+    if KLEIDIAI:
+        # KleidiAI's own layout, not torch's silent fp32 fallback.
+        assert packed.dtype == torch.uint8
+        assert packed.numel() == _kleidiai_packed_size(N, K, group_size)
+        assert packed.numel() != _packed_size_reference_layout(N, K, group_size)
+        print(f"\npacked N={N} K={K} group={group_size}: {packed.numel()} bytes (KleidiAI)")
+    else:
+        assert packed.dtype == torch.float32
+        assert packed.numel() == _packed_size_reference_layout(N, K, group_size)
+
+
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_matmul_matches_dequantized_reference(group_size, M):
+    q, qweight, scales = _random_int4(N, K, group_size, seed=2 + group_size)
+    x = _random_x(M, K, seed=M)
+    packed = arm.pack(qweight, scales, group_size, K, N)
+    y = arm.matmul(x, packed, group_size, K, N)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+
+    w_scales = _kernel_scales(scales, group_size, K)
+    ref = _int4_linear_reference(x, qweight, w_scales, group_size, K)
+    w = _int4_linear_reference(torch.eye(K), qweight, w_scales, group_size, K).T  # (N, K)
+
+    # Int8 activation error: each x_k moves by at most half a step (one where the nudged
+    # zero point clamps), errors independent across k, so the output error is a sum of
+    # K terms of sd step/sqrt(12) * |w_nk|: 6 sd plus two worst-case clamped elements.
+    step = _act_step(x)  # (M, 1)
+    sd = step / math.sqrt(12.0) * w.norm(dim=1)  # (M, N)
+    tol = 6 * sd + 2 * step * w.abs().amax(dim=1) + 1e-5 * (x.abs() @ w.abs().T)
+    err = (y - ref).abs()
+    assert (err <= tol).all(), f"max err {err.max():.3g}, tol there {tol[err == err.max()]}"
+    # ...and far from a wrong layout: the error is much smaller than the signal.
+    assert err.max() < 0.05 * ref.abs().max()
+
+    # Tight check: emulating the activation quantization leaves only fp32 rounding
+    # (and a rare off-by-one rounding of one element).
+    ref_q = _int4_linear_reference(_fake_quant_rows(x), qweight, w_scales, group_size, K)
+    tight = 1e-5 * (x.abs() @ w.abs().T) + 1.01 * step * w.abs().amax(dim=1)
+    err_q = (y - ref_q).abs()
+    assert (err_q <= tight).all(), f"max err vs fake-quant reference {err_q.max():.3g}"
+
+
+def test_group_spanning_k_is_per_channel():
+    """group_size == K with scales [N, 1] takes the per-channel (fp32 scale) kernel."""
+    _, qweight, scales = _random_int4(N, 256, 256, seed=7)
+    packed = arm.pack(qweight, scales, 256, 256, N)
+    packed0 = arm.pack(qweight, scales.reshape(N), 0, 256, N)
+    assert torch.equal(packed, packed0)
+    x = _random_x(3, 256, seed=3)
+    assert torch.equal(arm.matmul(x, packed, 256, 256, N), arm.matmul(x, packed0, 0, 256, N))
+
+
+@pytest.mark.parametrize("group_size", [0, 64])
+def test_bf16_input_returns_bf16(group_size):
+    _, qweight, scales = _random_int4(N, K, group_size, seed=11)
+    x = _random_x(3, K, seed=5)
+    packed = arm.pack(qweight, scales, group_size, K, N)
+    y32 = arm.matmul(x.bfloat16().float(), packed, group_size, K, N)
+    y16 = arm.matmul(x.bfloat16(), packed, group_size, K, N)
+    assert y16.dtype == torch.bfloat16 and y16.shape == (3, N)
+    torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2 * y32.abs().max().item())
+
+
+def test_non_contiguous_and_empty_input():
+    _, qweight, scales = _random_int4(N, K, 32, seed=13)
+    packed = arm.pack(qweight, scales, 32, K, N)
+    xt = _random_x(K, 5, seed=6).T  # (5, K), a transposed view
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(
+        arm.matmul(xt, packed, 32, K, N), arm.matmul(xt.contiguous(), packed, 32, K, N)
+    )
+    assert arm.matmul(torch.empty(0, K), packed, 32, K, N).shape == (0, N)
+
+
+@pytest.mark.parametrize(
+    ("group_size", "k", "match"),
+    [(16, 512, "multiple of 32"), (96, 512, "multiple of 32"), (64, 480, "multiple of 32"),
+     (32, 511, "even")],
+)
+def test_unsupported_shapes_raise(group_size, k, match):
+    qweight = torch.zeros(N, (k + 1) // 2, dtype=torch.uint8)
+    scales = torch.ones(N, max(1, k // max(group_size, 1)))
+    with pytest.raises(ValueError, match=match):
+        arm.pack(qweight, scales, group_size, k, N)
+
+
+def test_bad_arguments_raise():
+    _, qweight, scales = _random_int4(N, K, 32, seed=17)
+    with pytest.raises(ValueError, match="uint8"):
+        arm.pack(qweight.to(torch.int8), scales, 32, K, N)
+    with pytest.raises(ValueError, match=r"\[N, K/2\]"):
+        arm.pack(qweight[:, :-1], scales, 32, K, N)
+    with pytest.raises(ValueError, match="scales"):
+        arm.pack(qweight, scales[:, :-1], 32, K, N)
+    packed = arm.pack(qweight, scales, 32, K, N)
+    with pytest.raises(ValueError, match="M, K"):
+        arm.matmul(torch.randn(2, 3, K), packed, 32, K, N)
+    with pytest.raises(ValueError, match="M, K"):
+        arm.matmul(torch.randn(2, K + 2), packed, 32, K, N)
