@@ -1,0 +1,131 @@
+"""Engine: resolve a model spec, load weights and tokenizer, optionally quantize and compile,
+and expose the one streaming generator. Every front end (generate, chat, bench, eval) uses it."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from llmrun.errors import LlmrunError
+from llmrun.generation_types import ChatMessage, GenerationChunk, LoadProgress, SamplingSettings
+from llmrun.generate import Generator
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineOptions:
+    model: str | None = None  # alias, repo id, local dir or .gguf; None: the shipped default
+    dtype: str = "float32"
+    threads: int | None = None
+    quant: str = "none"  # none | int4
+    group_size: int = 0  # int4: 0 = per output channel
+    compile: bool = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer, options: EngineOptions, source: str, timings: dict):
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.config = model.config
+        self.source = source
+        self.name = source
+        self.timings = timings  # stage -> seconds (download, load, quantize, compile)
+        self.generator = Generator(model, tokenizer)
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_seq_len
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    @property
+    def quant_label(self) -> str:
+        if self.options.quant == "none":
+            return self.options.dtype
+        gs = self.options.group_size
+        return f"int4 {'per-channel' if gs == 0 else f'g{gs}'}"
+
+    @classmethod
+    def load(cls, options: EngineOptions,
+             progress: Callable[[LoadProgress], None] | None = None) -> "Engine":
+        from llmrun.hub import resolve_model
+        from llmrun.loader import load_model, open_checkpoint
+        from llmrun.tokenizer import Tokenizer
+
+        if options.threads:
+            if options.threads < 1:
+                raise LlmrunError(f"--threads {options.threads} must be >= 1")
+            torch.set_num_threads(options.threads)
+        if options.dtype not in DTYPES:
+            raise LlmrunError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+        report = progress or (lambda p: None)
+        timings = {}
+        start = time.perf_counter()
+        report(LoadProgress("download", message="resolving model"))
+        resolved = resolve_model(options.model)
+        timings["resolve"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        ckpt = open_checkpoint(resolved.path, resolved.kind)
+        if resolved.kind == "gguf":
+            tokenizer = Tokenizer.from_gguf(resolved.path)
+        else:
+            tokenizer = Tokenizer.from_hf_dir(resolved.path)
+        transform = None
+        if options.quant != "none":
+            from llmrun.quant import make_transform
+
+            transform = make_transform(options.quant, options.group_size)
+        model = load_model(
+            ckpt, DTYPES[options.dtype], transform,
+            lambda stage, done, total: report(LoadProgress(stage, done, total)),
+        )
+        timings["load"] = time.perf_counter() - start
+        engine = cls(model, tokenizer, options, resolved.source, timings)
+        if options.compile:
+            from llmrun.compiled import compile_generator
+
+            start = time.perf_counter()
+            report(LoadProgress("compile", message="compiling prefill and decode"))
+            compile_generator(engine.generator)
+            timings["compile"] = time.perf_counter() - start
+        return engine
+
+    def chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The conversation rendered through the model's chat template, tokenized."""
+        tok = self.tokenizer
+        if not tok.chat_template:
+            text = "\n".join(m.content for m in messages)
+            return tok.encode(text)
+        rendered = tok.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True)
+        return tok.encode(rendered, add_bos=False) if _starts_with_bos(tok, rendered) else tok.encode(rendered)
+
+    def prompt_ids(self, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
+        if raw or not self.tokenizer.chat_template:
+            text = prompt if not system else f"{system}\n\n{prompt}"
+            return self.tokenizer.encode(text)
+        messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
+        return self.chat_prompt_ids(messages)
+
+    def stream_generate(self, prompt_ids: list[int], settings: SamplingSettings,
+                        stop: threading.Event | None = None, ignore_eos: bool = False
+                        ) -> Iterator[GenerationChunk]:
+        return self.generator.stream(prompt_ids, settings, stop, ignore_eos)
+
+
+def _starts_with_bos(tok, rendered: str) -> bool:
+    """Templates that write the BOS text themselves must not get a second BOS."""
+    bos_text = tok.bos_token
+    return bool(bos_text) and rendered.startswith(bos_text)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0))

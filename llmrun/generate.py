@@ -1,0 +1,114 @@
+"""The one streaming generator. gpt-fast shape: `prefill` and `decode_one` are separate
+functions over a static KV cache written by index (the compile layer wraps them);
+`stream_generate` drives them, samples, detokenizes incrementally and yields chunks."""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from llmrun.errors import LlmrunError
+from llmrun.generation_types import GenerationChunk, GenerationStats, SamplingSettings
+from llmrun.models import Transformer
+from llmrun.sampling import sample, validate
+
+PREFILL_CHUNK = 512  # long prompts prefill in chunks: bounded activation memory
+CACHE_BUCKET = 256  # KV cache lengths are rounded up to this: few distinct shapes
+
+
+def prefill(model: Transformer, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    # ids: (1, T); input_pos: (T,) -> logits of the last position (1, 1, vocab)
+    return model(ids, input_pos, last_only=True)
+
+
+def decode_one(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    # token: (1, 1); input_pos: (1,) -> (1, 1, vocab)
+    return model(token, input_pos)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def cache_length(needed: int, context: int) -> int:
+    return min(context, -(-needed // CACHE_BUCKET) * CACHE_BUCKET)
+
+
+class Generator:
+    """Holds a model and its step functions; owns the KV cache size."""
+
+    def __init__(self, model: Transformer, tokenizer,
+                 prefill_fn: Callable = prefill, decode_fn: Callable = decode_one):
+        self.model, self.tokenizer = model, tokenizer
+        self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
+        self.context = model.config.max_seq_len
+
+    def ensure_cache(self, needed: int) -> None:
+        length = cache_length(needed, self.context)
+        if length != self.model.cache_len or self.model.model.layers[0].self_attn.kv_cache is None:
+            dtype = self.model.model.norm.weight.dtype
+            self.model.setup_caches(length, dtype=dtype)
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: list[int], settings: SamplingSettings,
+               stop: threading.Event | None = None, ignore_eos: bool = False
+               ) -> Iterator[GenerationChunk]:
+        validate(settings)
+        n_prompt = len(prompt_ids)
+        if n_prompt == 0:
+            raise LlmrunError("the prompt is empty: give some text to continue from")
+        if n_prompt >= self.context:
+            raise LlmrunError(f"the prompt has {n_prompt} tokens but the model's context is "
+                              f"{self.context}: shorten the prompt")
+        max_new = min(settings.max_new_tokens, self.context - n_prompt)
+        context_limited = max_new < settings.max_new_tokens
+        self.ensure_cache(n_prompt + max_new)
+        generator = None
+        if settings.seed is not None:
+            generator = torch.Generator().manual_seed(settings.seed)
+        eos = set() if ignore_eos else set(self.tokenizer.eos_ids)
+        stats = GenerationStats(prompt_tokens=n_prompt)
+        decoder = self.tokenizer.stream_decoder()
+        seen = torch.tensor(prompt_ids, dtype=torch.long)
+
+        start = time.perf_counter()
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        for lo in range(0, n_prompt, PREFILL_CHUNK):
+            hi = min(lo + PREFILL_CHUNK, n_prompt)
+            logits = self.prefill_fn(self.model, ids[:, lo:hi], torch.arange(lo, hi))
+        token = sample(logits[0, -1], settings, generator, seen)
+        first = time.perf_counter()
+        stats.ttft_s = first - start
+        stats.prefill_tps = n_prompt / stats.ttft_s
+        stats.finish_reason = "length"
+        pos = n_prompt
+        generated: list[int] = []
+        decode_steps = 0
+        while True:
+            if token in eos:
+                stats.finish_reason = "stop"
+                break
+            generated.append(token)
+            yield GenerationChunk(text=decoder.push(token), token=token)
+            if len(generated) >= max_new:
+                stats.finish_reason = "context" if context_limited else "length"
+                break
+            if stop is not None and stop.is_set():
+                stats.finish_reason = "cancelled"
+                break
+            logits = self.decode_fn(self.model, torch.tensor([[token]]), torch.tensor([pos]))
+            pos += 1
+            decode_steps += 1
+            if settings.repetition_penalty != 1.0:
+                seen = torch.cat([seen, torch.tensor([token])])
+            token = sample(logits[0, -1], settings, generator, seen)
+        end = time.perf_counter()
+        stats.generated_tokens = len(generated)
+        if decode_steps:  # the first token came from prefill
+            stats.decode_tps = decode_steps / (end - first)
+        stats.peak_rss_bytes = peak_rss_bytes()
+        yield GenerationChunk(text=decoder.flush(), stats=stats, finished=True)

@@ -1,0 +1,127 @@
+"""Checkpoint -> model: build on the meta device, then assign tensors one at a time as the
+reader streams them (converted to the compute dtype, optionally replaced by a quantized
+module as soon as a layer's weights are complete). No second full copy in memory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmrun.errors import LlmrunError
+from llmrun.models import ModelConfig, Transformer, build_on_meta
+
+# (qualified module name, loaded module) -> module to use instead (e.g. a quantized linear)
+ModuleTransform = Callable[[str, nn.Module], nn.Module]
+# (stage, done, total)
+ProgressFn = Callable[[str, int, int], None]
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_IGNORED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                     "model.multi_modal_projector.")
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    n_tensors: int
+    path: Path
+
+
+def open_checkpoint(path: Path, kind: str) -> Checkpoint:
+    if kind == "gguf":
+        from llmrun.weights import gguf_file
+
+        reader = gguf_file.open_reader(path)
+        cfg = gguf_file.read_config(reader)
+        return Checkpoint(cfg, gguf_file.tensor_stream(reader, cfg, path),
+                          len(reader.tensors), path)
+    from llmrun.weights import safetensors_dir
+
+    cfg = safetensors_dir.read_config(path)
+    files = safetensors_dir.weight_files(path)
+    count = 0
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                count += len(list(f.keys()))
+        except Exception as exc:
+            raise LlmrunError(f"cannot read {file}: {exc} (the file is truncated or corrupt; "
+                              "download it again)") from None
+    return Checkpoint(cfg, safetensors_dir.tensor_stream(path), count, path)
+
+
+def _canonical(name: str) -> str | None:
+    if name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES):
+        return None
+    for prefix in ("language_model.model.", "model.language_model."):
+        if name.startswith(prefix):
+            return "model." + name[len(prefix):]
+    if name.startswith("language_model.lm_head."):
+        return name[len("language_model."):]
+    return name
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform | None = None,
+               progress: ProgressFn | None = None) -> Transformer:
+    model = build_on_meta(ckpt.config)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    pending = {name: sum(1 for _ in mod.parameters(recurse=False)) for name, mod in modules.items()}
+    seen: set[str] = set()
+    for i, (raw_name, tensor) in enumerate(ckpt.tensors, 1):
+        if progress:
+            progress("load", i, ckpt.n_tensors)
+        name = _canonical(raw_name)
+        if name is None:
+            continue
+        if name not in expected:
+            raise LlmrunError(f"{ckpt.path}: unexpected tensor {raw_name!r} for a "
+                              f"{ckpt.config.family} model (the checkpoint does not match its config)")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise LlmrunError(f"{ckpt.path}: tensor {raw_name!r} has shape {tuple(tensor.shape)}, "
+                              f"config.json implies {tuple(expected[name].shape)}")
+        if not (tensor.is_floating_point()):
+            raise LlmrunError(f"{ckpt.path}: tensor {raw_name!r} has dtype {tensor.dtype}; "
+                              "expected floating point weights")
+        module_name, _, leaf = name.rpartition(".")
+        module = modules[module_name]
+        module._parameters[leaf] = nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=False)
+        seen.add(name)
+        pending[module_name] -= 1
+        if pending[module_name] == 0 and transform is not None:
+            _replace(model, modules, module_name, transform(module_name, module))
+    if ckpt.config.tie_embeddings and "lm_head.weight" not in seen:
+        seen.add("lm_head.weight")
+        model.lm_head.weight = model.model.embed_tokens.weight
+        if transform is not None:
+            _replace(model, modules, "lm_head", transform("lm_head", model.lm_head))
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise LlmrunError(f"{ckpt.path}: missing tensors {shown} (the checkpoint is incomplete)")
+    for layer in model.model.layers:  # buffers created on meta: rebuilt by setup_caches
+        layer.self_attn.kv_cache = None
+    model.eval()
+    return model
+
+
+def _replace(model: nn.Module, modules: dict, name: str, new: nn.Module) -> None:
+    if new is modules[name]:
+        return
+    parent_name, _, child = name.rpartition(".")
+    setattr(modules[parent_name] if parent_name else model, child, new)
+    modules[name] = new
+
+
+def timed_load(ckpt: Checkpoint, dtype, transform=None, progress=None):
+    start = time.perf_counter()
+    model = load_model(ckpt, dtype, transform, progress)
+    return model, time.perf_counter() - start

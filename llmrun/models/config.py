@@ -1,0 +1,79 @@
+"""One config dataclass for every family. Family modules fill it from a checkpoint's
+config.json (`from_hf`) or from GGUF metadata (`llmrun.weights.gguf_file`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmrun.errors import LlmrunError
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position: int = 8192  # llama3
+    freq_factors: tuple[float, ...] | None = None  # GGUF rope_freqs tensor (divides inv_freq)
+
+
+@dataclass
+class ModelConfig:
+    family: str  # llama | gemma | gemma2 | gemma3
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope: RopeSpec = field(default_factory=RopeSpec)
+    rope_local: RopeSpec | None = None  # rope of sliding-window layers, when it differs
+    tie_embeddings: bool = False
+    activation: str = "silu"  # silu | gelu_tanh
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # Gemma deltas
+    norm_plus_one: bool = False  # RMSNorm multiplies by (1 + w)
+    embed_scale: float = 1.0  # embeddings multiplied by this (sqrt(dim) for Gemma)
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sandwich_norms: bool = False  # post-attention, pre/post-feed-forward norms (Gemma 2/3)
+    qk_norm: bool = False  # RMSNorm on q and k per head (Gemma 3)
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # per layer: "full" | "sliding"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "ffn_dim", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if not problems and self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.activation not in ("silu", "gelu_tanh"):
+            problems.append(f"activation {self.activation!r} is not supported (silu, gelu_tanh)")
+        if not self.layer_types:
+            self.layer_types = ("full",) * self.n_layers
+        if len(self.layer_types) != self.n_layers:
+            problems.append(f"{len(self.layer_types)} layer types for {self.n_layers} layers")
+        if "sliding" in self.layer_types and not self.sliding_window:
+            problems.append("sliding-window layers but no sliding_window size")
+        if problems:
+            raise LlmrunError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
+
+    def rope_for(self, layer: int) -> RopeSpec:
+        if self.layer_types[layer] == "sliding" and self.rope_local is not None:
+            return self.rope_local
+        return self.rope

@@ -1,0 +1,243 @@
+"""The transformer every family shares. Module names follow the Hugging Face checkpoints
+(model.layers.N.self_attn.q_proj, ...) so safetensors load with no name map; per-family
+behaviour comes only from ModelConfig fields.
+
+gpt-fast shape: static KV cache buffers written by index, positions passed in explicitly,
+so prefill and decode are the same forward with different (idx, input_pos)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmrun.models.config import ModelConfig, RopeSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, plus_one: bool):
+        super().__init__()
+        self.eps = eps
+        self.plus_one = plus_one  # Gemma stores w and multiplies by (1 + w)
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
+    """(head_dim/2,) inverse frequencies, computed as transformers computes them."""
+    inv_freq = 1.0 / (spec.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if spec.rope_type == "linear":
+        inv_freq = inv_freq / spec.factor
+    elif spec.rope_type == "llama3":
+        low_wavelen = spec.original_max_position / spec.low_freq_factor
+        high_wavelen = spec.original_max_position / spec.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / spec.factor, inv_freq)
+        smooth = (spec.original_max_position / wavelen - spec.low_freq_factor) / (
+            spec.high_freq_factor - spec.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    if spec.freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(spec.freq_factors, dtype=torch.float32)
+    return inv_freq
+
+
+def rope_tables(spec: RopeSpec, head_dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (length, head_dim), halves repeated (rotate-half layout)."""
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), rope_inv_freq(spec, head_dim))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, head_dim); cos/sin: (T, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, length: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch, n_kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos: (T,); k, v: (B, n_kv, T, head_dim) -> whole caches (B, n_kv, S, head_dim)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale, self.softcap = cfg.scale, cfg.attn_softcap
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, q_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.dim, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        # x: (B, T, dim); mask: (T, S) bool, True where attention is allowed
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            out = self._softcapped_attention(q, k, v, mask)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(out)
+
+    def _softcapped_attention(self, q, k, v, mask):
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-1, -2)).float() * self.scale  # (B, H, T, S)
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(dim=-1).to(v.dtype)) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.gelu = cfg.activation == "gelu_tanh"
+
+    def forward(self, x):
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.sliding = cfg.layer_types[layer] == "sliding"
+        self.sandwich = cfg.sandwich_norms
+        norm = lambda: RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)  # noqa: E731
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        if self.sandwich:
+            h = x + self.post_attention_layernorm(attn)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = x + attn
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """Holds the checkpoint's `model.*` tensors."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.cache_len = 0
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def setup_caches(self, length: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
+        """Allocate KV caches and rope tables for `length` positions."""
+        cfg = self.config
+        dtype = dtype or self.model.norm.weight.dtype
+        self.cache_len = length
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, cfg.n_kv_heads, length, cfg.head_dim, dtype)
+        self._set_rope(length)
+
+    def drop_caches(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def _set_rope(self, length: int) -> None:
+        cfg = self.config
+        cos, sin = rope_tables(cfg.rope, cfg.head_dim, length)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        local = cfg.rope_local or cfg.rope
+        cos, sin = rope_tables(local, cfg.head_dim, length)
+        self.register_buffer("rope_local_cos", cos, persistent=False)
+        self.register_buffer("rope_local_sin", sin, persistent=False)
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """idx: (B, T) token ids; input_pos: (T,) their positions. Without caches (no
+        setup_caches) this is a plain full-sequence forward. Returns float32 logits
+        (B, T, vocab), or (B, 1, vocab) with last_only."""
+        cfg = self.config
+        T = idx.shape[1]
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device)
+        if self.cache_len == 0 or self.model.layers[0].self_attn.kv_cache is None:
+            if getattr(self, "rope_cos", None) is None or self.rope_cos.shape[0] < T:
+                self._set_rope(int(input_pos.max()) + 1)
+            k_pos = input_pos  # attend over this call's tokens only
+        else:
+            k_pos = torch.arange(self.cache_len, device=idx.device)
+        allowed = k_pos[None, :] <= input_pos[:, None]  # (T, S)
+        local_allowed = allowed
+        if cfg.sliding_window:
+            local_allowed = allowed & (input_pos[:, None] - k_pos[None, :] < cfg.sliding_window)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        local_cos, local_sin = self.rope_local_cos[input_pos], self.rope_local_sin[input_pos]
+
+        x = self.model.embed_tokens(idx)  # (B, T, dim)
+        if cfg.embed_scale != 1.0:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        for layer in self.model.layers:
+            if layer.sliding:
+                x = layer(x, local_cos, local_sin, local_allowed, input_pos)
+            else:
+                x = layer(x, cos, sin, allowed, input_pos)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.model.norm(x)).float()  # (B, T, vocab)
+        if cfg.final_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits
