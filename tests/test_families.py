@@ -1,0 +1,73 @@
+"""Tiny random-weight models of every family, built by transformers from configs and saved
+with save_pretrained, loaded by llmrun: the logits must agree with transformers'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from llmrun.loader import load_model, open_checkpoint  # noqa: E402
+
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+LLAMA_31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                 "rope_theta": 500000.0}
+
+CASES = {
+    "llama2": ("LlamaConfig", dict(rms_norm_eps=1e-5)),
+    "llama3.1-rope-scaling": ("LlamaConfig", dict(rope_parameters=LLAMA_31_ROPE)),
+    "llama3.2-tied": ("LlamaConfig", dict(tie_word_embeddings=True, head_dim=32)),
+    "gemma": ("GemmaConfig", dict(head_dim=32)),
+    "gemma2": ("Gemma2Config", dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=32,
+                                        layer_types=["sliding_attention", "full_attention"] * 2,
+                                        rope_parameters={
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                            "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                               "rope_theta": 1000000.0}})),
+}
+
+
+def _save_tiny(name: str, directory, shard: bool = False):
+    config_cls, extra = CASES[name]
+    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # norms start at 0/1 in HF init: randomize so (1 + w) is exercised
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    model.save_pretrained(directory, max_shard_size="100KB" if shard else "5GB")
+    return model
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_match_transformers(name, tmp_path):
+    hf = _save_tiny(name, tmp_path, shard=name == "llama2")
+    if name == "llama2":
+        assert (tmp_path / "model.safetensors.index.json").is_file(), "expected a sharded save"
+    ours = load_model(open_checkpoint(tmp_path, "hf-dir"), torch.float32)
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "llama3.2-tied"])
+def test_kv_cache_decode_equals_full_forward(name, tmp_path):
+    _save_tiny(name, tmp_path)
+    model = load_model(open_checkpoint(tmp_path, "hf-dir"), torch.float32)
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+        model.setup_caches(64)
+        steps = [model(ids[:, :11], torch.arange(11))]
+        steps += [model(ids[:, i:i + 1], torch.tensor([i])) for i in range(11, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
