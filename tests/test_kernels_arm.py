@@ -25,6 +25,9 @@ GROUPS = [0, 32, 64, 128, 256]
 MS = [1, 3, 17]
 K = 512
 N = 52  # neither a multiple of 16 nor of KleidiAI's nr = 8
+# (M, N) shapes: odd M with that odd N, and one aligned shape (M % 8 == 0, N % 16 == 0) on
+# which torch picks KleidiAI's I8MM GEMM kernels and splits N over threads.
+SHAPES = [(m, N) for m in MS] + [(16, 64)]
 
 
 def _int4_linear_reference(x, qweight, scales, group_size, K):
@@ -112,9 +115,9 @@ def test_pack_layout(group_size):
         assert packed.numel() == _packed_size_reference_layout(N, K, group_size)
 
 
-@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize(("M", "N"), SHAPES, ids=[f"M{m}-N{n}" for m, n in SHAPES])
 @pytest.mark.parametrize("group_size", GROUPS)
-def test_matmul_matches_dequantized_reference(group_size, M):
+def test_matmul_matches_dequantized_reference(group_size, M, N):
     q, qweight, scales = _random_int4(N, K, group_size, seed=2 + group_size)
     x = _random_x(M, K, seed=M)
     packed = arm.pack(qweight, scales, group_size, K, N)
