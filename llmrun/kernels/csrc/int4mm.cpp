@@ -1,0 +1,360 @@
+// llmrun x86 int4-weight x int8-activation matmul (see int4mm_body.inc for the kernel and
+// the private weight layout). One shared object carries three ISA paths, each compiled with
+// a per-function target attribute and chosen at run time:
+//   isa 0: AVX512-VNNI, zmm vpdpbusd, one panel (16 columns) per vector
+//   isa 1: AVX-VNNI,    ymm vpdpbusd, two vectors per panel (VEX encoding when the CPU has
+//          AVX-VNNI, else the same ymm code in EVEX encoding on AVX512-VNNI + VL CPUs)
+//   isa 2: AVX2,        vpmaddubsw + vpmaddwd (u8 x s8 pairs of |q| <= 8 never saturate)
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+namespace llmrun_kernels {
+
+struct RunArgs {
+  const uint8_t* a;   // quantized activations [M][Kpad], a_u = a + 128
+  const float* sa;    // activation scales [M]
+  const uint8_t* w;   // packed panels
+  int64_t wps;        // bytes per panel (Kpad / 2 * 16)
+  const void* sc;
+  bool sf16;
+  const void* corr;
+  int64_t M, N, Kpad;
+  int G, lpg;
+  bool grouped;
+  void* out;
+  bool out_f32;
+  int64_t pf;
+};
+
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as torch does
+  return (uint16_t)(u >> 16);
+}
+
+static int64_t g_prefetch = 1024;
+
+// ---------------------------------------------------------------- AVX512-VNNI (zmm)
+namespace avx512 {
+#define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c,avx2")))
+#define VPP 1
+#define VI __m512i
+#define VF __m512
+#define LOADW(p) _mm512_loadu_si512((const void*)(p))
+#define UNLO(w) _mm512_and_si512(_mm512_slli_epi16((w), 4), _mm512_set1_epi8((char)0xF0))
+#define UNHI(w) _mm512_and_si512((w), _mm512_set1_epi8((char)0xF0))
+#define DOT(acc, a, x) _mm512_dpbusd_epi32((acc), (a), (x))
+#define DOT2(acc, a0, x0, a1, x1) _mm512_dpbusd_epi32(_mm512_dpbusd_epi32((acc), (a0), (x0)), (a1), (x1))
+#define SET1I(x) _mm512_set1_epi32(x)
+#define SET1F(x) _mm512_set1_ps(x)
+#define ZEROI() _mm512_setzero_si512()
+#define ZEROF() _mm512_setzero_ps()
+#define ADDI(a, b) _mm512_add_epi32((a), (b))
+#define SUBI(a, b) _mm512_sub_epi32((a), (b))
+#define SLLI(a, n) _mm512_slli_epi32((a), (n))
+#define CVT(a) _mm512_cvtepi32_ps(a)
+#define FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define FMS(a, b, c) _mm512_fmsub_ps((a), (b), (c))
+#define MUL(a, b) _mm512_mul_ps((a), (b))
+#define LOADF(p) _mm512_loadu_ps(p)
+#define LOADI(p) _mm512_loadu_si512((const void*)(p))
+#define LOADH(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p)))
+#define STOREF(p, v) _mm512_storeu_ps((p), (v))
+#define WSCALE 16
+#define WSHIFT 4
+#define RMAX 6
+#define CMAX 4
+#include "int4mm_body.inc"
+#undef TGT
+#undef VPP
+#undef VI
+#undef VF
+#undef LOADW
+#undef UNLO
+#undef UNHI
+#undef DOT
+#undef DOT2
+#undef SET1I
+#undef SET1F
+#undef ZEROI
+#undef ZEROF
+#undef ADDI
+#undef SUBI
+#undef SLLI
+#undef CVT
+#undef FMA
+#undef FMS
+#undef MUL
+#undef LOADF
+#undef LOADI
+#undef LOADH
+#undef STOREF
+#undef WSCALE
+#undef WSHIFT
+#undef RMAX
+#undef CMAX
+}  // namespace avx512
+
+// ------------------------------------------------------- shared ymm macros (VNNI and AVX2)
+#define VPP 2
+#define VI __m256i
+#define VF __m256
+#define LOADW(p) _mm256_loadu_si256((const __m256i*)(p))
+#define SET1I(x) _mm256_set1_epi32(x)
+#define SET1F(x) _mm256_set1_ps(x)
+#define ZEROI() _mm256_setzero_si256()
+#define ZEROF() _mm256_setzero_ps()
+#define ADDI(a, b) _mm256_add_epi32((a), (b))
+#define SUBI(a, b) _mm256_sub_epi32((a), (b))
+#define SLLI(a, n) _mm256_slli_epi32((a), (n))
+#define CVT(a) _mm256_cvtepi32_ps(a)
+#define FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define FMS(a, b, c) _mm256_fmsub_ps((a), (b), (c))
+#define MUL(a, b) _mm256_mul_ps((a), (b))
+#define LOADF(p) _mm256_loadu_ps(p)
+#define LOADI(p) _mm256_loadu_si256((const __m256i*)(p))
+#define LOADH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p)))
+#define STOREF(p, v) _mm256_storeu_ps((p), (v))
+#define RMAX 3
+#define CMAX 1
+
+// ---------------------------------------------------------------- AVX-VNNI (ymm, VEX)
+namespace avxvnni {
+#define TGT __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define UNLO(w) _mm256_and_si256(_mm256_slli_epi16((w), 4), _mm256_set1_epi8((char)0xF0))
+#define UNHI(w) _mm256_and_si256((w), _mm256_set1_epi8((char)0xF0))
+#define DOT(acc, a, x) _mm256_dpbusd_avx_epi32((acc), (a), (x))
+#define DOT2(acc, a0, x0, a1, x1) _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32((acc), (a0), (x0)), (a1), (x1))
+#define WSCALE 16
+#define WSHIFT 4
+#include "int4mm_body.inc"
+#undef TGT
+#undef DOT
+#undef DOT2
+}  // namespace avxvnni
+
+// ------------------------------------- the same ymm VNNI code, EVEX-encoded (AVX512-VL)
+namespace avxvnni_evex {
+#define TGT __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define DOT(acc, a, x) _mm256_dpbusd_epi32((acc), (a), (x))
+#define DOT2(acc, a0, x0, a1, x1) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32((acc), (a0), (x0)), (a1), (x1))
+#include "int4mm_body.inc"
+#undef TGT
+#undef DOT
+#undef DOT2
+#undef UNLO
+#undef UNHI
+#undef WSCALE
+#undef WSHIFT
+}  // namespace avxvnni_evex
+
+// ---------------------------------------------------------------- AVX2
+namespace avx2 {
+#define TGT __attribute__((target("avx2,fma,f16c")))
+// sign-extend a nibble (0..15 as 4-bit two's complement) with a byte shuffle
+#define NIBLUT _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1, \
+                                0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1)
+#define UNLO(w) _mm256_shuffle_epi8(NIBLUT, _mm256_and_si256((w), _mm256_set1_epi8(0x0F)))
+#define UNHI(w) _mm256_shuffle_epi8(NIBLUT, _mm256_and_si256(_mm256_srli_epi16((w), 4), _mm256_set1_epi8(0x0F)))
+#define DOT(acc, a, x) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((a), (x)), _mm256_set1_epi16(1)))
+#define DOT2(acc, a0, x0, a1, x1)                                                              \
+  _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16((a0), (x0)), \
+                                                             _mm256_maddubs_epi16((a1), (x1))), \
+                                            _mm256_set1_epi16(1)))
+#define WSCALE 1
+#define WSHIFT 0
+#include "int4mm_body.inc"
+}  // namespace avx2
+
+// ------------------------------------------------------------- activation quantization
+// Per row, symmetric: inv = 127 / absmax (float32 division), a = round_half_even(x * inv)
+// (float32 multiply), stored as a + 128; s_a = absmax / 127. A zero row gives inv = 0,
+// s_a = 0. llmrun.kernels.reference.quantize_activations does the identical float ops.
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  }
+}
+
+template <typename T>
+static inline float to_f(T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    uint32_t u = (uint32_t)v.x << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+}
+
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) static void quant_row(const T* x, int64_t K, int64_t Kpad, uint8_t* a, float* sa) {
+  __m256 mx = _mm256_setzero_ps();
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(load8(x + k), absmask));
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, mx);
+  float amax = 0.f;
+  for (int i = 0; i < 8; i++) amax = std::max(amax, tmp[i]);
+  for (; k < K; k++) amax = std::max(amax, std::fabs(to_f(x[k])));
+  const float inv = amax > 0.f ? 127.0f / amax : 0.0f;
+  *sa = amax / 127.0f;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256i off = _mm256_set1_epi32(128);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x + k), vinv));  // MXCSR: nearest even
+    q = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(q, lo), hi), off);
+    __m128i q16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64((__m128i*)(a + k), _mm_packus_epi16(q16, q16));
+  }
+  for (; k < K; k++) {
+    float v = std::nearbyint(to_f(x[k]) * inv);
+    v = std::min(127.f, std::max(-127.f, v));
+    a[k] = (uint8_t)((int)v + 128);
+  }
+  for (; k < Kpad; k++) a[k] = 128;
+}
+
+static void quantize_activations(const at::Tensor& x, int64_t Kpad, uint8_t* a, float* sa) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; m++) {
+      if (x.scalar_type() == at::kFloat)
+        quant_row(x.data_ptr<float>() + m * K, K, Kpad, a + m * Kpad, sa + m);
+      else
+        quant_row(x.data_ptr<at::BFloat16>() + m * K, K, Kpad, a + m * Kpad, sa + m);
+    }
+  };
+  if (M * K >= (1 << 16)) at::parallel_for(0, M, 1, body); else body(0, M);
+}
+
+// ------------------------------------------------------------------------- ISA support
+static int64_t isa_support() {
+  __builtin_cpu_init();
+  int64_t m = 0;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool a512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                    __builtin_cpu_supports("avx512vnni");
+  if (a512) m |= 1;                                          // zmm VNNI
+  if (avx2 && __builtin_cpu_supports("avxvnni")) m |= 2;     // ymm VNNI (VEX)
+  else if (a512) m |= 4;                                     // ymm VNNI (EVEX)
+  if (avx2) m |= 8;
+  return m;
+}
+
+// ------------------------------------------------------------------------------ ops
+static at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& corr,
+                          int64_t group_size, int64_t K, int64_t N, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int4_mm: x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_mm: x must be fp32 or bf16");
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.scalar_type() == at::kByte && w.is_contiguous(), "int4_mm: bad packed weight");
+  TORCH_CHECK(sc.dim() == 3 && sc.size(0) == w.size(0) && sc.size(2) == 16 && sc.is_contiguous(), "int4_mm: bad packed scales");
+  TORCH_CHECK(sc.scalar_type() == at::kHalf || sc.scalar_type() == at::kFloat, "int4_mm: scales must be fp16 or fp32");
+  TORCH_CHECK(corr.numel() == w.size(0) * 16 && corr.is_contiguous(), "int4_mm: bad correction");
+  TORCH_CHECK(N <= w.size(0) * 16 && K <= w.size(1) * 8, "int4_mm: N or K larger than the packed weight");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = x.size(0), NP = w.size(0), Kpad = w.size(1) * 8;
+  const bool grouped = group_size > 0;
+  TORCH_CHECK(!grouped || (group_size % 8 == 0 && sc.size(1) * group_size == Kpad), "int4_mm: group size / padding mismatch");
+  TORCH_CHECK(grouped ? corr.scalar_type() == at::kFloat : corr.scalar_type() == at::kInt, "int4_mm: bad correction dtype");
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  at::Tensor a = at::empty({M, Kpad}, x.options().dtype(at::kByte));
+  at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));
+  quantize_activations(xc, Kpad, a.data_ptr<uint8_t>(), sa.data_ptr<float>());
+
+  RunArgs p;
+  p.a = a.data_ptr<uint8_t>();
+  p.sa = sa.data_ptr<float>();
+  p.w = w.data_ptr<uint8_t>();
+  p.wps = w.size(1) * 64;
+  p.sc = sc.data_ptr();
+  p.sf16 = sc.scalar_type() == at::kHalf;
+  p.corr = corr.data_ptr();
+  p.M = M;
+  p.N = N;
+  p.Kpad = Kpad;
+  p.G = (int)sc.size(1);
+  p.lpg = grouped ? (int)(group_size / 8) : (int)w.size(1);
+  p.grouped = grouped;
+  p.out = out.data_ptr();
+  p.out_f32 = x.scalar_type() == at::kFloat;
+  p.pf = g_prefetch;
+
+  const int64_t sup = isa_support();
+  using RunFn = void (*)(const RunArgs&, int64_t, int64_t, int, int);
+  RunFn fn;
+  int rmax, cmax;
+  if (isa == 0) {
+    TORCH_CHECK(sup & 1, "int4_mm: this CPU lacks AVX512-VNNI");
+    fn = avx512::run_panels; rmax = 6; cmax = 4;
+  } else if (isa == 1) {
+    TORCH_CHECK(sup & 6, "int4_mm: this CPU lacks AVX-VNNI");
+    fn = (sup & 2) ? avxvnni::run_panels : avxvnni_evex::run_panels; rmax = 3; cmax = 1;
+  } else {
+    TORCH_CHECK(sup & 8, "int4_mm: this CPU lacks AVX2");
+    fn = avx2::run_panels; rmax = 3; cmax = 1;
+  }
+  // tile shape: GEMV (M <= 3) takes all rows at once; GEMM reuses each unpacked weight
+  // register across rmax rows and cmax panels.
+  int rt, ct;
+  if (M <= 3) { rt = (int)M; ct = std::min(cmax, 2); }
+  else { rt = rmax; ct = cmax; }
+  if (!grouped && isa == 0 && M > 3) { rt = 6; ct = 4; }
+  if (grouped && isa == 0 && M > 3) { rt = 4; ct = 3; }
+  const int64_t nblk = (NP + ct - 1) / ct;
+  const int64_t work = M * NP * Kpad;  // ~ MACs / 16
+  auto body = [&](int64_t b, int64_t e) { fn(p, b * ct, std::min(NP, e * ct), rt, ct); };
+  if (work < (int64_t)1 << 15 || nblk == 1) body(0, nblk);
+  else at::parallel_for(0, nblk, 1, body);
+  return out;
+}
+
+static std::tuple<at::Tensor, at::Tensor> quant_act(const at::Tensor& x, int64_t Kpad) {
+  TORCH_CHECK(x.dim() == 2 && Kpad >= x.size(1), "quant_act: x must be [M, K], Kpad >= K");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor a = at::empty({x.size(0), Kpad}, x.options().dtype(at::kByte));
+  at::Tensor sa = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  quantize_activations(xc, Kpad, a.data_ptr<uint8_t>(), sa.data_ptr<float>());
+  return {a, sa};
+}
+
+static int64_t set_prefetch(int64_t bytes) {
+  const int64_t old = g_prefetch;
+  g_prefetch = bytes;
+  return old;
+}
+
+}  // namespace llmrun_kernels
+
+TORCH_LIBRARY(llmrun, m) {
+  m.def("int4_mm(Tensor x, Tensor w, Tensor sc, Tensor corr, int group_size, int K, int N, int isa) -> Tensor");
+  m.def("quant_act(Tensor x, int Kpad) -> (Tensor, Tensor)");
+  m.def("isa_support() -> int", &llmrun_kernels::isa_support);
+  m.def("set_prefetch(int bytes) -> int", &llmrun_kernels::set_prefetch);
+}
+
+TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
+  m.impl("int4_mm", &llmrun_kernels::int4_mm);
+  m.impl("quant_act", &llmrun_kernels::quant_act);
+}

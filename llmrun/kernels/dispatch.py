@@ -1,0 +1,66 @@
+"""Which backend runs the int4 matmul: names, availability, the LLMRUN_KERNEL_BACKEND override."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import platform
+
+from ..errors import LlmrunError
+
+BACKENDS = ("x86-avx512vnni", "x86-avxvnni", "x86-avx2", "arm-kleidiai", "reference")
+ENV_VAR = "LLMRUN_KERNEL_BACKEND"
+
+
+def _is_arm() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
+@functools.lru_cache(maxsize=None)
+def arm_module():
+    """llmrun.kernels.arm if present and supported on this machine, else None."""
+    if not _is_arm():
+        return None
+    try:
+        mod = importlib.import_module("llmrun.kernels.arm")
+    except ImportError:
+        return None
+    try:
+        return mod if mod.is_supported() else None
+    except Exception:  # noqa: BLE001 - a broken probe means "not supported", never a crash
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def available_backends() -> list[str]:
+    """Backends this machine can run, fastest first; "reference" is always last."""
+    out: list[str] = []
+    if _is_arm():
+        if arm_module() is not None:
+            out.append("arm-kleidiai")
+    elif platform.machine().lower() in ("x86_64", "amd64"):
+        from . import native
+
+        out.extend(native.supported_isas())
+    out.append("reference")
+    return out
+
+
+def default_backend() -> str:
+    """$LLMRUN_KERNEL_BACKEND if set (it must be available), else the fastest available."""
+    forced = os.environ.get(ENV_VAR, "").strip()
+    if forced:
+        return resolve_backend(forced)
+    return available_backends()[0]
+
+
+def resolve_backend(name: str | None) -> str:
+    if name is None:
+        return default_backend()
+    if name not in BACKENDS:
+        raise LlmrunError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name not in available_backends():
+        raise LlmrunError(f"kernel backend {name!r} is not available on this machine "
+                          f"(available: {', '.join(available_backends())}); unset {ENV_VAR} or pick one of those")
+    return name

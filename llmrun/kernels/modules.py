@@ -1,0 +1,191 @@
+"""Int4Linear and Int8Linear: quantized linear layers that pick a backend at construction."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+from .dispatch import arm_module, resolve_backend
+from .reference import int4_linear_reference
+
+
+class Int4Linear(torch.nn.Module):
+    """y = x @ W^T (+ bias) with W int4 (neutral format, see llmrun.kernels.reference) and x
+    quantized per row to int8 on the fly. forward keeps x's dtype (fp32 or bf16).
+
+    Memory: only the backend's private layout is kept. On x86 the neutral tensors are
+    re-derived from it exactly (neutral(), state_dict) - no second copy. The reference backend
+    keeps the neutral tensors themselves; the Arm backend keeps the neutral copy too (KleidiAI's
+    packing cannot be undone), which costs one extra ~0.56 byte per weight.
+
+    Fusion: Int4Linear.concat([...]) packs several layers that read the same input (q/k/v,
+    gate/up) into one along N, so one call quantizes the activations once and runs one
+    threaded region; split the output with `y.split(module.out_splits, -1)`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, backend: str):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.backend = backend
+        self.out_splits: list[int] = [out_features]
+        self.bias: torch.nn.Parameter | None = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_neutral(cls, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, in_features: int,
+                     bias: torch.Tensor | None = None, backend: str | None = None) -> "Int4Linear":
+        N = qweight.shape[0]
+        K = in_features
+        G = 1 if group_size == 0 else -(-K // group_size)
+        if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (N, (K + 1) // 2):
+            raise ValueError(f"qweight must be uint8 [N, ceil(K/2)] = [{N}, {(K + 1) // 2}], "
+                             f"got {qweight.dtype} {tuple(qweight.shape)}")
+        if tuple(scales.shape) != (N, G):
+            raise ValueError(f"scales must be [N, n_groups] = [{N}, {G}], got {tuple(scales.shape)}")
+        name = resolve_backend(backend)
+        if name.startswith("x86") and not cls._x86_ok(group_size, K):
+            name = "reference"
+        if name == "arm-kleidiai" and not arm_module().is_supported():
+            name = "reference"
+        m = cls(K, N, group_size, name)
+        m._set_weights(qweight.contiguous(), scales.float().contiguous())
+        if bias is not None:
+            m.bias = torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        return m
+
+    @staticmethod
+    def _x86_ok(group_size: int, K: int) -> bool:
+        # per channel the int32 accumulator holds 16 * 255 * 8 per k: K <= 65536 stays exact
+        return (group_size % 8 == 0) and (group_size > 0 or K <= 65536)
+
+    def _set_weights(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        for n in ("w", "sc", "corr", "qweight", "scales", "arm_packed"):
+            if n in self._buffers:
+                del self._buffers[n]
+        if self.backend.startswith("x86"):
+            w, sc, corr = native.pack(qweight, scales, self.group_size, self.in_features)
+            self.register_buffer("w", w, persistent=False)
+            self.register_buffer("sc", sc, persistent=False)
+            self.register_buffer("corr", corr, persistent=False)
+            self._isa = native.ISA_CODES[self.backend]
+        elif self.backend == "arm-kleidiai":
+            packed = arm_module().pack(qweight, scales, self.group_size, self.in_features, self.out_features)
+            self.register_buffer("arm_packed", packed, persistent=False)
+            self.register_buffer("qweight", qweight, persistent=False)
+            self.register_buffer("scales", scales, persistent=False)
+        else:
+            self.register_buffer("qweight", qweight, persistent=False)
+            self.register_buffer("scales", scales, persistent=False)
+
+    @classmethod
+    def concat(cls, layers: list["Int4Linear"], backend: str | None = None) -> "Int4Linear":
+        """One layer computing all `layers` (same input size and group size) in one call."""
+        if not layers:
+            raise ValueError("concat needs at least one layer")
+        K, gs = layers[0].in_features, layers[0].group_size
+        if any(l.in_features != K or l.group_size != gs for l in layers):
+            raise ValueError("concat needs equal in_features and group_size")
+        parts = [l.neutral() for l in layers]
+        biases = [l.bias if l.bias is not None else torch.zeros(l.out_features) for l in layers]
+        has_bias = any(l.bias is not None for l in layers)
+        m = cls.from_neutral(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gs, K,
+                             bias=torch.cat(biases) if has_bias else None, backend=backend or layers[0].backend)
+        m.out_splits = [l.out_features for l in layers]
+        return m
+
+    def neutral(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight uint8 [N, ceil(K/2)], scales float32 [N, n_groups]) - the saved format."""
+        if self.backend.startswith("x86"):
+            return native.unpack(self.w, self.sc, self.group_size, self.in_features, self.out_features)
+        return self.qweight, self.scales
+
+    # ---------------------------------------------------------------- state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        qweight, scales = self.neutral()
+        destination[prefix + "qweight"] = qweight
+        destination[prefix + "scales"] = scales
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for key in ("qweight", "scales"):
+            if prefix + key not in state_dict:
+                missing_keys.append(prefix + key)
+        if prefix + "qweight" in state_dict and prefix + "scales" in state_dict:
+            self._set_weights(state_dict[prefix + "qweight"].contiguous(),
+                              state_dict[prefix + "scales"].float().contiguous())
+        if prefix + "bias" in state_dict:
+            self.bias = torch.nn.Parameter(state_dict[prefix + "bias"].float().clone(), requires_grad=False)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype not in (torch.float32, torch.bfloat16):
+            x2 = x2.float()
+        if self.backend.startswith("x86"):
+            y = torch.ops.llmrun.int4_mm(x2, self.w, self.sc, self.corr, self.group_size, self.in_features,
+                                         self.out_features, self._isa)
+        elif self.backend == "arm-kleidiai":
+            y = arm_module().matmul(x2, self.arm_packed, self.group_size, self.in_features, self.out_features)
+            y = y.to(x2.dtype)
+        else:
+            y = int4_linear_reference(x2, self.qweight, self.scales, self.group_size, self.in_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, backend={self.backend}")
+
+
+class Int8Linear(torch.nn.Module):
+    """Per-channel int8 weight (output heads, tied embeddings). Backend: torch's
+    `_weight_int8pack_mm` (weight-only int8: x stays bf16/fp32, no activation quantization),
+    with bf16 activations for speed; "reference" dequantizes row blocks and uses F.linear."""
+
+    def __init__(self, in_features: int, out_features: int, backend: str):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backend
+        self.bias: torch.nn.Parameter | None = None
+
+    @classmethod
+    def from_neutral(cls, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                     backend: str | None = None) -> "Int8Linear":
+        if qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise ValueError("qweight must be int8 [N, K]")
+        N, K = qweight.shape
+        if scales.numel() != N:
+            raise ValueError(f"scales must be [N] = [{N}]")
+        name = "int8pack" if backend in (None, "int8pack") else backend
+        m = cls(K, N, name)
+        m.register_buffer("qweight", qweight.contiguous(), persistent=True)
+        m.register_buffer("scales", scales.reshape(N).float().contiguous(), persistent=True)
+        if bias is not None:
+            m.bias = torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        return m
+
+    def neutral(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.qweight, self.scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.backend == "reference":
+            y = F.linear(x2.float(), self.qweight.float() * self.scales[:, None])
+        else:
+            xb = x2.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(xb, self.qweight, self.scales.to(torch.bfloat16))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"

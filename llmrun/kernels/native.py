@@ -1,0 +1,188 @@
+"""Build, load and call the x86 C++ kernel (csrc/int4mm.cpp); pack to its private layout.
+
+The extension is compiled once per machine with torch.utils.cpp_extension (ninja) into
+user_cache_dir("llmrun")/ext/<torch>-<source hash>-<cpu flags hash>/ and registered as the
+torch custom ops torch.ops.llmrun.*, with fake (meta) implementations here so that
+torch.compile(fullgraph=True) traces through them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = ("int4mm.cpp", "int4mm_body.inc")
+_lock = threading.Lock()
+_state: dict = {}
+
+# isa codes of the C++ op, by backend name
+ISA_CODES = {"x86-avx512vnni": 0, "x86-avxvnni": 1, "x86-avx2": 2}
+_ISA_BITS = {"x86-avx512vnni": 1, "x86-avxvnni": 2 | 4, "x86-avx2": 8}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_dir() -> Path:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((_CSRC / name).read_bytes())
+    flags = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]
+    try:
+        from platformdirs import user_cache_dir
+
+        root = Path(user_cache_dir("llmrun"))
+    except ImportError:  # platformdirs is a dependency; keep working without it
+        root = Path.home() / ".cache" / "llmrun"
+    tv = torch.__version__.replace("+", "_")
+    return root / "ext" / f"{tv}-{h.hexdigest()[:12]}-{flags}"
+
+
+def _compile(build_dir: Path):
+    so = build_dir / "llmrun_int4mm.so"
+    if so.is_file():
+        torch.ops.load_library(str(so))
+        return
+    from torch.utils import cpp_extension
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print("llmrun: building the x86 int4 kernel (once per machine)…", file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name="llmrun_int4mm",
+        sources=[str(_CSRC / "int4mm.cpp")],
+        extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-Wno-unused-function"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _load() -> bool:
+    """Build (if needed) and load the extension; False (with one warning) where impossible."""
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        ok = False
+        if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
+            _state["ok"] = False
+            return False
+        if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+            warnings.warn("llmrun: no C++ compiler found; the int4 kernels fall back to the slow reference", stacklevel=3)
+            _state["ok"] = False
+            return False
+        build_dir = _build_dir()
+        for attempt in (0, 1):
+            try:
+                _compile(build_dir)
+                torch.ops.llmrun.int4_mm  # noqa: B018 - raises if the library did not register
+                ok = True
+                break
+            except Exception as e:  # noqa: BLE001 - any build/load failure: retry once clean, then fall back
+                if attempt == 0:
+                    shutil.rmtree(build_dir, ignore_errors=True)  # corrupt or stale cache: rebuild once
+                    continue
+                warnings.warn(f"llmrun: could not build the x86 int4 kernel ({type(e).__name__}: {e}); "
+                              "falling back to the slow reference", stacklevel=3)
+        if ok:
+            _register_fakes()
+        _state["ok"] = ok
+        return ok
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("llmrun::int4_mm")
+    def _(x, w, sc, corr, group_size, K, N, isa):
+        return x.new_empty((x.shape[0], N))
+
+    @torch.library.register_fake("llmrun::quant_act")
+    def _(x, Kpad):
+        return x.new_empty((x.shape[0], Kpad), dtype=torch.uint8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def supported_isas() -> list[str]:
+    """x86 backend names this CPU can run (builds the extension on first call)."""
+    if not _load():
+        return []
+    mask = int(torch.ops.llmrun.isa_support())
+    return [name for name, bits in _ISA_BITS.items() if mask & bits]
+
+
+def set_prefetch(nbytes: int) -> int:
+    """Software prefetch distance of the kernel in bytes (tuning knob); returns the old one."""
+    _load()
+    return int(torch.ops.llmrun.set_prefetch(nbytes))
+
+
+# ------------------------------------------------------------------ private layout
+def pack(qweight: torch.Tensor, scales: torch.Tensor, group_size: int, K: int):
+    """Neutral format -> (w uint8 [NP, K8, 64], sc fp16|fp32 [NP, G, 16], corr [NP*16]).
+
+    Panels of 16 output channels; line l of a panel holds k = 8l..8l+7 for its 16 columns:
+    byte 4c+j has q[8l+j] (low nibble) and q[8l+4+j] (high nibble) as 4-bit two's
+    complement, so one 64-byte load feeds two vpdpbusd (16 columns x 4 k each). K is padded
+    with q = 0 to whole groups (to a multiple of 8 per channel), N to whole panels.
+    Scales are kept as fp16 when that is exact (always, for quantize_int4's output), else
+    fp32. corr is the +128 activation-offset correction (see csrc/int4mm_body.inc).
+    """
+    from .reference import unpack_int4
+
+    N = qweight.shape[0]
+    G = scales.shape[1]
+    if group_size:
+        if group_size % 8:
+            raise ValueError("the x86 kernel needs group_size % 8 == 0")
+        Kpad = G * group_size
+    else:
+        Kpad = -(-K // 8) * 8
+    NP = -(-N // 16)
+    q = unpack_int4(qweight, K)  # int8 [N, K]
+    q = torch.nn.functional.pad(q, (0, Kpad - K, 0, NP * 16 - N))
+    K8 = Kpad // 8
+    nib = (q.view(NP, 16, K8, 2, 4).permute(0, 2, 1, 4, 3).to(torch.uint8) & 0xF)  # NP,K8,c,j,half
+    w = (nib[..., 0] | (nib[..., 1] << 4)).reshape(NP, K8, 64).contiguous()
+    sc = torch.nn.functional.pad(scales.float(), (0, 0, 0, NP * 16 - N))  # [NP*16, G]
+    if group_size:
+        qsum = q.view(NP * 16, G, group_size).sum(-1, dtype=torch.int64)  # [NP*16, G]
+        corr = (128.0 * (sc.double() * qsum.double()).sum(-1)).float().contiguous()
+        sc16 = sc.half()
+        exact = bool(torch.equal(sc16.float(), sc)) and bool(torch.isfinite(sc16).all())
+        sct = (sc16 if exact else sc).view(NP, 16, G).permute(0, 2, 1).contiguous()
+    else:
+        corr = (128 * q.sum(-1, dtype=torch.int64)).to(torch.int32).contiguous()
+        sct = sc.view(NP, 16, 1).permute(0, 2, 1).contiguous()
+    return w, sct, corr
+
+
+def unpack(w: torch.Tensor, sc: torch.Tensor, group_size: int, K: int, N: int):
+    """Inverse of pack: private layout -> neutral (qweight, scales float32)."""
+    from .reference import pack_int4
+
+    NP, K8, _ = w.shape
+    lo = (w & 0xF).view(torch.int8)
+    hi = (w >> 4).view(torch.int8)
+    nib = torch.stack([lo, hi], -1).view(NP, K8, 16, 4, 2)
+    q = torch.where(nib >= 8, nib - 16, nib).to(torch.int8)
+    q = q.permute(0, 2, 1, 4, 3).reshape(NP * 16, K8 * 8)[:N, :K]
+    scales = sc.float().permute(0, 2, 1).reshape(NP * 16, -1)[:N].contiguous()
+    return pack_int4(q), scales
+
+
+def int4_mm(x2d: torch.Tensor, w, sc, corr, group_size: int, K: int, N: int, isa: int) -> torch.Tensor:
+    return torch.ops.llmrun.int4_mm(x2d, w, sc, corr, group_size, K, N, isa)

@@ -1,0 +1,260 @@
+"""llmrun.kernels: every native ISA path against the integer-exact reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmrun.kernels import (
+    Int4Linear,
+    Int8Linear,
+    available_backends,
+    default_backend,
+    dequantize_int4,
+    int4_linear_reference,
+    quantize_activations,
+    quantize_int4,
+    quantize_int8,
+)
+from llmrun.kernels import native
+from llmrun.kernels.reference import int4_group_sums_reference
+
+X86 = ["x86-avx512vnni", "x86-avxvnni", "x86-avx2"]
+MS = [1, 2, 3, 4, 5, 7, 8, 17, 64]
+GROUPS = [0, 32, 64, 128, 256]
+# (N, K): N not a multiple of the 16-column panel; K a multiple of every group size, and K not
+# a multiple of the larger group sizes (padded to whole groups) nor of 8 (odd nibble pair).
+SHAPES = [(37, 256), (53, 96), (21, 100), (16, 77)]
+
+
+def _backend_or_skip(name: str) -> str:
+    if name not in available_backends():
+        pytest.skip(f"this CPU lacks {name} (available: {available_backends()})")
+    return name
+
+
+@pytest.fixture(params=X86)
+def isa(request, monkeypatch):
+    name = _backend_or_skip(request.param)
+    monkeypatch.setenv("LLMRUN_KERNEL_BACKEND", name)
+    return name
+
+
+def _exact_and_tolerance(x, qweight, scales, group_size, K):
+    """The exact result (float64 from the int32 sums) and a float32 rounding bound for the
+    kernel: it sums G terms s_a * scale * (S + 128 * qsum) (the +128 activation offset is
+    removed after the sum), so the bound is (G + 4) ulps of the sum of their magnitudes."""
+    _, (S, a, sa) = int4_linear_reference(x, qweight, scales, group_size, K, return_sums=True)
+    ones = torch.ones(1, K, dtype=torch.int8)
+    qsum = int4_group_sums_reference(ones, qweight, group_size, K)  # [1, N, G]
+    sc = scales.double()[None]
+    exact = (S.double() * sc).sum(-1) * sa.double()[:, None]
+    mag = (sc.abs() * (S.double().abs() + 128 * qsum.double().abs())).sum(-1) * sa.double()[:, None]
+    G = scales.shape[1]
+    tol = (G + 4) * 2.0 ** -24 * mag + 2.0 ** -24 * exact.abs()
+    return exact, tol, sa
+
+
+def _check(isa, M, N, K, gs, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g)
+    qweight, scales = quantize_int4(W, gs)
+    mod = Int4Linear.from_neutral(qweight, scales, gs, K, backend=isa)
+    assert mod.backend == isa
+    x = (torch.randn(M, K, generator=g) * 3).to(dtype)
+    y = mod(x)
+    assert y.dtype == dtype and y.shape == (M, N)
+    exact, tol, sa = _exact_and_tolerance(x, qweight, scales, gs, K)
+    if dtype == torch.bfloat16:
+        tol = tol + exact.abs() * 2.0 ** -8  # rounding of the bf16 output
+    err = (y.double() - exact).abs()
+    assert bool((err <= tol).all()), f"max err {err.max()} ({isa} M={M} N={N} K={K} g={gs} {dtype})"
+    if dtype == torch.float32:
+        # one unit of any int32 group sum is far above the tolerance, so integer errors show
+        unit = sa.double()[:, None] * scales.double().abs().min(-1).values[None]
+        assert bool((tol < 0.25 * unit).all())
+
+
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_matches_reference(isa, gs, N, K, dtype):
+    for M in MS:
+        _check(isa, M, N, K, gs, dtype, seed=M)
+
+
+@pytest.mark.parametrize("gs", GROUPS)
+def test_native_bitexact_with_unit_scales(isa, gs):
+    """With all scales 1 every float step of the kernel is exact, so its output must equal
+    s_a * (int32 sum) bit for bit: the int32 sums are identical to the reference's."""
+    N, K = 37, 256
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
+    from llmrun.kernels.reference import pack_int4
+
+    qweight = pack_int4(q)
+    G = 1 if gs == 0 else K // gs
+    scales = torch.ones(N, G)
+    mod = Int4Linear.from_neutral(qweight, scales, gs, K, backend=isa)
+    for M in MS:
+        x = torch.randn(M, K, generator=g)
+        y = mod(x)
+        y_ref, (S, a, sa) = int4_linear_reference(x, qweight, scales, gs, K, return_sums=True)
+        assert torch.equal(y, S.sum(-1).float() * sa[:, None])
+        assert torch.equal(y, y_ref)
+
+
+def test_activation_quantization_is_bit_exact():
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(9, 203, generator=g) * 5).to(dtype)
+        x[3] = 0  # zero row
+        a_ref, sa_ref = quantize_activations(x)
+        native.supported_isas()
+        a, sa = torch.ops.llmrun.quant_act(x, 208)
+        assert torch.equal(a[:, :203].to(torch.int16) - 128, a_ref.to(torch.int16))
+        assert bool((a[:, 203:] == 128).all())
+        assert torch.equal(sa, sa_ref)
+
+
+def test_group_sums_reference_is_exact():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(5, 70, generator=g)
+    qweight, scales = quantize_int4(W, 32)
+    a = torch.randint(-127, 128, (3, 70), generator=g, dtype=torch.int8)
+    S = int4_group_sums_reference(a, qweight, 32, 70)
+    from llmrun.kernels.reference import unpack_int4
+
+    q = unpack_int4(qweight, 70).long()
+    for gi, (k0, k1) in enumerate([(0, 32), (32, 64), (64, 70)]):
+        assert torch.equal(S[:, :, gi].long(), a[:, k0:k1].long() @ q[:, k0:k1].T)
+
+
+@pytest.mark.parametrize("gs", GROUPS)
+def test_quantize_int4_round_trip(gs):
+    g = torch.Generator().manual_seed(4)
+    N, K = 48, 333
+    W = torch.randn(N, K, generator=g)
+    qweight, scales = quantize_int4(W, gs)
+    assert qweight.dtype == torch.uint8 and qweight.shape == (N, (K + 1) // 2)
+    G = 1 if gs == 0 else -(-K // gs)
+    assert scales.dtype == torch.float32 and scales.shape == (N, G)
+    assert torch.equal(scales.half().float(), scales)  # fp16-representable
+    assert bool(((qweight >> 4)[:, -1] == 8).all())  # odd K: padded nibble is q = 0
+    Wd = dequantize_int4(qweight, scales, gs, K)
+    rel = ((Wd - W) ** 2).mean() / (W ** 2).mean()
+    # Gaussian weights: ~0.011 at g32, ~0.045 per channel (absmax/7 gives ~0.08 per channel)
+    assert rel < {0: 0.06, 32: 0.015, 64: 0.02, 128: 0.025, 256: 0.03}[gs], rel
+    # each element is within half a step of its group's scale, or clamped at the ends
+    step = scales.abs().repeat_interleave(K if gs == 0 else gs, 1)[:, :K]
+    assert bool(((Wd - W).abs() <= 0.5 * step + 1e-6).float().mean() > 0.98)
+
+
+def test_quantize_int8_round_trip():
+    W = torch.randn(64, 100, generator=torch.Generator().manual_seed(5))
+    q, s = quantize_int8(W)
+    assert q.dtype == torch.int8 and s.shape == (64,)
+    assert bool(((q.float() * s[:, None] - W).abs() <= s[:, None] / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("gs", [0, 32])
+def test_pack_unpack_round_trip_and_state_dict(gs):
+    name = default_backend()
+    W = torch.randn(45, 136, generator=torch.Generator().manual_seed(6))
+    qweight, scales = quantize_int4(W, gs)
+    mod = Int4Linear.from_neutral(qweight, scales, gs, 136, backend=name)
+    q2, s2 = mod.neutral()
+    assert torch.equal(q2, qweight) and torch.equal(s2, scales)
+    sd = mod.state_dict()
+    assert set(sd) == {"qweight", "scales"}
+    other = Int4Linear.from_neutral(torch.full_like(qweight, 8), torch.ones_like(scales), gs, 136, backend=name)
+    other.load_state_dict(sd)
+    x = torch.randn(3, 136)
+    assert torch.equal(other(x), mod(x))
+
+
+def test_non_fp16_scales_use_fp32_path():
+    name = default_backend()
+    g = torch.Generator().manual_seed(7)
+    qweight, _ = quantize_int4(torch.randn(40, 128, generator=g), 32)
+    scales = torch.rand(40, 4, generator=g) + 0.1  # not fp16-representable
+    mod = Int4Linear.from_neutral(qweight, scales, 32, 128, backend=name)
+    x = torch.randn(5, 128, generator=g)
+    ref = int4_linear_reference(x, qweight, scales, 32, 128)
+    torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(mod.neutral()[1], scales)
+
+
+def test_concat_fuses_layers():
+    name = default_backend()
+    g = torch.Generator().manual_seed(8)
+    layers = [Int4Linear.from_neutral(*quantize_int4(torch.randn(n, 96, generator=g), 32), 32, 96, backend=name)
+              for n in (24, 8, 8)]
+    fused = Int4Linear.concat(layers)
+    x = torch.randn(4, 96, generator=g)
+    parts = fused(x).split(fused.out_splits, -1)
+    for layer, part in zip(layers, parts):
+        torch.testing.assert_close(part, layer(x), rtol=1e-6, atol=1e-6)
+
+
+def test_bias_and_leading_dims():
+    name = default_backend()
+    g = torch.Generator().manual_seed(9)
+    qweight, scales = quantize_int4(torch.randn(20, 64, generator=g), 32)
+    bias = torch.randn(20, generator=g)
+    mod = Int4Linear.from_neutral(qweight, scales, 32, 64, bias=bias, backend=name)
+    x = torch.randn(2, 3, 64, generator=g)
+    ref = int4_linear_reference(x.reshape(6, 64), qweight, scales, 32, 64).reshape(2, 3, 20) + bias
+    torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv("LLMRUN_KERNEL_BACKEND", "reference")
+    assert default_backend() == "reference"
+    qweight, scales = quantize_int4(torch.randn(8, 32), 32)
+    assert Int4Linear.from_neutral(qweight, scales, 32, 32).backend == "reference"
+    monkeypatch.setenv("LLMRUN_KERNEL_BACKEND", "no-such-backend")
+    from llmrun.errors import LlmrunError
+
+    with pytest.raises(LlmrunError):
+        default_backend()
+
+
+@pytest.mark.parametrize("gs", [0, 32])
+def test_torch_compile_fullgraph_no_graph_breaks(gs):
+    import torch._dynamo
+
+    name = default_backend()
+    g = torch.Generator().manual_seed(10)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = Int4Linear.from_neutral(*quantize_int4(torch.randn(64, 96, generator=g), gs), gs, 96,
+                                              backend=name)
+            self.down = Int4Linear.from_neutral(*quantize_int4(torch.randn(96, 64, generator=g), gs), gs, 64,
+                                                backend=name)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.silu(self.up(x)))
+
+    block = Block()
+    x = torch.randn(1, 5, 96, generator=g)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(block, fullgraph=True)
+    y = compiled(x)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch.testing.assert_close(y, block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_matches_dequantized():
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(300, 64, generator=g)
+    q, s = quantize_int8(W)
+    mod = Int8Linear.from_neutral(q, s)
+    x = torch.randn(3, 64, generator=g)
+    ref = x @ (q.float() * s[:, None]).T
+    torch.testing.assert_close(mod(x), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    ref_mod = Int8Linear.from_neutral(q, s, backend="reference")
+    torch.testing.assert_close(ref_mod(x), ref, rtol=1e-5, atol=1e-4)
