@@ -16,7 +16,7 @@ import platform
 import pytest
 import torch
 
-from llmrun.kernels import arm
+from llmrun.kernels import arm, dequantize_int4, int4_linear_reference
 
 ON_ARM = platform.machine().lower() in ("aarch64", "arm64")
 KLEIDIAI = ON_ARM and torch.backends.kleidiai.is_available()
@@ -30,23 +30,19 @@ N = 52  # neither a multiple of 16 nor of KleidiAI's nr = 8
 SHAPES = [(m, N) for m in MS] + [(16, 64)]
 
 
-def _int4_linear_reference(x, qweight, scales, group_size, K):
-    """Dequantize the neutral format and multiply in fp32 (x [M, K] @ W.T)."""
-    u = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
-    q = u[:, :K].to(torch.float32) - 8.0
-    g = K if group_size == 0 else group_size
-    w = (q.reshape(q.shape[0], K // g, g) * scales.reshape(q.shape[0], -1, 1).float())
-    return x.float() @ w.reshape(q.shape[0], K).T
-
-
 def _random_int4(N, K, group_size, seed):
+    """Neutral int4 weights: (q int8 [N, K], qweight uint8 [N, ceil(K/2)], scales [N, G])."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(-8, 8, (N, K), generator=gen)
-    u = (q + 8).to(torch.uint8)
-    qweight = (u[:, 1::2] << 4) | u[:, ::2]
-    n_groups = 1 if group_size == 0 else K // group_size
-    scales = torch.rand(N, n_groups, generator=gen) * 0.02 + 0.001
-    return q, qweight, scales
+    q = torch.randint(-8, 8, (N, K), generator=gen, dtype=torch.int8)
+    n_groups = 1 if group_size == 0 else -(-K // group_size)
+    # signed scales: llmrun's quantizer keeps the sign that reaches the lone -8 level
+    scales = (torch.rand(N, n_groups, generator=gen) * 0.02 + 0.001) * (
+        torch.randint(0, 2, (N, n_groups), generator=gen) * 2 - 1
+    )
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if K % 2:  # the neutral format pads odd K with u = 8 (q = 0)
+        u = torch.cat([u, torch.full((N, 1), 8, dtype=torch.uint8)], dim=1)
+    return q, u[:, 0::2] | (u[:, 1::2] << 4), scales
 
 
 def _random_x(M, K, seed):
@@ -57,9 +53,14 @@ def _random_x(M, K, seed):
 
 def _kernel_scales(scales, group_size, K):
     """The scales the op multiplies with: group-wise ones are stored as bf16."""
-    if group_size in (0, K):
+    if group_size == 0 or group_size >= K:
         return scales.float()
     return scales.to(torch.bfloat16).float()
+
+
+def _dequantized_reference(x, qweight, scales, group_size, K):
+    """fp32 x @ W.T with W dequantized from the neutral format: no activation rounding."""
+    return x.float() @ dequantize_int4(qweight, scales, group_size, K).T
 
 
 def _act_step(x):
@@ -86,9 +87,46 @@ def _packed_size_reference_layout(N, K, group_size):
 
 
 def _kleidiai_packed_size(N, K, group_size):
+    """KleidiAI's packed size as torch's meta kernel computes it (private, torch >= 2.6)."""
     from torch._meta_registrations import get_kai_packed_weight_size
 
     return int(get_kai_packed_weight_size(4, N, K, K if group_size == 0 else group_size))
+
+
+def _check_against_references(y, x, qweight, scales, group_size, K):
+    """y = arm.matmul(x, ...) agrees with the dequantized, the fake-quantized and llmrun's
+    integer reference within what int8 activation quantization explains."""
+    M, N = y.shape
+    w_scales = _kernel_scales(scales, group_size, K)
+    w = dequantize_int4(qweight, w_scales, group_size, K)  # (N, K)
+    ref = _dequantized_reference(x, qweight, w_scales, group_size, K)
+    fp32 = 1e-5 * (x.abs().float() @ w.abs().T)  # fp32 accumulation, (M, N)
+
+    # Int8 activation error: each x_k moves by at most half a step (one where the nudged
+    # zero point clamps), errors independent across k, so the output error is a sum of
+    # K terms of sd step/sqrt(12) * |w_nk|: 6 sd plus two worst-case clamped elements.
+    step = _act_step(x)  # (M, 1)
+    w_l2, w_max = w.norm(dim=1), w.abs().amax(dim=1)  # (N,)
+    tol = 6 * step / math.sqrt(12.0) * w_l2 + 2 * step * w_max + fp32
+    err = (y - ref).abs()
+    assert (err <= tol).all(), f"max err {err.max():.3g}, tol there {tol[err == err.max()]}"
+    # ...and far from a wrong layout: the error is much smaller than the signal.
+    assert err.max() < 0.05 * ref.abs().max()
+
+    # Tight: emulating KleidiAI's activation quantization leaves only fp32 rounding (and a
+    # rare off-by-one rounding of one element).
+    ref_q = _dequantized_reference(_fake_quant_rows(x), qweight, w_scales, group_size, K)
+    err_q = (y - ref_q).abs()
+    assert (err_q <= fp32 + 1.01 * step * w_max).all(), f"vs fake-quant: {err_q.max():.3g}"
+
+    # llmrun's integer reference quantizes x symmetrically (step absmax/127) instead: both
+    # roundings add up.
+    ref_int = int4_linear_reference(x.float(), qweight, w_scales, group_size, K)
+    step_sym = x.abs().float().amax(dim=1, keepdim=True) / 127.0
+    sd2 = (step**2 + step_sym**2).sqrt() / math.sqrt(12.0) * w_l2
+    tol2 = 6 * sd2 + 2 * (step + step_sym) * w_max + fp32
+    err2 = (y - ref_int).abs()
+    assert (err2 <= tol2).all(), f"vs int4_linear_reference: {err2.max():.3g}"
 
 
 def test_is_supported_matches_platform():
@@ -124,27 +162,24 @@ def test_matmul_matches_dequantized_reference(group_size, M, N):
     y = arm.matmul(x, packed, group_size, K, N)
     assert y.shape == (M, N) and y.dtype == torch.float32
 
-    w_scales = _kernel_scales(scales, group_size, K)
-    ref = _int4_linear_reference(x, qweight, w_scales, group_size, K)
-    w = _int4_linear_reference(torch.eye(K), qweight, w_scales, group_size, K).T  # (N, K)
+    _check_against_references(y, x, qweight, scales, group_size, K)
 
-    # Int8 activation error: each x_k moves by at most half a step (one where the nudged
-    # zero point clamps), errors independent across k, so the output error is a sum of
-    # K terms of sd step/sqrt(12) * |w_nk|: 6 sd plus two worst-case clamped elements.
-    step = _act_step(x)  # (M, 1)
-    sd = step / math.sqrt(12.0) * w.norm(dim=1)  # (M, N)
-    tol = 6 * sd + 2 * step * w.abs().amax(dim=1) + 1e-5 * (x.abs() @ w.abs().T)
-    err = (y - ref).abs()
-    assert (err <= tol).all(), f"max err {err.max():.3g}, tol there {tol[err == err.max()]}"
-    # ...and far from a wrong layout: the error is much smaller than the signal.
-    assert err.max() < 0.05 * ref.abs().max()
 
-    # Tight check: emulating the activation quantization leaves only fp32 rounding
-    # (and a rare off-by-one rounding of one element).
-    ref_q = _int4_linear_reference(_fake_quant_rows(x), qweight, w_scales, group_size, K)
-    tight = 1e-5 * (x.abs() @ w.abs().T) + 1.01 * step * w.abs().amax(dim=1)
-    err_q = (y - ref_q).abs()
-    assert (err_q <= tight).all(), f"max err vs fake-quant reference {err_q.max():.3g}"
+@pytest.mark.parametrize(
+    ("k", "group_size"),
+    [(576, 128), (640, 256), (575, 0), (575, 64), (96, 128)],
+    ids=["576-g128", "640-g256", "575-channel", "575-g64", "96-g128"],
+)
+def test_odd_k_and_partial_groups_are_padded(k, group_size):
+    """llmrun's neutral format allows them (SmolLM2's dim 576 with g128 has 4.5 groups)."""
+    _, qweight, scales = _random_int4(N, k, group_size, seed=k + group_size)
+    x = _random_x(3, k, seed=9)
+    packed = arm.pack(qweight, scales, group_size, k, N)
+    if KLEIDIAI:
+        assert packed.dtype == torch.uint8
+    y = arm.matmul(x, packed, group_size, k, N)
+    assert y.shape == (3, N)
+    _check_against_references(y, x, qweight, scales, group_size, k)
 
 
 def test_group_spanning_k_is_per_channel():
@@ -179,23 +214,21 @@ def test_non_contiguous_and_empty_input():
     assert arm.matmul(torch.empty(0, K), packed, 32, K, N).shape == (0, N)
 
 
-@pytest.mark.parametrize(
-    ("group_size", "k", "match"),
-    [(16, 512, "multiple of 32"), (96, 512, "multiple of 32"), (64, 480, "multiple of 32"),
-     (32, 511, "even")],
-)
-def test_unsupported_shapes_raise(group_size, k, match):
-    qweight = torch.zeros(N, (k + 1) // 2, dtype=torch.uint8)
-    scales = torch.ones(N, max(1, k // max(group_size, 1)))
-    with pytest.raises(ValueError, match=match):
-        arm.pack(qweight, scales, group_size, k, N)
+@pytest.mark.parametrize("group_size", [16, 48, 100])
+def test_unsupported_group_sizes_raise(group_size):
+    qweight = torch.zeros(N, K // 2, dtype=torch.uint8)
+    scales = torch.ones(N, -(-K // group_size))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        arm.pack(qweight, scales, group_size, K, N)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        arm.matmul(torch.randn(1, K), torch.empty(0), group_size, K, N)
 
 
 def test_bad_arguments_raise():
     _, qweight, scales = _random_int4(N, K, 32, seed=17)
     with pytest.raises(ValueError, match="uint8"):
         arm.pack(qweight.to(torch.int8), scales, 32, K, N)
-    with pytest.raises(ValueError, match=r"\[N, K/2\]"):
+    with pytest.raises(ValueError, match=r"\[N, ceil\(K/2\)\]"):
         arm.pack(qweight[:, :-1], scales, 32, K, N)
     with pytest.raises(ValueError, match="scales"):
         arm.pack(qweight, scales[:, :-1], 32, K, N)

@@ -17,6 +17,7 @@ int4mm_kernel.cpp and kleidiai/kai_kernels.cpp):
 - per channel: ``block_size == K`` and fp32 scales ``[N]``.
 - group-wise: ``block_size % 32 == 0``, ``K % block_size == 0`` and **bf16** scales
   ``[N, K / block_size]`` (KleidiAI's qsi4c32p kernels read bf16 scales: they are rounded).
+- llmrun's odd K or partial last group: padded with zero weights (and x with zeros).
 - a scale dtype that does not match takes torch's scalar reference path *silently* (the
   "packed" tensor then is fp32 weights + scales concatenated, and the matmul runs ~50x
   slower), and so does a CPU without dotprod. Dtypes here are therefore exact, and
@@ -113,24 +114,28 @@ def is_supported() -> bool:
     return reason is None
 
 
-def _block_size(group_size: int, K: int) -> int:
-    """KleidiAI's block_size: K for per channel (group_size 0, or one group spanning K)."""
-    return K if group_size in (0, K) else group_size
+def _layout(group_size: int, K: int) -> tuple[int, int]:
+    """(block_size, K_pad) of the op for llmrun's (group_size, K).
 
-
-def _check_shape(group_size: int, K: int, N: int) -> None:
-    if K <= 0 or N <= 0:
-        raise ValueError(f"KleidiAI int4: K and N must be positive, got K={K}, N={N}")
-    if K % 2:
-        raise ValueError(f"KleidiAI int4: K must be even (two int4 per byte), got K={K}")
-    if group_size in (0, K):
-        return
-    if group_size < 0 or group_size % 32 or K % group_size:
+    llmrun's neutral format allows an odd K and a partial last group (padded with q = 0);
+    the op needs an even K and whole groups, so K is padded to K_pad with zero weights, and
+    x with zero columns at matmul (zero is exact in the activation quantization: its range
+    always includes 0). One group spanning K is per channel (fp32 scales, block_size K_pad).
+    """
+    if K <= 0:
+        raise ValueError(f"KleidiAI int4: K must be positive, got K={K}")
+    if group_size < 0:
+        raise ValueError(f"KleidiAI int4: group size must be >= 0, got {group_size}")
+    if group_size == 0 or group_size >= K:
+        k_pad = K + K % 2
+        return k_pad, k_pad
+    if group_size % 32:
         raise ValueError(
-            f"KleidiAI int4: group size {group_size} with K={K} is not supported: groups "
-            "must be a multiple of 32 that divides K, or 0 for per-channel scales; "
-            "requantize with such a group size (32, 64, 128, 256) or use the generic path"
+            f"KleidiAI int4: group size {group_size} is not supported (K={K}): KleidiAI "
+            "takes groups that are a multiple of 32 (32, 64, 128, 256, ...) or 0 for "
+            "per-channel scales; requantize with such a group size or use another backend"
         )
+    return group_size, -(-K // group_size) * group_size
 
 
 def pack(
@@ -139,35 +144,42 @@ def pack(
     """Pack llmrun's neutral int4 weights for :func:`matmul`.
 
     qweight: uint8 ``[N, ceil(K/2)]``, ``u = q + 8`` nibbles, even k low, odd k high.
-    scales: float ``[N, n_groups]`` (or ``[N]`` per channel); dequantized w = q * scale.
-    group_size: 0 for per channel, else the group length along K.
+    scales: float ``[N, ceil(K/group_size)]`` (``[N, 1]`` or ``[N]`` per channel);
+    dequantized w = q * scale. group_size: 0 for per channel, else the group length along K.
     Returns KleidiAI's packed uint8 buffer (torch's fp32 reference layout where KleidiAI is
-    not available, e.g. on x86: correct, slow). Group-wise scales are rounded to bf16.
-    Raises ValueError for shapes and dtypes the op cannot take.
+    not available, e.g. on x86: correct, slow). Group-wise scales are rounded to bf16 (the
+    kernels' scale type), per-channel ones stay fp32.
+    Raises ValueError for group sizes KleidiAI cannot take and for malformed arguments.
     """
-    _check_shape(group_size, K, N)
-    block_size = _block_size(group_size, K)
-    n_groups = K // block_size
+    if N <= 0:
+        raise ValueError(f"KleidiAI int4: N must be positive, got N={N}")
+    block_size, k_pad = _layout(group_size, K)
+    n_groups = k_pad // block_size
     if qweight.dtype != torch.uint8:
         raise ValueError(f"KleidiAI int4: qweight must be uint8, got {qweight.dtype}")
-    if tuple(qweight.shape) != (N, K // 2):
+    if tuple(qweight.shape) != (N, (K + 1) // 2):
         raise ValueError(
-            f"KleidiAI int4: qweight must be [N, K/2] = [{N}, {K // 2}], "
+            f"KleidiAI int4: qweight must be [N, ceil(K/2)] = [{N}, {(K + 1) // 2}], "
             f"got {list(qweight.shape)}"
         )
     if not scales.is_floating_point():
         raise ValueError(f"KleidiAI int4: scales must be floating point, got {scales.dtype}")
     if scales.numel() != N * n_groups or scales.shape[0] != N:
         raise ValueError(
-            f"KleidiAI int4: scales must be [N, K/group] = [{N}, {n_groups}], "
+            f"KleidiAI int4: scales must be [N, ceil(K/group)] = [{N}, {n_groups}], "
             f"got {list(scales.shape)}"
         )
-    if block_size == K:
+    if block_size == k_pad:
         scales = scales.reshape(N).to(torch.float32).contiguous()
     else:
         scales = scales.reshape(N, n_groups).to(torch.bfloat16).contiguous()
+    if k_pad // 2 != qweight.shape[1]:  # whole bytes of u = 8 (q = 0) up to K_pad
+        pad = qweight.new_full((N, k_pad // 2 - qweight.shape[1]), 0x88)
+        qweight = torch.cat([qweight, pad], dim=1)
     qweight = qweight.contiguous()
-    packed = torch.ops.aten._dyn_quant_pack_4bit_weight(qweight, scales, None, block_size, K, N)
+    packed = torch.ops.aten._dyn_quant_pack_4bit_weight(
+        qweight, scales, None, block_size, k_pad, N
+    )
     if packed.dtype != torch.uint8 and _is_aarch64():
         is_supported()  # warns once why KleidiAI is not used
     return packed
@@ -184,13 +196,15 @@ def matmul(
         raise ValueError(f"KleidiAI int4: x must be [M, K={K}], got {list(x2d.shape)}")
     if not x2d.is_floating_point():
         raise ValueError(f"KleidiAI int4: x must be floating point, got {x2d.dtype}")
-    block_size = _block_size(group_size, K)
+    block_size, k_pad = _layout(group_size, K)
     out_dtype = x2d.dtype
     if x2d.shape[0] == 0:
         return x2d.new_empty((0, N))
-    if out_dtype == torch.bfloat16 and block_size == K and _BF16_CHANNELWISE:
+    if out_dtype == torch.bfloat16 and block_size == k_pad and _BF16_CHANNELWISE:
         x = x2d.contiguous()
     else:
         x = x2d.to(torch.float32).contiguous()
-    y = torch.ops.aten._dyn_quant_matmul_4bit(x, packed, block_size, K, N)
+    if k_pad != K:
+        x = torch.nn.functional.pad(x, (0, k_pad - K))
+    y = torch.ops.aten._dyn_quant_matmul_4bit(x, packed, block_size, k_pad, N)
     return y if y.dtype == out_dtype else y.to(out_dtype)
