@@ -3,6 +3,7 @@ and expose the one streaming generator. Every front end (generate, chat, bench, 
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -29,8 +30,10 @@ class EngineOptions:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, options: EngineOptions, source: str, timings: dict):
+    def __init__(self, model, tokenizer, options: EngineOptions, resolved, timings: dict):
         self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.resolved = resolved
+        source = resolved.source
         self.config = model.config
         self.source = source
         self.name = source
@@ -88,7 +91,7 @@ class Engine:
             lambda stage, done, total: report(LoadProgress(stage, done, total)),
         )
         timings["load"] = time.perf_counter() - start
-        engine = cls(model, tokenizer, options, resolved.source, timings)
+        engine = cls(model, tokenizer, options, resolved, timings)
         if options.compile:
             from llmrun.compiled import compile_generator
 
@@ -97,6 +100,26 @@ class Engine:
             compile_generator(engine.generator)
             timings["compile"] = time.perf_counter() - start
         return engine
+
+    def generation_defaults(self) -> dict:
+        """Sampling defaults from the checkpoint's generation_config.json, if it has one."""
+        path = self.resolved.path / "generation_config.json"
+        if self.resolved.kind != "hf-dir" or not path.is_file():
+            return {}
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        out = {}
+        if cfg.get("do_sample") is False:
+            out["temperature"] = 0.0
+        elif cfg.get("temperature") is not None:
+            out["temperature"] = float(cfg["temperature"])
+        for key, cast in (("top_k", int), ("top_p", float), ("min_p", float),
+                          ("repetition_penalty", float)):
+            if cfg.get(key) is not None:
+                out[key] = cast(cfg[key])
+        return out
 
     def chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
         """The conversation rendered through the model's chat template, tokenized."""
@@ -123,7 +146,7 @@ class Engine:
 
 def _starts_with_bos(tok, rendered: str) -> bool:
     """Templates that write the BOS text themselves must not get a second BOS."""
-    bos_text = tok.bos_token
+    bos_text = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None
     return bool(bos_text) and rendered.startswith(bos_text)
 
 
