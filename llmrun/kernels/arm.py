@@ -19,8 +19,8 @@ int4mm_kernel.cpp and kleidiai/kai_kernels.cpp):
   ``[N, K / block_size]`` (KleidiAI's qsi4c32p kernels read bf16 scales: they are rounded).
 - llmrun's odd K or partial last group: padded with zero weights (and x with zeros).
 - a scale dtype that does not match takes torch's scalar reference path *silently* (the
-  "packed" tensor then is fp32 weights + scales concatenated, and the matmul runs ~50x
-  slower), and so does a CPU without dotprod. Dtypes here are therefore exact, and
+  "packed" tensor then is fp32 weights + scales concatenated, and the matmul is a scalar
+  loop), and so does a CPU without dotprod. Dtypes here are therefore exact, and
   :func:`is_supported` probes that the real KleidiAI packing is taken.
 - ``x`` is read through a raw pointer as a contiguous 2-D fp32 matrix; bf16 input is
   accepted natively only for per-channel weights and only from torch 2.10 on (older torch
@@ -38,7 +38,8 @@ activations *symmetrically* (``scale = 127 / max|x|``, no zero point) instead, b
 ``vpdpbusd`` multiplies an unsigned byte by a signed byte: the weights are kept as unsigned
 nibbles (q + 8) and the activations as the signed operand, corrected by ``8 * sum(a)`` per
 group; an activation zero point there would add a second correction per group. Arm's
-``sdot``/``smmla`` are signed x signed, the nibbles are made signed when unpacked, and the
+``sdot``/``smmla`` are signed x signed (the packing turns the unsigned nibbles into signed
+int4, qsu4 -> qsi4), and the
 asymmetric range spends all 256 levels on a skewed row (e.g. after SiLU), so results differ
 from x86 by a fraction of one activation step per element, not by a bug.
 """
