@@ -138,6 +138,16 @@ def test_is_supported_matches_platform():
         print(f"\nKleidiAI available: torch {torch.__version__} on {platform.machine()}")
 
 
+def test_warns_once_on_arm_without_kleidiai(monkeypatch):
+    monkeypatch.setattr(arm, "_is_aarch64", lambda: True)
+    monkeypatch.setattr(arm, "_probe", lambda: "torch was built without KleidiAI")
+    monkeypatch.setattr(arm, "_warned", False)
+    with pytest.warns(UserWarning, match="KleidiAI int4 kernels unavailable") as record:
+        assert arm.is_supported() is False
+        assert arm.is_supported() is False
+    assert len(record) == 1
+
+
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_pack_layout(group_size):
     q, qweight, scales = _random_int4(N, K, group_size, seed=1)

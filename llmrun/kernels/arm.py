@@ -39,9 +39,9 @@ activations *symmetrically* (``scale = 127 / max|x|``, no zero point) instead, b
 nibbles (q + 8) and the activations as the signed operand, corrected by ``8 * sum(a)`` per
 group; an activation zero point there would add a second correction per group. Arm's
 ``sdot``/``smmla`` are signed x signed (the packing turns the unsigned nibbles into signed
-int4, qsu4 -> qsi4), and the
-asymmetric range spends all 256 levels on a skewed row (e.g. after SiLU), so results differ
-from x86 by a fraction of one activation step per element, not by a bug.
+int4, qsu4 -> qsi4), and the asymmetric range spends all 256 levels on a skewed row (e.g.
+after SiLU), so results differ from x86 by a fraction of one activation step per element,
+not by a bug.
 """
 
 from __future__ import annotations
