@@ -30,6 +30,7 @@ from llmrun.errors import LlmrunError
 from llmrun.gguf_tokenizer import (
     END_OF_TURN_TEXTS,
     TOKEN_CONTROL,
+    TOKEN_USER_DEFINED,
     GGUFVocab,
     build_bpe_tokenizer,
     build_spm_processor,
@@ -103,14 +104,24 @@ class _SentencePieceBackend:
     text, so the special tokens are split out here first (as llama.cpp and transformers do),
     and each stretch of text between them is encoded on its own."""
 
-    def __init__(self, sp, specials: Mapping[str, int], add_dummy_prefix: bool) -> None:
+    def __init__(
+        self,
+        sp,
+        specials: Mapping[str, int],
+        user_defined: Mapping[str, int],
+        add_dummy_prefix: bool,
+    ) -> None:
         self.sp = sp
-        self.special_to_id = dict(specials)
-        self.id_to_special = {i: t for t, i in self.special_to_id.items()}
-        self.special_ids = frozenset(self.id_to_special)
+        # Both kinds are cut out of the text whole, before sentencepiece sees it, as llama.cpp's
+        # tokenizer_st_partition does; only control tokens are "special" (dropped by
+        # skip_special_tokens). With a dummy prefix, each stretch of text between them gets
+        # its own leading U+2581, again as in llama.cpp.
+        self.special_to_id = {**dict(user_defined), **dict(specials)}
+        self.id_to_text = {i: t for t, i in self.special_to_id.items()}
+        self.special_ids = frozenset(specials.values())
         self.splitter = _literal_alternation(self.special_to_id)
         self.add_dummy_prefix = add_dummy_prefix
-        self.vocab_size = max([sp.get_piece_size()] + [i + 1 for i in self.special_ids])
+        self.vocab_size = max([sp.get_piece_size()] + [i + 1 for i in self.id_to_text])
 
     def encode(self, text: str) -> list[int]:
         if self.splitter is None:
@@ -131,38 +142,36 @@ class _SentencePieceBackend:
         run: list[int] = []
 
         def flush_run() -> None:
-            if not run:
-                return
-            text = self.sp.decode(run)
-            # sentencepiece drops the dummy-prefix space at the start of every decode call;
-            # only the one at the very start of the sequence is a dummy prefix.
-            if out and self.add_dummy_prefix and self.sp.id_to_piece(run[0]).startswith("\u2581"):
-                text = " " + text
-            out.append(text)
-            run.clear()
+            # With a dummy prefix, sentencepiece drops one leading space per call: the one
+            # encode() put in front of each stretch of text, so decode(encode(s)) == s.
+            if run:
+                out.append(self.sp.decode(run))
+                run.clear()
 
         for i in ids:
             i = int(i)
-            special = self.id_to_special.get(i)
-            if special is None:
+            whole = self.id_to_text.get(i)
+            if whole is None:
                 if not 0 <= i < self.sp.get_piece_size():
                     raise LlmrunError(f"token id {i} is outside the vocabulary ({self.vocab_size} tokens)")
                 run.append(i)
                 continue
             flush_run()
-            out.append("" if skip_special_tokens else special)
+            if not out and self.add_dummy_prefix and whole.startswith(" "):
+                whole = whole[1:]  # the dummy prefix, absorbed into a whitespace token
+            out.append("" if skip_special_tokens and i in self.special_ids else whole)
         flush_run()
         return "".join(out)
 
     def token_to_id(self, text: str) -> int | None:
         if text in self.special_to_id:
             return self.special_to_id[text]
-        i = self.sp.piece_to_id(text)
+        i = self.sp.piece_to_id(text.replace(" ", "\u2581"))
         return None if i == self.sp.unk_id() and text != self.sp.id_to_piece(i) else i
 
     def id_to_token(self, token_id: int) -> str | None:
-        if token_id in self.id_to_special:
-            return self.id_to_special[token_id]
+        if token_id in self.id_to_text:
+            return self.id_to_text[token_id]
         if 0 <= token_id < self.sp.get_piece_size():
             return self.sp.id_to_piece(token_id)
         return None
@@ -280,18 +289,22 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, reader_or_path) -> Tokenizer:
-        """From a GGUF file: an open `gguf.GGUFReader`, or a path (read faster, metadata only)."""
-        vocab = read_gguf_vocab(reader_or_path)
+        """From a GGUF file: an open `gguf.GGUFReader`, a path (read faster, metadata only),
+        or an already read `GGUFVocab`."""
+        vocab = reader_or_path if isinstance(reader_or_path, GGUFVocab) else read_gguf_vocab(reader_or_path)
         return cls._from_gguf_vocab(vocab)
 
     @classmethod
     def _from_gguf_vocab(cls, vocab: GGUFVocab) -> Tokenizer:
         if vocab.model == "llama":
             sp, proto = build_spm_processor(vocab)
-            specials = {
-                t: i for i, (t, ty) in enumerate(zip(vocab.tokens, vocab.token_types)) if ty == TOKEN_CONTROL
-            }
-            backend: Any = _SentencePieceBackend(sp, specials, proto.normalizer_spec.add_dummy_prefix)
+            by_type: dict[int, dict[str, int]] = {TOKEN_CONTROL: {}, TOKEN_USER_DEFINED: {}}
+            for i, (t, ty) in enumerate(zip(vocab.tokens, vocab.token_types)):
+                if ty in by_type and t:
+                    by_type[ty].setdefault(t, i)
+            backend: Any = _SentencePieceBackend(
+                sp, by_type[TOKEN_CONTROL], by_type[TOKEN_USER_DEFINED], proto.normalizer_spec.add_dummy_prefix
+            )
         elif vocab.model == "gpt2":
             backend = _TokenizersBackend(build_bpe_tokenizer(vocab))
         else:
@@ -459,7 +472,14 @@ def _sentencepiece_backend_from_file(file: str, config: Mapping[str, Any]) -> _S
             f"{file} is not a valid sentencepiece model ({type(exc).__name__}: {exc}); "
             "download the file again"
         ) from exc
-    specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
+    specials: dict[str, int] = {}
+    user_defined: dict[str, int] = {}
+    for i, piece in enumerate(proto.pieces):
+        if piece.type == spm_pb2.ModelProto.SentencePiece.CONTROL and piece.piece:
+            specials.setdefault(piece.piece, i)
+        elif piece.type == spm_pb2.ModelProto.SentencePiece.USER_DEFINED and piece.piece:
+            # matched in raw text, where spaces are still spaces
+            user_defined.setdefault(piece.piece.replace("\u2581", " "), i)
     if sp.unk_id() >= 0:
         specials.setdefault(sp.id_to_piece(sp.unk_id()), sp.unk_id())
     # Tokens that tokenizer_config.json declares on top of (or over) the sentencepiece model.
@@ -470,7 +490,7 @@ def _sentencepiece_backend_from_file(file: str, config: Mapping[str, Any]) -> _S
         tid = int(key)
         if entry.get("special", False) or tid >= sp.get_piece_size():
             specials[text] = tid
-    return _SentencePieceBackend(sp, specials, proto.normalizer_spec.add_dummy_prefix)
+    return _SentencePieceBackend(sp, specials, user_defined, proto.normalizer_spec.add_dummy_prefix)
 
 
 # --- streaming --------------------------------------------------------------------------------

@@ -476,3 +476,50 @@ def test_errors(tmp_path):
 def test_decode_rejects_out_of_range_ids(smol):
     with pytest.raises(LlmrunError, match="outside the vocabulary"):
         smol.decode([smol.vocab_size])
+
+
+# --- more directory and vocabulary shapes -----------------------------------------------------
+
+
+def test_hf_dir_gemma_tokenizer_json_matches_transformers(hf_gemma, tmp_path_factory):
+    """(c) for a sentencepiece-style vocabulary: transformers' Gemma tokenizer saved as
+    tokenizer.json (262144 tokens), read back with the tokenizers library."""
+    d = tmp_path_factory.mktemp("gemma3-hf-json")
+    hf_gemma.save_pretrained(d)
+    ours = Tokenizer.from_hf_dir(d)
+    assert type(ours._backend).__name__ == "_TokenizersBackend"
+    _assert_same_ids(ours, hf_gemma)
+    _assert_same_decode(ours, hf_gemma)
+    # no add_bos_token in the saved config: read from tokenizer.json's post-processor
+    assert ours.add_bos_token and ours.encode("hi") == hf_gemma.encode("hi")
+    assert {1, 106} <= ours.eos_ids
+
+
+def test_sentencepiece_dummy_prefix_like_llama_cpp(gemma_path, tmp_path):
+    """Llama 2 style vocabularies (tokenizer.ggml.add_space_prefix true): sentencepiece adds
+    the dummy prefix to each stretch of text between special tokens, as llama.cpp does; plain
+    text tokenizes as transformers' LlamaTokenizer does from the same tokenizer.model."""
+    vocab = read_gguf_vocab(gemma_path)
+    vocab.add_space_prefix = True
+    ours = Tokenizer.from_gguf(vocab)
+    (tmp_path / "tokenizer.model").write_bytes(build_spm_model_proto(vocab).SerializeToString())
+    hf = transformers.LlamaTokenizer.from_pretrained(str(tmp_path))
+    plain = [
+        "Hello world",
+        "The capital of France is",
+        "emoji 😀🎉 👍🏽 family 👨‍👩‍👧 flag 🇫🇷",
+        "中文字符和日本語のテキスト、한국어 텍스트",
+        "naïve café résumé Ångström façade coöperate",
+        "digits 12345678 and 3.14159, 1,000,000 and 007",
+    ]
+    _assert_same_ids(ours, hf, plain)
+    for s in plain:
+        assert ours.decode(ours.encode(s, add_bos=False)) == s
+    hello = ours.token_to_id("\u2581Hello")
+    assert ours.encode("Hello", add_bos=False) == [hello]
+    user = ours.token_to_id("\u2581user")
+    assert ours.encode("<start_of_turn>user", add_bos=False) == [105, user]
+    assert ours.decode([105, user]) == "<start_of_turn>user"
+    # A user-defined token (here Gemma's "  ") is cut out whole like a special one, and the text
+    # after it gets its own dummy prefix: llama.cpp's tokenizer_st_partition behaviour.
+    assert ours.encode("a  space", add_bos=False) == [ours.token_to_id("\u2581a"), 138, ours.token_to_id("\u2581space")]
