@@ -44,6 +44,7 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 static int64_t g_prefetch = 1024;
+static int g_tile_r = 0, g_tile_c = 0;  // tuning overrides of the GEMM tile (0: default)
 
 // ---------------------------------------------------------------- AVX512-VNNI (zmm)
 namespace avx512 {
@@ -322,6 +323,12 @@ static at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
   else { rt = rmax; ct = cmax; }
   if (!grouped && isa == 0 && M > 3) { rt = 6; ct = 4; }
   if (grouped && isa == 0 && M > 3) { rt = 4; ct = 3; }
+  if (M > 3 && g_tile_r > 0 && g_tile_r <= rmax) rt = g_tile_r;
+  if (M > 3 && g_tile_c > 0 && g_tile_c <= cmax) ct = g_tile_c;
+  if (M > 3) {  // balance the row tiles: M = 8 runs as 4 + 4, not 6 + 2
+    const int64_t ntiles = (M + rt - 1) / rt;
+    rt = (int)((M + ntiles - 1) / ntiles);
+  }
   const int64_t nblk = (NP + ct - 1) / ct;
   const int64_t work = M * NP * Kpad;  // ~ MACs / 16
   auto body = [&](int64_t b, int64_t e) { fn(p, b * ct, std::min(NP, e * ct), rt, ct); };
@@ -345,6 +352,12 @@ static int64_t set_prefetch(int64_t bytes) {
   return old;
 }
 
+static int64_t set_tile(int64_t r, int64_t c) {
+  g_tile_r = (int)r;
+  g_tile_c = (int)c;
+  return 0;
+}
+
 }  // namespace llmrun_kernels
 
 TORCH_LIBRARY(llmrun, m) {
@@ -352,6 +365,7 @@ TORCH_LIBRARY(llmrun, m) {
   m.def("quant_act(Tensor x, int Kpad) -> (Tensor, Tensor)");
   m.def("isa_support() -> int", &llmrun_kernels::isa_support);
   m.def("set_prefetch(int bytes) -> int", &llmrun_kernels::set_prefetch);
+  m.def("set_tile(int r, int c) -> int", &llmrun_kernels::set_tile);
 }
 
 TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
