@@ -523,3 +523,58 @@ def test_sentencepiece_dummy_prefix_like_llama_cpp(gemma_path, tmp_path):
     # A user-defined token (here Gemma's "  ") is cut out whole like a special one, and the text
     # after it gets its own dummy prefix: llama.cpp's tokenizer_st_partition behaviour.
     assert ours.encode("a  space", add_bos=False) == [ours.token_to_id("\u2581a"), 138, ours.token_to_id("\u2581space")]
+
+
+# --- randomized comparison ---------------------------------------------------------------------
+
+_FUZZ_POOL = list("aAbBzZéüñß ") * 5 + [
+    " ", "  ", "\n", "\n\n", "\t", "\r", "'s", "'LL", "0", "1", "9", "12345", ".", ",", "!", "?",
+    "(", ")", "{", "}", "<", ">", "|", "_", "-", "😀", "👍🏽", "🇫🇷", "中", "文", "の", "한", "ع", "ह",
+    "\u200b", "\u00a0", "\u3000", "𓀀", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>",
+    "<bos>", "<eos>", "<table>", "the", " the", "ing", "Hello", "    ", "\\", '"', "ǅ", "ﬁ", "Ⅻ", "①", "¼", "²",
+]
+
+
+def _fuzz_texts(n=1000, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_FUZZ_POOL) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def test_gemma3_random_text_matches_transformers(gemma, hf_gemma):
+    texts = _fuzz_texts()
+    _assert_same_ids(gemma, hf_gemma, texts)
+    for s in texts[:200]:
+        ids = gemma.encode(s, add_bos=False)
+        assert gemma.decode(ids) == hf_gemma.decode(ids)
+        parts = _stream(gemma, ids)
+        assert "".join(parts) == gemma.decode(ids) and not any("\ufffd" in p for p in parts[:-1])
+
+
+def test_smollm2_random_text_matches_original_pre_tokenizer(smol, hf_smol):
+    """Known transformers discrepancy: its GGUF conversion ignores `tokenizer.ggml.pre =
+    smollm` and splits text with the plain GPT-2 regex, while SmolLM2's own tokenizer.json
+    (and llama.cpp's "smollm" pre-tokenizer) first isolate every digit, which also changes how
+    the whitespace before a digit groups ("a  9": "Ġ","Ġ","9" vs "ĠĠ","9"). We follow the model.
+    The oracle here is transformers' tokenizer with SmolLM2's original pre-tokenizer put back:
+    Digits(individual_digits=True) then ByteLevel with the GPT-2 regex."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers
+
+    original = HFTokenizer.from_str(hf_smol.backend_tokenizer.to_str())
+    original.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    texts = _fuzz_texts()
+    mismatches = [s for s in texts if smol.encode(s, add_bos=False) != original.encode(s, add_special_tokens=False).ids]
+    assert not mismatches, mismatches[:5]
+    # ... and the discrepancy with transformers' own GGUF conversion is real:
+    s = "a  9 \n\n 12345 ①"
+    assert smol.encode(s) == original.encode(s, add_special_tokens=False).ids
+    assert smol.encode(s) != hf_smol.encode(s, add_special_tokens=False)
+    assert [smol.id_to_token(i) for i in smol.encode("a  9")] == ["a", "ĠĠ", "9"]
+    for s in texts[:200]:
+        ids = smol.encode(s, add_bos=False)
+        parts = _stream(smol, ids)
+        assert "".join(parts) == smol.decode(ids) and not any("\ufffd" in p for p in parts[:-1])
