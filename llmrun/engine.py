@@ -58,6 +58,7 @@ class Engine:
     @classmethod
     def load(cls, options: EngineOptions,
              progress: Callable[[LoadProgress], None] | None = None) -> "Engine":
+        from llmrun import quantized_format
         from llmrun.hub import resolve_model
         from llmrun.loader import load_model, open_checkpoint
         from llmrun.tokenizer import Tokenizer
@@ -76,20 +77,25 @@ class Engine:
         timings["resolve"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        ckpt = open_checkpoint(resolved.path, resolved.kind)
         if resolved.kind == "gguf":
             tokenizer = Tokenizer.from_gguf(resolved.path)
         else:
             tokenizer = Tokenizer.from_hf_dir(resolved.path)
-        transform = None
-        if options.quant != "none":
-            from llmrun.quant import make_transform
+        if quantized_format.is_quantized_dir(resolved.path):
+            model = quantized_format.load_quantized(resolved.path, DTYPES[options.dtype])
+            scheme = quantized_format.read_scheme(resolved.path)
+            options.quant, options.group_size = scheme["quant"], int(scheme["group_size"])
+        else:
+            transform = None
+            if options.quant != "none":
+                from llmrun.quant import make_transform
 
-            transform = make_transform(options.quant, options.group_size)
-        model = load_model(
-            ckpt, DTYPES[options.dtype], transform,
-            lambda stage, done, total: report(LoadProgress(stage, done, total)),
-        )
+                transform = make_transform(options.quant, options.group_size)
+            stage = "load + quantize" if transform else "load"
+            model = load_model(
+                open_checkpoint(resolved.path, resolved.kind), DTYPES[options.dtype], transform,
+                lambda _, done, total: report(LoadProgress(stage, done, total)),
+            )
         timings["load"] = time.perf_counter() - start
         engine = cls(model, tokenizer, options, resolved, timings)
         if options.compile:
@@ -129,7 +135,7 @@ class Engine:
             return tok.encode(text)
         rendered = tok.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True)
-        return tok.encode(rendered, add_bos=False) if _starts_with_bos(tok, rendered) else tok.encode(rendered)
+        return tok.encode(rendered)  # encode never doubles a BOS the template wrote
 
     def prompt_ids(self, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
         if raw or not self.tokenizer.chat_template:
@@ -142,12 +148,6 @@ class Engine:
                         stop: threading.Event | None = None, ignore_eos: bool = False
                         ) -> Iterator[GenerationChunk]:
         return self.generator.stream(prompt_ids, settings, stop, ignore_eos)
-
-
-def _starts_with_bos(tok, rendered: str) -> bool:
-    """Templates that write the BOS text themselves must not get a second BOS."""
-    bos_text = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None
-    return bool(bos_text) and rendered.startswith(bos_text)
 
 
 def default_threads() -> int:

@@ -80,8 +80,8 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
         if progress:
             progress("load", i, ckpt.n_tensors)
         name = _canonical(raw_name)
-        if name is None:
-            continue
+        if name is None or (name == "lm_head.weight" and ckpt.config.tie_embeddings):
+            continue  # tied heads read the embedding table
         if name not in expected:
             raise LlmrunError(f"{ckpt.path}: unexpected tensor {raw_name!r} for a "
                               f"{ckpt.config.family} model (the checkpoint does not match its config)")
@@ -96,13 +96,14 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
         module._parameters[leaf] = nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=False)
         seen.add(name)
         pending[module_name] -= 1
+        if name == "model.embed_tokens.weight" and ckpt.config.tie_embeddings:
+            # the head reads the same table: tie (and transform it) before the embedding changes
+            model.lm_head.weight = module.weight
+            seen.add("lm_head.weight")
+            if transform is not None:
+                _replace(model, modules, "lm_head", transform("lm_head", model.lm_head))
         if pending[module_name] == 0 and transform is not None:
             _replace(model, modules, module_name, transform(module_name, module))
-    if ckpt.config.tie_embeddings and "lm_head.weight" not in seen:
-        seen.add("lm_head.weight")
-        model.lm_head.weight = model.model.embed_tokens.weight
-        if transform is not None:
-            _replace(model, modules, "lm_head", transform("lm_head", model.lm_head))
     missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")

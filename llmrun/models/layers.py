@@ -178,10 +178,6 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.cache_len = 0
 
-    def tie_weights(self) -> None:
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
     def setup_caches(self, length: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
         """Allocate KV caches and rope tables for `length` positions."""
         cfg = self.config

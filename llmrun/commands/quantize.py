@@ -1,0 +1,58 @@
+"""`llmrun quantize`: write a quantized model directory (neutral packed int4 in safetensors)
+that loads back without the original weights."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model to int4 and save it",
+                       description="Quantize linear layers to int4 (head int8) and save the result.")
+    p.add_argument("--model", "-m", default=None, help="alias, repo id, HF directory or .gguf")
+    p.add_argument("--group-size", type=int, default=0,
+                   help="0 = per output channel (default), or 32/64/128/256")
+    p.add_argument("--head", choices=["int8", "int4", "none"], default="int8",
+                   help="output head scheme (default int8)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from llmrun.commands.loading import StderrProgress
+    from llmrun.errors import LlmrunError
+    from llmrun.generation_types import LoadProgress
+    from llmrun.hub import resolve_model
+    from llmrun.loader import load_model, open_checkpoint
+    from llmrun.quant import QuantTransform
+    from llmrun.quantized_format import save_quantized
+    from llmrun.tokenizer import Tokenizer
+
+    if args.out.exists() and not args.force:
+        raise LlmrunError(f"{args.out} already exists; pass --force to replace it")
+    transform = QuantTransform(args.group_size, head=args.head)
+    resolved = resolve_model(args.model)
+    tokenizer = (Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf"
+                 else Tokenizer.from_hf_dir(resolved.path))
+    progress = StderrProgress()
+    start = time.perf_counter()
+    try:
+        model = load_model(open_checkpoint(resolved.path, resolved.kind), torch.float32, transform,
+                           lambda _, done, total: progress(LoadProgress("quantize", done, total)))
+    finally:
+        progress.close()
+    quantize_s = time.perf_counter() - start
+    scheme = {"quant": "int4", "group_size": args.group_size, "head": args.head,
+              "source": resolved.source + ":" + str(resolved.path)}
+    save_quantized(model, tokenizer, scheme, args.out, force=args.force)
+    size = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
+    print(f"llmrun: quantized {resolved.source} in {quantize_s:.1f} s -> {args.out} ({size:.0f} MiB)",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,78 @@
+"""Quantization as a module swap: as the loader completes each nn.Linear / nn.Embedding, the
+transform returns its quantized replacement. Models never import this; kernels never see
+a model. Schemes:
+  linear layers  int4 symmetric, per output channel (group_size 0) or per group along K
+  output head    int8 per channel (default) or int4 with the layers' scheme, or none
+  embedding      int8 per row (a table lookup: rows are dequantized as they are read)
+A tied head and embedding share one int8 copy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmrun.errors import LlmrunError
+from llmrun.kernels import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+
+GROUP_SIZES = (0, 32, 64, 128, 256)
+HEAD_SCHEMES = ("int8", "int4", "none")
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table stored int8 with one float32 scale per row."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("qweight", qweight)  # (vocab, dim) int8
+        self.register_buffer("scales", scales.reshape(-1))  # (vocab,) float32
+        self.dtype = dtype
+        self.embedding_dim = qweight.shape[1]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(idx, self.qweight).to(torch.float32)  # (..., dim)
+        return (rows * self.scales[idx].unsqueeze(-1)).to(self.dtype)
+
+
+class QuantTransform:
+    """Callable (module name, loaded module) -> module, for llmrun.loader.load_model."""
+
+    def __init__(self, group_size: int = 0, head: str = "int8", embedding: bool = True,
+                 backend: str | None = None):
+        if group_size not in GROUP_SIZES:
+            raise LlmrunError(f"--group-size {group_size} is not supported: use 0 (per channel) or "
+                              "32, 64, 128, 256")
+        if head not in HEAD_SCHEMES:
+            raise LlmrunError(f"head scheme {head!r} is not one of {', '.join(HEAD_SCHEMES)}")
+        self.group_size, self.head, self.embedding, self.backend = group_size, head, embedding, backend
+        self._int8_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _int8(self, weight: torch.Tensor):
+        key = id(weight)  # tied head and embedding are the same Parameter: quantize once
+        if key not in self._int8_cache:
+            self._int8_cache[key] = quantize_int8(weight.detach())
+        return self._int8_cache[key]
+
+    def __call__(self, name: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Embedding):
+            if not self.embedding:
+                return module
+            q, s = self._int8(module.weight)
+            return Int8Embedding(q, s, module.weight.dtype)
+        if not isinstance(module, nn.Linear):
+            return module
+        bias = module.bias.detach() if module.bias is not None else None
+        if name.endswith("lm_head") and self.head != "int4":
+            if self.head == "none":
+                return module
+            q, s = self._int8(module.weight)
+            return Int8Linear.from_neutral(q, s, bias=bias)
+        qweight, scales = quantize_int4(module.weight.detach(), self.group_size)
+        return Int4Linear.from_neutral(qweight, scales, self.group_size, module.in_features,
+                                       bias=bias, backend=self.backend)
+
+
+def make_transform(quant: str, group_size: int) -> QuantTransform:
+    if quant != "int4":
+        raise LlmrunError(f"quantization {quant!r} is not supported (int4, none)")
+    return QuantTransform(group_size)

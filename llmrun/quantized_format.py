@@ -1,0 +1,152 @@
+"""The saved form of a quantized model: a directory with
+  config.json         {"llmrun": {"format": ..., "model_config": ModelConfig fields}}
+  model.safetensors   neutral packed tensors: X.qweight uint8 [N, ceil(K/2)] + X.scales
+                      float32 [N, n_groups] for int4 layers, X.qweight int8 [N, K] + X.scales
+                      [N] for int8 ones, plain float tensors for the rest; the scheme is in
+                      the safetensors metadata too
+  tokenizer files     as Hugging Face writes them
+The machine-specific kernel layout is made at load time, never saved."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from llmrun.errors import LlmrunError
+from llmrun.models import ModelConfig, RopeSpec, Transformer, build_on_meta
+
+FORMAT = "llmrun-quantized-v1"
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    for key in ("rope", "rope_local"):
+        if d.get(key) is not None:
+            spec = dict(d[key])
+            if spec.get("freq_factors") is not None:
+                spec["freq_factors"] = tuple(spec["freq_factors"])
+            d[key] = RopeSpec(**spec)
+    d["layer_types"] = tuple(d.get("layer_types", ()))
+    try:
+        return ModelConfig(**d)
+    except TypeError as exc:
+        raise LlmrunError(f"quantized model config is invalid ({exc})") from None
+
+
+def is_quantized_dir(directory: Path) -> bool:
+    path = directory / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("llmrun", {}).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save_quantized(model: Transformer, tokenizer, scheme: dict, out: Path, force: bool = False) -> None:
+    """Write to a temporary sibling directory, then rename: a failure (disk full, Ctrl-C)
+    leaves any previous output intact and no half-written directory."""
+    from llmrun.tokenizer_files import save_tokenizer
+
+    out = out.resolve()
+    if out.exists() and not force:
+        raise LlmrunError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = {name: value.contiguous() for name, value in model.state_dict().items()}
+        if "lm_head.weight" in tensors and model.lm_head.weight is getattr(
+                model.model.embed_tokens, "weight", None):
+            del tensors["lm_head.weight"]  # tied: the embedding table is saved once
+        if model.config.tie_embeddings and "lm_head.qweight" in tensors and "model.embed_tokens.qweight" in tensors:
+            if torch.equal(tensors["lm_head.qweight"], tensors["model.embed_tokens.qweight"]):
+                del tensors["lm_head.qweight"], tensors["lm_head.scales"]  # shared table
+        metadata = {"format": FORMAT, **{k: str(v) for k, v in scheme.items()}}
+        save_file(tensors, tmp / "model.safetensors", metadata=metadata)
+        config = {"llmrun": {"format": FORMAT, "scheme": scheme,
+                             "model_config": config_to_dict(model.config)}}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_tokenizer(tokenizer, tmp)
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            os.replace(out, backup)
+            os.replace(tmp, out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = None) -> Transformer:
+    from llmrun.kernels import Int4Linear, Int8Linear
+    from llmrun.quant import Int8Embedding
+
+    meta = json.loads((directory / "config.json").read_text())["llmrun"]
+    cfg = config_from_dict(meta["model_config"])
+    file = directory / "model.safetensors"
+    model = build_on_meta(cfg)
+    modules = dict(model.named_modules())
+    try:
+        f = safe_open(file, framework="pt")
+    except Exception as exc:
+        raise LlmrunError(f"cannot read {file}: {exc} (truncated or corrupt; quantize again)") from None
+    with f:
+        keys = set(f.keys())
+        used = set()
+
+        def take(key):
+            used.add(key)
+            return f.get_tensor(key)
+
+        def quantized(name: str, module: nn.Module, source: str):
+            q, s = take(f"{source}.qweight"), take(f"{source}.scales")
+            bias = take(f"{name}.bias") if f"{name}.bias" in keys else None
+            if isinstance(module, nn.Embedding):
+                return Int8Embedding(q, s, dtype)
+            if q.dtype == torch.int8:
+                return Int8Linear.from_neutral(q, s, bias=bias)
+            group = int(meta["scheme"]["group_size"]) if not name.endswith("lm_head") else int(
+                meta["scheme"].get("head_group_size", meta["scheme"]["group_size"]))
+            return Int4Linear.from_neutral(q, s, group, module.in_features, bias=bias, backend=backend)
+
+        for name, module in list(modules.items()):
+            source = name
+            if name == "lm_head" and cfg.tie_embeddings and "lm_head.qweight" not in keys:
+                source = "model.embed_tokens"
+            if f"{source}.qweight" in keys and isinstance(module, (nn.Linear, nn.Embedding)):
+                new = quantized(name, module, source)
+                parent, _, child = name.rpartition(".")
+                setattr(modules[parent] if parent else model, child, new)
+                continue
+            for leaf, param in list(module.named_parameters(recurse=False)):
+                key = f"{name}.{leaf}"
+                if key == "lm_head.weight" and key not in keys and cfg.tie_embeddings:
+                    model.lm_head.weight = model.model.embed_tokens.weight
+                    continue
+                if key not in keys:
+                    raise LlmrunError(f"{file} lacks tensor {key!r}: the quantized model is incomplete")
+                module._parameters[leaf] = nn.Parameter(take(key).to(dtype), requires_grad=False)
+    extra = keys - used
+    if extra:
+        raise LlmrunError(f"{file} holds unexpected tensors ({', '.join(sorted(extra)[:3])})")
+    model.eval()
+    return model
+
+
+def read_scheme(directory: Path) -> dict:
+    return json.loads((directory / "config.json").read_text())["llmrun"]["scheme"]
