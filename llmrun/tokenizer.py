@@ -19,7 +19,6 @@ Sources:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,8 +35,6 @@ from llmrun.gguf_tokenizer import (
     build_spm_processor,
     read_gguf_vocab,
 )
-
-log = logging.getLogger(__name__)
 
 _REPLACEMENT = "\ufffd"
 

@@ -578,3 +578,28 @@ def test_smollm2_random_text_matches_original_pre_tokenizer(smol, hf_smol):
         ids = smol.encode(s, add_bos=False)
         parts = _stream(smol, ids)
         assert "".join(parts) == smol.decode(ids) and not any("\ufffd" in p for p in parts[:-1])
+
+
+def test_hf_dir_config_files(smol_json_dir, tmp_path):
+    """generation_config.json eos lists, AddedToken-style entries in tokenizer_config.json, an
+    explicit add_bos_token, and chat_template.jinja taking precedence."""
+    import shutil
+
+    d = tmp_path / "hf"
+    shutil.copytree(smol_json_dir, d)
+    config_file = d / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(
+        add_bos_token=True,
+        bos_token={"content": "<|im_start|>", "special": True},
+        eos_token={"content": "<|im_end|>", "special": True},
+        chat_template="from tokenizer_config",
+    )
+    config_file.write_text(json.dumps(config))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "bos_token_id": 1}))
+    (d / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}|{{ eos_token }}")
+    tok = Tokenizer.from_hf_dir(d)
+    assert tok.bos_id == 1 and tok.add_bos_token
+    assert tok.encode("hi") == [1] + tok.encode("hi", add_bos=False)
+    assert {0, 2, 7} <= tok.eos_ids  # generation_config + <|endoftext|> found by its text
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "<|im_start|>x|<|im_end|>"
