@@ -248,13 +248,30 @@ def test_torch_compile_fullgraph_no_graph_breaks(gs):
     torch.testing.assert_close(y, block(x), rtol=1e-5, atol=1e-5)
 
 
-def test_int8_linear_matches_dequantized():
+@pytest.mark.parametrize("name", ["x86-avx512vnni", "x86-avxvnni", "int8pack", "reference"])
+def test_int8_linear(name):
+    if name.startswith("x86"):
+        _backend_or_skip(name)
     g = torch.Generator().manual_seed(11)
-    W = torch.randn(300, 64, generator=g)
-    q, s = quantize_int8(W)
-    mod = Int8Linear.from_neutral(q, s)
-    x = torch.randn(3, 64, generator=g)
-    ref = x @ (q.float() * s[:, None]).T
-    torch.testing.assert_close(mod(x), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
-    ref_mod = Int8Linear.from_neutral(q, s, backend="reference")
-    torch.testing.assert_close(ref_mod(x), ref, rtol=1e-5, atol=1e-4)
+    for N, K in [(300, 64), (37, 100), (16, 7)]:
+        W = torch.randn(N, K, generator=g)
+        q, s = quantize_int8(W)
+        mod = Int8Linear.from_neutral(q, s, backend=name)
+        assert mod.backend == (name if name != "int8pack" or K % 32 == 0 else "reference")
+        q2, s2 = mod.neutral()
+        assert torch.equal(q2, q) and torch.equal(s2, s)
+        for M in (1, 2, 5, 17):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(M, K, generator=g).to(dtype)
+                y = mod(x)
+                assert y.dtype == dtype and y.shape == (M, N)
+                if name.startswith("x86"):
+                    # integer-exact: int32 dot products of the per-row int8 activations
+                    a, sa = quantize_activations(x)
+                    exact = (a.double() @ q.double().T) * s.double() * sa.double()[:, None]
+                    mag = (a.double().abs() + 128) @ q.double().abs().T * s.double() * sa.double()[:, None]
+                    tol = 4 * 2.0 ** -24 * mag + (2.0 ** -8 * exact.abs() if dtype == torch.bfloat16 else 0)
+                    assert bool(((y.double() - exact).abs() <= tol).all())
+                else:
+                    ref = x.float() @ (q.float() * s[:, None]).T
+                    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())

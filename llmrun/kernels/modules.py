@@ -145,9 +145,13 @@ class Int4Linear(torch.nn.Module):
 
 
 class Int8Linear(torch.nn.Module):
-    """Per-channel int8 weight (output heads, tied embeddings). Backend: torch's
-    `_weight_int8pack_mm` (weight-only int8: x stays bf16/fp32, no activation quantization),
-    with bf16 activations for speed; "reference" dequantizes row blocks and uses F.linear."""
+    """Per-channel int8 weight (output heads, tied embeddings): y = x @ (q * s)^T (+ bias).
+
+    Backends: the x86 VNNI kernel (activations quantized per row to int8 like Int4Linear,
+    weights packed into 16-column panels, ~2x less traffic than bf16 F.linear); else torch's
+    `_weight_int8pack_mm` ("int8pack", weight-only int8, bf16 activations); "reference"
+    dequantizes and runs F.linear. The neutral tensors are re-derived from the x86 layout.
+    """
 
     def __init__(self, in_features: int, out_features: int, backend: str):
         super().__init__()
@@ -164,25 +168,71 @@ class Int8Linear(torch.nn.Module):
         N, K = qweight.shape
         if scales.numel() != N:
             raise ValueError(f"scales must be [N] = [{N}]")
-        name = "int8pack" if backend in (None, "int8pack") else backend
+        if backend == "int8pack":
+            name = "int8pack"
+        else:
+            name = resolve_backend(backend)
+            if name not in ("x86-avx512vnni", "x86-avxvnni", "reference") or K > 65536:
+                name = "int8pack"
+        if name == "int8pack" and K % 32:
+            name = "reference"  # _weight_int8pack_mm (torch 2.13) returns inf or crashes unless K % 32 == 0
         m = cls(K, N, name)
-        m.register_buffer("qweight", qweight.contiguous(), persistent=True)
-        m.register_buffer("scales", scales.reshape(N).float().contiguous(), persistent=True)
+        m._set_weights(qweight.contiguous(), scales.reshape(N).float().contiguous())
         if bias is not None:
             m.bias = torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         return m
 
+    def _set_weights(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        for n in ("w", "sc", "corr", "qweight", "scales", "scales_bf16"):
+            if n in self._buffers:
+                del self._buffers[n]
+        if self.backend.startswith("x86"):
+            w, sc, corr = native.pack_int8(qweight, scales)
+            self.register_buffer("w", w, persistent=False)
+            self.register_buffer("sc", sc, persistent=False)
+            self.register_buffer("corr", corr, persistent=False)
+            self._isa = native.ISA_CODES[self.backend]
+        else:
+            self.register_buffer("qweight", qweight, persistent=False)
+            self.register_buffer("scales", scales, persistent=False)
+            self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
+
     def neutral(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight int8 [N, K], scales float32 [N])."""
+        if self.backend.startswith("x86"):
+            return native.unpack_int8(self.w, self.sc, self.in_features, self.out_features)
         return self.qweight, self.scales
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        qweight, scales = self.neutral()
+        destination[prefix + "qweight"] = qweight
+        destination[prefix + "scales"] = scales
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for key in ("qweight", "scales"):
+            if prefix + key not in state_dict:
+                missing_keys.append(prefix + key)
+        if prefix + "qweight" in state_dict and prefix + "scales" in state_dict:
+            self._set_weights(state_dict[prefix + "qweight"].contiguous(),
+                              state_dict[prefix + "scales"].reshape(-1).float().contiguous())
+        if prefix + "bias" in state_dict:
+            self.bias = torch.nn.Parameter(state_dict[prefix + "bias"].float().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.backend == "reference":
-            y = F.linear(x2.float(), self.qweight.float() * self.scales[:, None])
+        if self.backend.startswith("x86"):
+            if x2.dtype not in (torch.float32, torch.bfloat16):
+                x2 = x2.float()
+            y = torch.ops.llmrun.int8_mm(x2, self.w, self.sc, self.corr, self.in_features, self.out_features,
+                                         self._isa)
+        elif self.backend == "int8pack":
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales_bf16)
         else:
-            xb = x2.to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(xb, self.qweight, self.scales.to(torch.bfloat16))
+            y = F.linear(x2.float(), self.qweight.float() * self.scales[:, None])
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features).to(x.dtype)

@@ -111,6 +111,10 @@ def _register_fakes() -> None:
     def _(x, w, sc, corr, group_size, K, N, isa):
         return x.new_empty((x.shape[0], N))
 
+    @torch.library.register_fake("llmrun::int8_mm")
+    def _(x, w, sc, corr, K, N, isa):
+        return x.new_empty((x.shape[0], N))
+
     @torch.library.register_fake("llmrun::quant_act")
     def _(x, Kpad):
         return x.new_empty((x.shape[0], Kpad), dtype=torch.uint8), x.new_empty((x.shape[0],), dtype=torch.float32)
@@ -182,6 +186,24 @@ def unpack(w: torch.Tensor, sc: torch.Tensor, group_size: int, K: int, N: int):
     q = q.permute(0, 2, 1, 4, 3).reshape(NP * 16, K8 * 8)[:N, :K]
     scales = sc.float().permute(0, 2, 1).reshape(NP * 16, -1)[:N].contiguous()
     return pack_int4(q), scales
+
+
+def pack_int8(qweight: torch.Tensor, scales: torch.Tensor):
+    """int8 [N, K] + fp32 [N] -> (w uint8 [NP, K4, 64], sc fp32 [NP, 1, 16], corr int32 [NP*16]).
+    Line l of panel p: byte 4c+j = w[16p+c, 4l+j]; K padded with zeros to a multiple of 8."""
+    N, K = qweight.shape
+    NP, Kpad = -(-N // 16), -(-K // 8) * 8
+    q = torch.nn.functional.pad(qweight, (0, Kpad - K, 0, NP * 16 - N))
+    w = q.view(NP, 16, Kpad // 4, 4).permute(0, 2, 1, 3).contiguous().view(torch.uint8).view(NP, Kpad // 4, 64)
+    sc = torch.nn.functional.pad(scales.float().reshape(N), (0, NP * 16 - N)).view(NP, 1, 16).contiguous()
+    corr = (128 * q.sum(-1, dtype=torch.int64)).to(torch.int32).contiguous()
+    return w, sc, corr
+
+
+def unpack_int8(w: torch.Tensor, sc: torch.Tensor, K: int, N: int):
+    NP, K4, _ = w.shape
+    q = w.view(torch.int8).view(NP, K4, 16, 4).permute(0, 2, 1, 3).reshape(NP * 16, K4 * 4)[:N, :K].contiguous()
+    return q, sc.reshape(-1)[:N].contiguous()
 
 
 def int4_mm(x2d: torch.Tensor, w, sc, corr, group_size: int, K: int, N: int, isa: int) -> torch.Tensor:

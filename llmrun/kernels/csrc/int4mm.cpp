@@ -30,6 +30,7 @@ struct RunArgs {
   int64_t M, N, Kpad;
   int G, lpg;
   bool grouped;
+  bool int8;
   void* out;
   bool out_f32;
   int64_t pf;
@@ -298,6 +299,7 @@ static at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
   p.G = (int)sc.size(1);
   p.lpg = grouped ? (int)(group_size / 8) : (int)w.size(1);
   p.grouped = grouped;
+  p.int8 = false;
   p.out = out.data_ptr();
   p.out_f32 = x.scalar_type() == at::kFloat;
   p.pf = g_prefetch;
@@ -337,6 +339,62 @@ static at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
   return out;
 }
 
+
+// Per-channel int8 weights (heads): w uint8 [NP, K4, 64] (see tile_kernel_i8), sc fp32
+// [NP, 1, 16], corr int32 [NP*16]. VNNI ISAs only (u8 x s8 pairs of full-range int8 would
+// saturate AVX2's vpmaddubsw).
+static at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& corr,
+                          int64_t K, int64_t N, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int8_mm: x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int8_mm: x must be fp32 or bf16");
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) % 2 == 0,
+              "int8_mm: bad packed weight");
+  TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.numel() == w.size(0) * 16 && sc.is_contiguous(), "int8_mm: bad scales");
+  TORCH_CHECK(corr.scalar_type() == at::kInt && corr.numel() == w.size(0) * 16 && corr.is_contiguous(), "int8_mm: bad corr");
+  TORCH_CHECK(N <= w.size(0) * 16 && K <= w.size(1) * 4, "int8_mm: N or K larger than the packed weight");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = x.size(0), NP = w.size(0), Kpad = w.size(1) * 4;
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  at::Tensor a = at::empty({M, Kpad}, x.options().dtype(at::kByte));
+  at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));
+  quantize_activations(xc, Kpad, a.data_ptr<uint8_t>(), sa.data_ptr<float>());
+  RunArgs p;
+  p.a = a.data_ptr<uint8_t>();
+  p.sa = sa.data_ptr<float>();
+  p.w = w.data_ptr<uint8_t>();
+  p.wps = w.size(1) * 64;
+  p.sc = sc.data_ptr();
+  p.sf16 = false;
+  p.corr = corr.data_ptr();
+  p.M = M;
+  p.N = N;
+  p.Kpad = Kpad;
+  p.G = 1;
+  p.lpg = (int)w.size(1);
+  p.grouped = false;
+  p.int8 = true;
+  p.out = out.data_ptr();
+  p.out_f32 = x.scalar_type() == at::kFloat;
+  p.pf = g_prefetch;
+  const int64_t sup = isa_support();
+  using RunFn = void (*)(const RunArgs&, int64_t, int64_t, int, int);
+  RunFn fn;
+  int rmax, cmax;
+  if (isa == 0 && (sup & 1)) { fn = avx512::run_panels; rmax = 6; cmax = 4; }
+  else {
+    TORCH_CHECK((isa == 0 || isa == 1) && (sup & 6), "int8_mm: needs AVX512-VNNI or AVX-VNNI");
+    fn = (sup & 2) ? avxvnni::run_panels : avxvnni_evex::run_panels; rmax = 3; cmax = 1;
+  }
+  int rt = M <= 3 ? (int)M : rmax, ct = M <= 3 ? std::min(cmax, 2) : cmax;
+  if (M > 3) { const int64_t nt = (M + rt - 1) / rt; rt = (int)((M + nt - 1) / nt); }
+  const int64_t nblk = (NP + ct - 1) / ct;
+  auto body = [&](int64_t b, int64_t e) { fn(p, b * ct, std::min(NP, e * ct), rt, ct); };
+  if (M * NP * Kpad < ((int64_t)1 << 14) || nblk == 1) body(0, nblk);
+  else at::parallel_for(0, nblk, 1, body);
+  return out;
+}
+
 static std::tuple<at::Tensor, at::Tensor> quant_act(const at::Tensor& x, int64_t Kpad) {
   TORCH_CHECK(x.dim() == 2 && Kpad >= x.size(1), "quant_act: x must be [M, K], Kpad >= K");
   const at::Tensor xc = x.contiguous();
@@ -362,6 +420,7 @@ static int64_t set_tile(int64_t r, int64_t c) {
 
 TORCH_LIBRARY(llmrun, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor sc, Tensor corr, int group_size, int K, int N, int isa) -> Tensor");
+  m.def("int8_mm(Tensor x, Tensor w, Tensor sc, Tensor corr, int K, int N, int isa) -> Tensor");
   m.def("quant_act(Tensor x, int Kpad) -> (Tensor, Tensor)");
   m.def("isa_support() -> int", &llmrun_kernels::isa_support);
   m.def("set_prefetch(int bytes) -> int", &llmrun_kernels::set_prefetch);
@@ -370,5 +429,6 @@ TORCH_LIBRARY(llmrun, m) {
 
 TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
   m.impl("int4_mm", &llmrun_kernels::int4_mm);
+  m.impl("int8_mm", &llmrun_kernels::int8_mm);
   m.impl("quant_act", &llmrun_kernels::quant_act);
 }
