@@ -71,14 +71,21 @@ class Int4Linear(torch.nn.Module):
             self.register_buffer("sc", sc, persistent=False)
             self.register_buffer("corr", corr, persistent=False)
             self._isa = native.ISA_CODES[self.backend]
-        elif self.backend == "arm-kleidiai":
-            packed = arm_module().pack(qweight, scales, self.group_size, self.in_features, self.out_features)
-            self.register_buffer("arm_packed", packed, persistent=False)
+        elif self.backend == "arm-kleidiai" and self._arm_pack(qweight, scales):
             self.register_buffer("qweight", qweight, persistent=False)
             self.register_buffer("scales", scales, persistent=False)
         else:
+            self.backend = "reference"
             self.register_buffer("qweight", qweight, persistent=False)
             self.register_buffer("scales", scales, persistent=False)
+
+    def _arm_pack(self, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+        try:
+            packed = arm_module().pack(qweight, scales, self.group_size, self.in_features, self.out_features)
+        except ValueError:  # a group size KleidiAI cannot take: the reference runs it
+            return False
+        self.register_buffer("arm_packed", packed, persistent=False)
+        return True
 
     @classmethod
     def concat(cls, layers: list["Int4Linear"], backend: str | None = None) -> "Int4Linear":
