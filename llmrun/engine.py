@@ -85,25 +85,22 @@ class Engine:
             model = quantized_format.load_quantized(resolved.path, DTYPES[options.dtype])
             scheme = quantized_format.read_scheme(resolved.path)
             options.quant, options.group_size = scheme["quant"], int(scheme["group_size"])
-        else:
-            transform = None
-            if options.quant != "none":
-                from llmrun.quant import make_transform
-
-                transform = make_transform(options.quant, options.group_size)
-            stage = "load + quantize" if transform else "load"
+        elif options.quant == "none":
             model = load_model(
-                open_checkpoint(resolved.path, resolved.kind), DTYPES[options.dtype], transform,
-                lambda _, done, total: report(LoadProgress(stage, done, total)),
-            )
+                open_checkpoint(resolved.path, resolved.kind), DTYPES[options.dtype], None,
+                lambda _, done, total: report(LoadProgress("load", done, total)))
+        else:
+            model = _load_quantized_cached(resolved, tokenizer, options, report)
         timings["load"] = time.perf_counter() - start
         engine = cls(model, tokenizer, options, resolved, timings)
         if options.compile:
             from llmrun.compiled import compile_generator
 
             start = time.perf_counter()
-            report(LoadProgress("compile", message="compiling prefill and decode"))
+            report(LoadProgress("compile", message="compiling prefill and decode "
+                                "(slow once per machine, then cached)"))
             compile_generator(engine.generator)
+            engine.generator.warm_up()
             timings["compile"] = time.perf_counter() - start
         return engine
 
@@ -152,3 +149,31 @@ class Engine:
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def _load_quantized_cached(resolved, tokenizer, options: EngineOptions, report):
+    """Quantize on first use and keep the result (neutral format) in llmrun's cache, keyed by
+    the source file's identity and the scheme; later loads read the cache. A corrupt cache
+    entry is rebuilt."""
+    from llmrun import quantized_format
+    from llmrun.loader import load_model, open_checkpoint
+    from llmrun.quant import make_transform
+
+    dtype = DTYPES[options.dtype]
+    cache = quantized_format.cache_path(resolved.path, options.quant, options.group_size)
+    if quantized_format.is_quantized_dir(cache):
+        report(LoadProgress("load", message=f"loading quantized model from {cache}"))
+        try:
+            return quantized_format.load_quantized(cache, dtype)
+        except LlmrunError as exc:
+            report(LoadProgress("load", message=f"rebuilding the quantized cache ({exc})"))
+    transform = make_transform(options.quant, options.group_size)
+    model = load_model(open_checkpoint(resolved.path, resolved.kind), dtype, transform,
+                       lambda _, done, total: report(LoadProgress("quantize", done, total)))
+    scheme = {"quant": options.quant, "group_size": options.group_size, "head": transform.head,
+              "source": str(resolved.path)}
+    try:
+        quantized_format.save_quantized(model, tokenizer, scheme, cache, force=True)
+    except OSError as exc:  # a cache that cannot be written costs only speed next time
+        report(LoadProgress("quantize", message=f"could not cache the quantized model ({exc})"))
+    return model

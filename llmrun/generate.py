@@ -17,7 +17,7 @@ from llmrun.models import Transformer
 from llmrun.sampling import sample, validate
 
 PREFILL_CHUNK = 512  # long prompts prefill in chunks: bounded activation memory
-CACHE_BUCKET = 256  # KV cache lengths are rounded up to this: few distinct shapes
+MIN_CACHE = 512  # KV cache lengths are powers of two from this: few compiled shapes
 
 
 def prefill(model: Transformer, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,10 @@ def peak_rss_bytes() -> int:
 
 
 def cache_length(needed: int, context: int) -> int:
-    return min(context, -(-needed // CACHE_BUCKET) * CACHE_BUCKET)
+    length = MIN_CACHE
+    while length < needed:
+        length *= 2
+    return min(context, length)
 
 
 class Generator:
@@ -52,6 +55,16 @@ class Generator:
         if length != self.model.cache_len or self.model.model.layers[0].self_attn.kv_cache is None:
             dtype = self.model.model.norm.weight.dtype
             self.model.setup_caches(length, dtype=dtype)
+
+    @torch.inference_mode()
+    def warm_up(self, prompt_len: int = 8, max_new: int = 256) -> None:
+        """Run prefill and two decode steps on dummy ids for the cache size of a typical
+        request, so compilation happens here and not inside a timed generation."""
+        self.ensure_cache(prompt_len + max_new)
+        ids = torch.zeros((1, prompt_len), dtype=torch.long)
+        self.prefill_fn(self.model, ids, torch.arange(prompt_len))
+        for pos in (prompt_len, prompt_len + 1):
+            self.decode_fn(self.model, torch.zeros((1, 1), dtype=torch.long), torch.tensor([pos]))
 
     @torch.inference_mode()
     def stream(self, prompt_ids: list[int], settings: SamplingSettings,
@@ -72,7 +85,7 @@ class Generator:
             generator = torch.Generator().manual_seed(settings.seed)
         eos = set() if ignore_eos else set(self.tokenizer.eos_ids)
         stats = GenerationStats(prompt_tokens=n_prompt)
-        decoder = self.tokenizer.stream_decoder()
+        decoder = self.tokenizer.stream_decoder(prompt_ids[-4:])  # context keeps a leading space
         seen = torch.tensor(prompt_ids, dtype=torch.long)
 
         start = time.perf_counter()

@@ -44,9 +44,9 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         model=args.model,
         dtype=args.dtype or "float32",
         threads=args.threads,
-        quant=args.quant or "none",
+        quant=args.quant or "int4",
         group_size=args.group_size if args.group_size is not None else 0,
-        compile=not args.no_compile and (args.quant or "none") != "none" and False,
+        compile=not args.no_compile,
     )
 
 

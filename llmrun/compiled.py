@@ -1,0 +1,47 @@
+"""torch.compile for the generator's two steps.
+
+- decode: fullgraph, static shapes (one token, a fixed-size KV cache written by index), so the
+  graph never recompiles as the position advances; a new cache size (a power of two, see
+  generate.cache_length) compiles once more.
+- prefill: fullgraph with a dynamic sequence length, so a new prompt length does not
+  recompile; long prompts come in chunks of generate.PREFILL_CHUNK.
+Compiled artifacts persist in inductor's FX graph cache under llmrun's cache directory, so a
+second process skips the C++ compilation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llmrun.generate import Generator, decode_one, prefill
+
+
+def configure_inductor() -> None:
+    from llmrun.shipped import llmrun_cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(llmrun_cache_dir() / "inductor"))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    inductor_config.autotune_local_cache = True
+
+
+class CompiledSteps:
+    """The generator's prefill and decode, compiled; one instance per Generator."""
+
+    def __init__(self):
+        configure_inductor()
+        self.decode = torch.compile(decode_one, fullgraph=True, dynamic=False)
+        self._prefill = torch.compile(prefill, fullgraph=True, dynamic=None)
+
+    def prefill(self, model, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        # ids: (1, T), input_pos: (T,); T varies from prompt to prompt: keep it symbolic
+        torch._dynamo.maybe_mark_dynamic(ids, 1)
+        torch._dynamo.maybe_mark_dynamic(input_pos, 0)
+        return self._prefill(model, ids, input_pos)
+
+
+def compile_generator(gen: Generator) -> None:
+    steps = CompiledSteps()
+    gen.prefill_fn, gen.decode_fn = steps.prefill, steps.decode
