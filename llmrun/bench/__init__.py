@@ -1,0 +1,13 @@
+"""`llmrun bench`: llama-bench-style speed table for llmrun's paths beside plain PyTorch and
+transformers, one model, one thread count.
+
+    runner.py     the parent: plans the rows, runs each path in its own subprocess, gathers
+    worker.py     the child (`python -m llmrun.bench.worker SPEC OUT`): builds one path's model,
+                  times pp (prefill) and tg (decode) over the model's step functions, checks
+                  greedy tokens, writes one JSON object
+    synthetic.py  random weights of real models' shapes, built straight into the target form
+    report.py     markdown / JSON / CSV
+    machine.py    what the JSON records about the machine (CPU, ISA, commit, load)
+"""
+
+PATHS = ("default", "eager-int4", "compiled-bf16", "compiled-int4", "transformers")

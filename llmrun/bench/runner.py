@@ -1,0 +1,225 @@
+"""The parent of `llmrun bench`: plans one row per (path, test), runs each path in a fresh
+subprocess (clean peak RSS; memory returned between paths), and gathers the results."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from llmrun.bench import PATHS, machine
+from llmrun.bench.worker import SHORT, Spec
+from llmrun.errors import LlmrunError
+
+MEMORY_MARGIN = 1.5 * 2**30  # torch, compile and activations beside the weights
+
+
+@dataclass
+class BenchOptions:
+    model: str | None = None
+    synthetic: str | None = None
+    paths: tuple[str, ...] = PATHS
+    threads: int | None = None
+    pp: int = 512
+    tg: int = 128
+    reps: int = 5
+    group_size: int = 0
+    dtype: str | None = None  # None: bf16 where the CPU has native bf16, else fp32
+
+
+def parse_paths(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return PATHS
+    paths = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not paths:
+        raise LlmrunError(f"unknown path {', '.join(unknown) or '(none)'}; choose from {', '.join(PATHS)}")
+    return paths
+
+
+def validate(opts: BenchOptions) -> None:
+    from llmrun.quant import GROUP_SIZES
+
+    if opts.pp < 0 or opts.tg < 0 or opts.pp + opts.tg == 0:
+        raise LlmrunError("-p and -n must be >= 0 and not both 0")
+    if opts.reps < 1:
+        raise LlmrunError(f"-r {opts.reps}: at least one repetition")
+    if opts.threads is not None and opts.threads < 1:
+        raise LlmrunError(f"--threads {opts.threads} must be >= 1")
+    if opts.group_size not in GROUP_SIZES:
+        raise LlmrunError(f"--group-size {opts.group_size} is not supported: use 0 (per channel) or 32, 64, 128, 256")
+    if opts.model and opts.synthetic:
+        raise LlmrunError("give --model or --synthetic, not both")
+    if opts.synthetic:
+        from llmrun.bench.synthetic import hf_dict
+
+        hf_dict(opts.synthetic)
+    else:  # fail here, in one line, rather than once per worker
+        from llmrun.hub import resolve_model
+
+        resolve_model(opts.model)
+
+
+def path_dtype(path: str, opts: BenchOptions) -> str:
+    if path == "compiled-bf16":
+        return "bfloat16"
+    return opts.dtype or machine.default_dtype()
+
+
+def memory_note(path: str, dtype: str, opts: BenchOptions) -> str | None:
+    """Why a synthetic path cannot fit in memory now, or None."""
+    if not opts.synthetic:
+        return None
+    from llmrun.bench.synthetic import estimate_bytes, model_config
+
+    cfg = model_config(opts.synthetic)
+    need = estimate_bytes(cfg, "int4" if path.endswith("int4") else dtype)
+    avail = machine.mem_available_bytes()
+    if avail is not None and need + MEMORY_MARGIN > avail:
+        return (f"skipped: {SHORT.get(dtype, dtype)} weights need ~{need / 2**30:.1f} GiB, "
+                f"{avail / 2**30:.1f} GiB available")
+    return None
+
+
+def run_path(spec: Spec, workdir: str) -> dict:
+    """Run one path in a subprocess; its progress streams to our stderr."""
+    spec_file = os.path.join(workdir, f"{spec.path}.spec.json")
+    out_file = os.path.join(workdir, f"{spec.path}.out.json")
+    with open(spec_file, "w") as f:
+        json.dump(dataclasses.asdict(spec), f)
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "llmrun.bench.worker", spec_file, out_file],
+                          env=env, stdout=sys.stderr, stdin=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    try:
+        with open(out_file) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        result = {"path": spec.path, "error": f"worker exited with status {proc.returncode} and no result"}
+    result["wall_s"] = wall
+    return result
+
+
+def summarize(samples_s: list[float], n: int) -> dict:
+    tps = [n / s for s in samples_s]
+    return {"tps_mean": statistics.fmean(tps), "tps_sd": statistics.stdev(tps) if len(tps) > 1 else 0.0,
+            "samples_tps": tps}
+
+
+def run_bench(opts: BenchOptions, log=None) -> dict:
+    """Run every path; return the whole report (meta, per-path results, rows)."""
+    log = log or (lambda msg: print(f"llmrun bench: {msg}", file=sys.stderr, flush=True))
+    validate(opts)
+    threads = opts.threads or len(os.sched_getaffinity(0))
+    have_tf = importlib.util.find_spec("transformers") is not None
+    paths = [p for p in opts.paths if p != "transformers" or have_tf or opts.paths != PATHS]
+    meta = machine.machine_info()
+    meta.update(threads=threads, load_average_start=machine.load_average(),
+                started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                args={k: v for k, v in dataclasses.asdict(opts).items()})
+    meta["args"]["paths"] = list(paths)
+    load = meta["load_average_start"]
+    log(f"{meta['cpu']}, {meta['isa']}, torch {meta['torch']}, {threads} threads, "
+        f"load average {load[0] if load else '?'} (cores: {meta['cores']})")
+    if load and load[0] > meta["cores"] * 0.5:
+        log(f"warning: the machine is busy (load {load[0]} on {meta['cores']} cores): timings are unreliable")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="llmrun-bench-") as workdir:
+        for path in paths:
+            dtype = path_dtype(path, opts)
+            if path == "transformers" and not have_tf:
+                results[path] = {"path": path, "skipped": "skipped: transformers is not installed"}
+                log(f"{path}: {results[path]['skipped']}")
+                continue
+            note = memory_note(path, dtype, opts)
+            if note:
+                results[path] = {"path": path, "dtype": dtype, "skipped": note}
+                log(f"{path}: {note}")
+                continue
+            spec = Spec(path=path, model=opts.model, synthetic=opts.synthetic, threads=threads, pp=opts.pp,
+                        tg=opts.tg, reps=opts.reps, group_size=opts.group_size, dtype=dtype)
+            log(f"{path}: starting ({SHORT[dtype]})")
+            res = run_path(spec, workdir)
+            results[path] = res
+            if res.get("error"):
+                log(f"{path}: FAILED: {res['error']}")
+                continue
+            stages = [f"load {res['load_s']:.2f} s"]
+            if path.endswith("int4"):
+                stages.append(f"quantize {res['quantize_s']:.2f} s")
+            if res.get("compile_s") is not None:
+                stages.append(f"compile {res['compile_s']:.1f} s")
+            log(f"{path}: " + "  ".join(stages) + f"  peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
+    meta["load_average_end"] = machine.load_average()
+    rows = build_rows(results, paths, threads, opts)
+    report = {"meta": meta, "paths": results, "rows": rows}
+    for line in roofline_lines(report):
+        log(line)
+    return report
+
+
+def greedy_match(tokens: list[int] | None, reference: list[int] | None) -> tuple[int, int] | None:
+    """(leading tokens equal to the reference, tokens compared), or None where not checked."""
+    if tokens is None or reference is None:
+        return None
+    n = min(len(tokens), len(reference))
+    k = 0
+    while k < n and tokens[k] == reference[k]:
+        k += 1
+    return k, n
+
+
+def build_rows(results: dict, paths: list[str], threads: int, opts: BenchOptions) -> list[dict]:
+    rows = []
+    default = results.get("default", {})
+    tests = [t for t, n in (("pp", opts.pp), ("tg", opts.tg)) if n]
+    model_name = next((r["model"] for r in results.values() if r.get("model")),
+                      f"{opts.synthetic} (synthetic)" if opts.synthetic else (opts.model or "default"))
+    for path in paths:
+        res = results[path]
+        ref = default.get("greedy_tokens") if path != "default" else res.get("greedy_tokens")
+        match = greedy_match(res.get("greedy_tokens"), ref)
+        for test in tests:
+            n = opts.pp if test == "pp" else opts.tg
+            row = {"model": res.get("model") or model_name, "weights": res.get("weights") or
+                   SHORT.get(res.get("dtype", ""), ""), "path": path, "threads": threads,
+                   "test": f"{test}{n}", "n_tokens": n, "tps_mean": None, "tps_sd": None,
+                   "samples_s": None, "samples_tps": None, "vs_default": None, "roofline_tps": None,
+                   "roofline_pct": None, "bytes_per_token": None,
+                   "greedy_match": list(match) if match else None,
+                   "pp_argmax_match": None, "note": res.get("skipped") or
+                   (f"error: {res['error']}" if res.get("error") else None)}
+            data = (res.get("tests") or {}).get(test)
+            if data:
+                row.update(samples_s=data["samples_s"], **summarize(data["samples_s"], n))
+                base = ((default.get("tests") or {}).get(test) or {}).get("samples_s")
+                if base:
+                    row["vs_default"] = row["tps_mean"] / summarize(base, n)["tps_mean"]
+                if test == "tg" and res.get("weights_bytes"):
+                    per_token = res["weights_bytes"] + res.get("kv_bytes", 0)
+                    roof = machine.BANDWIDTH_GBPS * 1e9 / per_token
+                    row.update(bytes_per_token=per_token, roofline_tps=roof,
+                               roofline_pct=100.0 * row["tps_mean"] / roof)
+                if test == "pp" and res.get("pp_argmax") is not None and default.get("pp_argmax") is not None \
+                        and not opts.synthetic:
+                    row["pp_argmax_match"] = res["pp_argmax"] == default["pp_argmax"]
+            rows.append(row)
+    return rows
+
+
+def roofline_lines(report: dict) -> list[str]:
+    out = []
+    for row in report["rows"]:
+        if row["path"] == "compiled-int4" and row["roofline_tps"]:
+            out.append(f"roofline {row['test']} compiled-int4: {row['bytes_per_token'] / 1e6:.1f} MB read per token "
+                       f"(weights + KV) / {machine.BANDWIDTH_GBPS:.0f} GB/s = {row['roofline_tps']:.1f} t/s; "
+                       f"achieved {row['tps_mean']:.1f} t/s = {row['roofline_pct']:.0f}%")
+    return out

@@ -1,0 +1,376 @@
+"""One benchmark path in its own process: `python -m llmrun.bench.worker SPEC.json OUT.json`.
+
+Builds the path's model, then times (warm-up excluded, `reps` repetitions):
+  pp  one prefill of `pp` synthetic tokens (chunks of generate.PREFILL_CHUNK, as generate does)
+  tg  `tg` single-token decode steps after a short synthetic prompt
+calling only the model's step functions (Generator.prefill_fn / decode_fn, or the
+transformers model's forward): no tokenizer, no sampling. Then, for real models, the greedy
+tokens of a fixed prompt (checked against the default path by the parent). Progress goes to
+stderr; the result is written as one JSON object to OUT (peak RSS is this process's own).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+TG_PROMPT = 8  # tokens before the tg test's decode steps
+WARMUP_DECODE = 4  # untimed decode steps before tg
+QUALITY_PROMPT = "The capital of France is"
+QUALITY_TOKENS = 16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+@dataclass
+class Spec:
+    path: str  # default | eager-int4 | compiled-bf16 | compiled-int4 | transformers
+    model: str | None = None  # as --model; None: the shipped default
+    synthetic: str | None = None  # a llmrun.bench.synthetic name instead of a checkpoint
+    threads: int = 1
+    pp: int = 512
+    tg: int = 128
+    reps: int = 5
+    group_size: int = 0
+    dtype: str = "bfloat16"  # compute dtype of the path
+    quality_tokens: int = QUALITY_TOKENS
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def int4(self) -> bool:
+        return self.path.endswith("int4")
+
+    @property
+    def compiled(self) -> bool:
+        return self.path.startswith("compiled")
+
+
+def log(spec: Spec, msg: str) -> None:
+    print(f"llmrun bench: [{spec.path}] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def weights_label(spec: Spec) -> str:
+    if not spec.int4:
+        return SHORT[spec.dtype]
+    gs = "pc" if spec.group_size == 0 else f"g{spec.group_size}"
+    return f"int4-{gs}+int8 head ({SHORT[spec.dtype]} act)"
+
+
+# ------------------------------------------------------------------ llmrun paths
+class _TimedTransform:
+    """Wraps a loader transform, adding up the seconds it spends (quantization)."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, 0.0
+
+    def __call__(self, name, module):
+        start = time.perf_counter()
+        try:
+            return self.inner(name, module)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def load_llmrun(spec: Spec):
+    """(model, tokenizer or None, timings, model name)."""
+    dtype = DTYPES[spec.dtype]
+    if spec.synthetic:
+        from llmrun.bench import synthetic
+
+        cfg = synthetic.model_config(spec.synthetic)
+        model, timings = synthetic.build_llmrun(cfg, dtype, spec.int4, spec.group_size, spec.seed)
+        return model, None, timings, f"{spec.synthetic} (synthetic)"
+    from llmrun import quantized_format
+    from llmrun.errors import LlmrunError
+    from llmrun.hub import resolve_model
+    from llmrun.loader import load_model, open_checkpoint
+    from llmrun.tokenizer import Tokenizer
+
+    resolved = resolve_model(spec.model)
+    start = time.perf_counter()
+    tokenizer = Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf" else \
+        Tokenizer.from_hf_dir(resolved.path)
+    if quantized_format.is_quantized_dir(resolved.path):
+        if not spec.int4:
+            raise LlmrunError("the model is stored quantized: it has no float weights for this path")
+        model = quantized_format.load_quantized(resolved.path, dtype)
+        return model, tokenizer, {"load_s": time.perf_counter() - start, "quantize_s": 0.0}, model_name(resolved)
+    transform = None
+    if spec.int4:
+        from llmrun.quant import QuantTransform
+
+        transform = _TimedTransform(QuantTransform(spec.group_size))
+    model = load_model(open_checkpoint(resolved.path, resolved.kind), dtype, transform)
+    total = time.perf_counter() - start
+    quantize_s = transform.seconds if transform else 0.0
+    return model, tokenizer, {"load_s": total - quantize_s, "quantize_s": quantize_s}, model_name(resolved)
+
+
+def model_name(resolved) -> str:
+    return resolved.source.split(":", 1)[1] if resolved.source.startswith("shipped:") else resolved.path.name
+
+
+def stored_bytes(model) -> dict:
+    """Bytes a decode step reads: every weight tensor once (the embedding: one row), and the
+    KV cache (attention reads all of it, masked)."""
+    weights = kv = 0
+    seen = set()
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        nbytes = t.numel() * t.element_size()
+        if "kv_cache" in name:
+            kv += nbytes
+        elif "rope_" in name:
+            continue
+        elif "embed_tokens" in name:
+            weights += nbytes // max(1, t.shape[0]) if t.dim() == 2 else nbytes
+        else:
+            weights += nbytes
+    return {"weights_bytes": weights, "kv_bytes": kv}
+
+
+def run_llmrun(spec: Spec, result: dict) -> None:
+    from llmrun.generate import PREFILL_CHUNK, Generator
+
+    log(spec, "loading" + (" and quantizing" if spec.int4 else ""))
+    model, tokenizer, timings, name = load_llmrun(spec)
+    result.update(model=name, **timings)
+    log(spec, f"load {timings['load_s']:.2f} s" + (f"  quantize {timings['quantize_s']:.2f} s" if spec.int4 else ""))
+    gen = Generator(model, tokenizer)
+    if spec.compiled:
+        from llmrun.compiled import compile_generator
+
+        compile_generator(gen)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(spec.seed)
+    compile_s = 0.0
+    with torch.inference_mode():
+        if spec.pp:
+            gen.ensure_cache(spec.pp)
+            ids = torch.randint(0, vocab, (1, spec.pp), generator=g)
+            chunks = [(ids[:, lo:min(lo + PREFILL_CHUNK, spec.pp)], torch.arange(lo, min(lo + PREFILL_CHUNK, spec.pp)))
+                      for lo in range(0, spec.pp, PREFILL_CHUNK)]
+
+            def prefill_once():
+                logits = None
+                for chunk, pos in chunks:
+                    logits = gen.prefill_fn(model, chunk, pos)
+                return logits
+
+            first, logits = _timed(prefill_once)
+            if spec.compiled:
+                log(spec, f"first prefill (compiles) {first:.1f} s")
+            samples = _repeat(spec, "pp", prefill_once)
+            compile_s += max(0.0, first - min(samples)) if spec.compiled else 0.0
+            result["tests"]["pp"] = {"n": spec.pp, "samples_s": samples}
+            result["pp_argmax"] = int(prefill_once()[0, -1].argmax())
+        quality_len = spec.quality_tokens + 32 if tokenizer is not None else 0
+        needed = max(TG_PROMPT + spec.tg if spec.tg else 0, quality_len)
+        if needed:
+            gen.ensure_cache(needed)
+            result["tg_cache_len"] = model.cache_len
+        if spec.tg:
+            # the short prompt goes in through decode steps too: one compiled graph for tg
+            prompt = torch.randint(0, vocab, (TG_PROMPT,), generator=g)
+            tokens = [t.view(1, 1) for t in torch.randint(0, vocab, (spec.tg,), generator=g)]
+            positions = [torch.tensor([TG_PROMPT + i]) for i in range(spec.tg)]
+
+            def decode_once():
+                for tok, pos in zip(tokens, positions):
+                    gen.decode_fn(model, tok, pos)
+
+            # untimed: the short prompt, through decode steps too (one compiled graph for tg),
+            # then a few warm-up steps; the first call compiles
+            start = time.perf_counter()
+            for i in range(TG_PROMPT):
+                gen.decode_fn(model, prompt[i].view(1, 1), torch.tensor([i]))
+            warm = min(WARMUP_DECODE, spec.tg)
+            for i in range(warm):
+                gen.decode_fn(model, tokens[i], positions[i])
+            first = time.perf_counter() - start
+            if spec.compiled:
+                log(spec, f"first decode steps (compile) {first:.1f} s")
+            samples = _repeat(spec, "tg", decode_once)
+            steady = min(samples) / spec.tg * (TG_PROMPT + warm)
+            compile_s += max(0.0, first - steady) if spec.compiled else 0.0
+            result["tests"]["tg"] = {"n": spec.tg, "samples_s": samples}
+            result.update(stored_bytes(model))
+        if tokenizer is not None:
+            result["greedy_tokens"] = _greedy_llmrun(gen, model, tokenizer, spec)
+    result["compile_s"] = compile_s if spec.compiled else None
+
+
+def _greedy_llmrun(gen, model, tokenizer, spec: Spec) -> list[int]:
+    """Greedy tokens of QUALITY_PROMPT, through the same decode step that tg timed."""
+    ids = tokenizer.encode(QUALITY_PROMPT)[:32]
+    logits = None
+    for i, t in enumerate(ids):
+        logits = gen.decode_fn(model, torch.tensor([[t]]), torch.tensor([i]))
+    out = []
+    pos = len(ids)
+    for _ in range(spec.quality_tokens):
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        logits = gen.decode_fn(model, torch.tensor([[token]]), torch.tensor([pos]))
+        pos += 1
+    return out
+
+
+# ------------------------------------------------------------------ transformers
+def load_transformers(spec: Spec):
+    dtype = DTYPES[spec.dtype]
+    if spec.synthetic:
+        from llmrun.bench import synthetic
+
+        model, seconds = synthetic.build_transformers(spec.synthetic, dtype, spec.seed)
+        return model, None, seconds, f"{spec.synthetic} (synthetic)"
+    from transformers import AutoModelForCausalLM
+
+    from llmrun.hub import resolve_model
+    from llmrun.tokenizer import Tokenizer
+
+    resolved = resolve_model(spec.model)
+    start = time.perf_counter()
+    if resolved.kind == "gguf":
+        tokenizer = Tokenizer.from_gguf(resolved.path)
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path.parent), gguf_file=resolved.path.name,
+                                                     dtype=dtype)
+    else:
+        tokenizer = Tokenizer.from_hf_dir(resolved.path)
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype)
+    model.eval()
+    return model, tokenizer, time.perf_counter() - start, model_name(resolved)
+
+
+def run_transformers(spec: Spec, result: dict) -> None:
+    from transformers import DynamicCache
+
+    log(spec, "loading")
+    model, tokenizer, load_s, name = load_transformers(spec)
+    result.update(model=name, load_s=load_s, quantize_s=0.0, compile_s=None,
+                  attn_implementation=getattr(model.config, "_attn_implementation", None))
+    log(spec, f"load {load_s:.2f} s")
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(spec.seed)
+    cache = lambda: DynamicCache(config=model.config)  # noqa: E731
+    with torch.inference_mode():
+        if spec.pp:
+            ids = torch.randint(0, vocab, (1, spec.pp), generator=g)
+
+            def prefill_once():
+                return model(input_ids=ids, past_key_values=cache(), use_cache=True, logits_to_keep=1).logits
+
+            _timed(prefill_once)
+            result["tests"]["pp"] = {"n": spec.pp, "samples_s": _repeat(spec, "pp", prefill_once)}
+            result["pp_argmax"] = int(prefill_once()[0, -1].argmax())
+        if spec.tg:
+            prompt = torch.randint(0, vocab, (1, TG_PROMPT), generator=g)
+            tokens = [t.view(1, 1) for t in torch.randint(0, vocab, (spec.tg,), generator=g)]
+            state = {}
+
+            def setup():  # untimed: a fresh cache holding the prompt
+                state["cache"] = cache()
+                model(input_ids=prompt, past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+
+            def decode_once():
+                c = state["cache"]
+                for tok in tokens:
+                    model(input_ids=tok, past_key_values=c, use_cache=True)
+
+            setup()
+            for tok in tokens[:WARMUP_DECODE]:
+                model(input_ids=tok, past_key_values=state["cache"], use_cache=True)
+            result["tests"]["tg"] = {"n": spec.tg, "samples_s": _repeat(spec, "tg", decode_once, setup)}
+            cfg = model.config
+            params = {(p.data_ptr(), p.numel()): p for p in model.parameters()}.values()
+            emb = model.get_input_embeddings().weight
+            weights = sum(p.numel() * p.element_size() for p in params) - emb.numel() * emb.element_size() \
+                + emb.shape[1] * emb.element_size()
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            avg_len = TG_PROMPT + spec.tg / 2  # DynamicCache grows: the mean context of the test
+            kv = int(cfg.num_hidden_layers * 2 * kv_heads * head_dim * emb.element_size() * avg_len)
+            result.update(weights_bytes=weights, kv_bytes=kv)
+        if tokenizer is not None:
+            ids = tokenizer.encode(QUALITY_PROMPT)[:32]
+            c = cache()
+            logits = model(input_ids=torch.tensor([ids]), past_key_values=c, use_cache=True, logits_to_keep=1).logits
+            out = []
+            for _ in range(spec.quality_tokens):
+                token = int(logits[0, -1].argmax())
+                out.append(token)
+                logits = model(input_ids=torch.tensor([[token]]), past_key_values=c, use_cache=True).logits
+            result["greedy_tokens"] = out
+
+
+# ------------------------------------------------------------------ timing
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _repeat(spec: Spec, test: str, fn, setup=None) -> list[float]:
+    samples = []
+    n = spec.pp if test == "pp" else spec.tg
+    for r in range(spec.reps):
+        if setup is not None:
+            setup()
+        seconds, _ = _timed(fn)
+        samples.append(seconds)
+        log(spec, f"{test}{n} rep {r + 1}/{spec.reps}: {n / seconds:.2f} t/s")
+    return samples
+
+
+def run(spec: Spec) -> dict:
+    torch.set_num_threads(spec.threads)
+    result = {"path": spec.path, "dtype": spec.dtype, "weights": weights_label(spec), "threads": spec.threads,
+              "tests": {}, "greedy_tokens": None, "pp_argmax": None, "error": None}
+    if spec.path == "transformers":
+        run_transformers(spec, result)
+    else:
+        run_llmrun(spec, result)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m llmrun.bench.worker SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        spec = Spec(**json.load(f))
+    try:
+        result = run(spec)
+        rc = 0
+    except Exception as exc:  # the parent reports it in the table and carries on
+        from llmrun.errors import LlmrunError
+
+        if not isinstance(exc, LlmrunError):
+            traceback.print_exc()
+        result = {"path": spec.path, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+                  "peak_rss_bytes": peak_rss_bytes()}
+        rc = 1
+    with open(argv[1], "w") as f:
+        json.dump(result, f)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""`llmrun bench`: every path end to end on tiny models (-r 1, small -p/-n), each in its own
+worker process; the JSON carries every field; the markdown and CSV tables parse; the
+synthetic builder, memory skips, quality matching and --kernels delegation."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmrun.bench import PATHS
+from llmrun.bench import report as bench_report
+from llmrun.bench import runner, synthetic
+
+PATH_FIELDS = ("load_s", "quantize_s", "compile_s", "peak_rss_bytes", "tests", "greedy_tokens", "weights",
+               "model", "dtype", "threads")
+ROW_FIELDS = ("model", "weights", "path", "threads", "test", "n_tokens", "tps_mean", "tps_sd", "samples_s",
+              "samples_tps", "vs_default", "roofline_tps", "roofline_pct", "bytes_per_token", "greedy_match",
+              "pp_argmax_match", "note")
+META_FIELDS = ("cpu", "isa", "torch", "commit", "threads", "load_average_start", "load_average_end",
+               "native_bf16", "roofline_gbps")
+
+
+def _bench(*args, timeout=170):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "llmrun.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    return proc
+
+
+def parse_markdown(text: str) -> list[dict]:
+    lines = [l for l in text.strip().splitlines()]
+    assert lines[0].startswith("| model |"), text
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert set(lines[1].replace("|", "").replace("-", "").replace(":", "")) == set(), lines[1]
+    rows = []
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == len(header), line
+        rows.append(dict(zip(header, cells)))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory):
+    """A tiny Llama saved by transformers, with a word-level tokenizer.json: a 'real' checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(d)
+    words = ["<unk>", "<s>", "</s>"] + "The capital of France is Paris a the city and".split()
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(256 - len(words))])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                         "unk_token": "<unk>"}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def all_paths_report(tiny_hf_dir):
+    """One run over every path, compiled ones included (the slow part: two compiles each)."""
+    proc = _bench("--model", str(tiny_hf_dir), "-p", "16", "-n", "8", "-r", "1", "-o", "json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_every_path_end_to_end_json(all_paths_report):
+    report, stderr = all_paths_report
+    for key in META_FIELDS:
+        assert key in report["meta"], key
+    assert report["meta"]["isa"] and report["meta"]["torch"] == torch.__version__
+    assert set(report["paths"]) == set(PATHS)
+    for path, res in report["paths"].items():
+        assert res.get("error") is None, (path, res.get("error"))
+        for key in PATH_FIELDS:
+            assert key in res, (path, key)
+        assert res["load_s"] > 0 and res["peak_rss_bytes"] > 50 * 2**20
+        assert res["tests"]["pp"]["n"] == 16 and len(res["tests"]["pp"]["samples_s"]) == 1
+        assert res["tests"]["tg"]["n"] == 8 and len(res["tests"]["tg"]["samples_s"]) == 1
+        assert len(res["greedy_tokens"]) == 16
+        assert (res["compile_s"] is not None) == path.startswith("compiled")
+        assert (res["quantize_s"] > 0) == path.endswith("int4")
+    assert [(r["path"], r["test"]) for r in report["rows"]] == [(p, t) for p in PATHS for t in ("pp16", "tg8")]
+    for row in report["rows"]:
+        for key in ROW_FIELDS:
+            assert key in row, key
+        assert row["tps_mean"] > 0 and row["note"] is None
+        assert row["samples_tps"][0] == pytest.approx(row["n_tokens"] / row["samples_s"][0])
+        assert row["vs_default"] > 0
+        assert row["greedy_match"] is not None and row["greedy_match"][1] == 16
+        if row["test"].startswith("tg"):
+            assert row["bytes_per_token"] > 0 and 0 < row["roofline_pct"]
+    default = [r for r in report["rows"] if r["path"] == "default"]
+    assert all(r["vs_default"] == pytest.approx(1.0) and r["greedy_match"] == [16, 16] for r in default)
+    # same weights, same dtype, no quantization: compiled bf16 must agree with eager on the first token
+    assert next(r for r in report["rows"] if r["path"] == "compiled-bf16")["greedy_match"][0] >= 1
+    # load / compile times are reported on their own lines (stderr), never in the table
+    assert "compiled-int4: load" in stderr and "compile" in stderr and "roofline tg8 compiled-int4" in stderr
+    # markdown rendering of the same report parses
+    rows = parse_markdown(bench_report.markdown(report))
+    assert len(rows) == len(report["rows"])
+
+
+def test_synthetic_markdown_table_and_csv():
+    proc = _bench("--synthetic", "tiny", "-p", "8", "-n", "4", "-r", "2", "--paths", "default,eager-int4",
+                  "--threads", "1", "--group-size", "32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = parse_markdown(proc.stdout)  # stdout is just the table
+    assert [(r["path"], r["test"]) for r in rows] == [("default", "pp8"), ("default", "tg4"),
+                                                     ("eager-int4", "pp8"), ("eager-int4", "tg4")]
+    for r in rows:
+        assert r["model"] == "tiny (synthetic)" and r["threads"] == "1"
+        mean, sd = r["t/s"].split(" ± ")
+        assert float(mean) > 0 and float(sd) >= 0
+        assert r["vs default"].endswith("x")
+        assert r["greedy"] == ""  # random weights: no quality claim
+    assert "g32" in rows[2]["weights"]
+    assert rows[1]["roofline"] and rows[3]["roofline"].endswith("%)")
+    assert "load" in proc.stderr
+
+
+def test_csv_and_json_formats_of_a_report():
+    report = {"meta": {}, "paths": {}, "rows": [
+        dict.fromkeys(ROW_FIELDS) | dict(model="m", weights="bf16", path="default", threads=2, test="tg4",
+                                        n_tokens=4, tps_mean=10.0, tps_sd=0.5, samples_s=[0.4, 0.4],
+                                        samples_tps=[10.0, 10.0], vs_default=1.0, greedy_match=[16, 16]),
+        dict.fromkeys(ROW_FIELDS) | dict(model="m", weights="fp32", path="transformers", threads=2, test="tg4",
+                                        n_tokens=4, note="skipped: no memory")]}
+    rows = list(csv.DictReader(io.StringIO(bench_report.to_csv(report))))
+    assert rows[0]["tps_mean"] == "10.0" and rows[0]["greedy_match"] == "16/16"
+    assert rows[1]["note"] == "skipped: no memory" and rows[1]["tps_mean"] == ""
+    md = parse_markdown(bench_report.markdown(report))
+    assert md[0]["t/s"] == "10.00 ± 0.50" and md[0]["greedy"] == "16/16"
+    assert md[1]["t/s"] == "skipped: no memory"
+    assert json.loads(bench_report.to_json(report)) == report
+
+
+def test_greedy_match_and_summary():
+    assert runner.greedy_match([1, 2, 3, 4], [1, 2, 9, 4]) == (2, 4)
+    assert runner.greedy_match([1, 2], [1, 2]) == (2, 2)
+    assert runner.greedy_match(None, [1]) is None
+    s = runner.summarize([0.5, 1.0], 10)
+    assert s["samples_tps"] == [20.0, 10.0] and s["tps_mean"] == 15.0 and s["tps_sd"] == pytest.approx(7.0710678)
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_synthetic_builder_true_shapes_and_forward(int4):
+    from llmrun.kernels import Int4Linear, Int8Linear
+
+    cfg = synthetic.model_config("tiny")
+    model, timings = synthetic.build_llmrun(cfg, torch.bfloat16, int4, group_size=0)
+    assert not any(p.is_meta for p in model.parameters())
+    layer = model.model.layers[0]
+    if int4:
+        assert isinstance(layer.mlp.down_proj, Int4Linear) and isinstance(model.lm_head, Int8Linear)
+        assert timings["quantize_s"] > 0
+    else:
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as the real model
+        assert layer.self_attn.k_proj.weight.shape == (2 * 16, 64)
+    with torch.inference_mode():
+        logits = model(torch.tensor([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
+
+
+def test_synthetic_configs_are_the_true_shapes():
+    c = synthetic.model_config("llama3.1-8b")
+    assert (c.n_layers, c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tie_embeddings) == \
+        (32, 4096, 14336, 32, 8, 128, 128256, False)
+    c = synthetic.model_config("llama3.2-1b")
+    assert (c.n_layers, c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tie_embeddings) == \
+        (16, 2048, 8192, 32, 8, 64, 128256, True)
+    counts = synthetic.param_counts(synthetic.model_config("llama3.1-8b"))
+    assert 7.9e9 < sum(counts.values()) < 8.1e9
+    assert synthetic.estimate_bytes(synthetic.model_config("llama3.1-8b"), "int4") < 6 * 2**30
+
+
+def test_rows_that_cannot_fit_are_skipped_with_a_note(monkeypatch):
+    monkeypatch.setattr(runner.machine, "mem_available_bytes", lambda: 20 * 2**30)
+    opts = runner.BenchOptions(synthetic="llama3.1-8b")
+    assert "skipped" in runner.memory_note("default", "float32", opts)  # 32 GB of fp32
+    assert runner.memory_note("default", "bfloat16", opts) is None  # 16 GB fits
+    assert runner.memory_note("compiled-int4", "bfloat16", opts) is None
+    assert runner.memory_note("default", "float32", runner.BenchOptions()) is None  # real models: not estimated
+
+
+def test_bad_arguments_fail_with_one_line():
+    proc = _bench("--synthetic", "nope", "-r", "1")
+    assert proc.returncode == 1 and "unknown --synthetic" in proc.stderr
+    proc = _bench("--synthetic", "tiny", "--paths", "default,fast")
+    assert proc.returncode == 1 and "unknown path fast" in proc.stderr
+    proc = _bench("--synthetic", "tiny", "-r", "0")
+    assert proc.returncode == 1 and "repetition" in proc.stderr
+
+
+def test_kernels_flag_delegates_to_the_kernel_bench(monkeypatch):
+    from llmrun.cli import main
+    from llmrun.kernels import bench as kernel_bench
+
+    seen = {}
+    monkeypatch.setattr(kernel_bench, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert main(["bench", "--threads", "2", "--kernels", "--shapes", "smollm2", "--m", "1"]) == 0
+    assert seen["argv"] == ["--threads", "2", "--shapes", "smollm2", "--m", "1"]
