@@ -95,7 +95,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, use_cache: bool):
         # x: (B, T, dim); mask: (T, S) bool, True where attention is allowed
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -104,7 +104,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
+        if use_cache:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
         if self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
@@ -151,8 +151,8 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos, use_cache: bool):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, use_cache)
         if self.sandwich:
             h = x + self.post_attention_layernorm(attn)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -188,6 +188,7 @@ class Transformer(nn.Module):
         self._set_rope(length)
 
     def drop_caches(self) -> None:
+        self.cache_len = 0
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
@@ -203,16 +204,17 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """idx: (B, T) token ids; input_pos: (T,) their positions. Without caches (no
-        setup_caches) this is a plain full-sequence forward. Returns float32 logits
-        (B, T, vocab), or (B, 1, vocab) with last_only."""
+        """idx: (B, T) token ids; input_pos: (T,) their positions in the KV cache (see
+        setup_caches). With input_pos None this is a plain full-sequence forward that leaves
+        any cache untouched. Returns float32 logits (B, T, vocab), or (B, 1, vocab) with
+        last_only."""
         cfg = self.config
         T = idx.shape[1]
-        if input_pos is None:
+        use_cache = input_pos is not None
+        if not use_cache:
             input_pos = torch.arange(T, device=idx.device)
-        if self.cache_len == 0 or self.model.layers[0].self_attn.kv_cache is None:
             if getattr(self, "rope_cos", None) is None or self.rope_cos.shape[0] < T:
-                self._set_rope(int(input_pos.max()) + 1)
+                self._set_rope(T)
             k_pos = input_pos  # attend over this call's tokens only
         else:
             k_pos = torch.arange(self.cache_len, device=idx.device)
@@ -228,9 +230,9 @@ class Transformer(nn.Module):
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         for layer in self.model.layers:
             if layer.sliding:
-                x = layer(x, local_cos, local_sin, local_allowed, input_pos)
+                x = layer(x, local_cos, local_sin, local_allowed, input_pos, use_cache)
             else:
-                x = layer(x, cos, sin, allowed, input_pos)
+                x = layer(x, cos, sin, allowed, input_pos, use_cache)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.model.norm(x)).float()  # (B, T, vocab)
