@@ -15,23 +15,27 @@ from textual.widgets.option_list import Option
 from llmrun.chat.store import ChatStore, Conversation, ConversationSettings
 from llmrun.generation_types import SamplingSettings
 
-DIALOG_CSS = """
-ModalScreen { align: center middle; }
-ModalScreen > Vertical { width: 80; max-width: 95%; height: auto; max-height: 90%;
-                         border: thick $primary; background: $surface; padding: 1 2; }
-ModalScreen .title { text-style: bold; margin-bottom: 1; }
-ModalScreen .error { color: $error; height: auto; }
-ModalScreen .hint { color: $text-muted; }
-ModalScreen Horizontal { height: auto; margin-top: 1; }
-ModalScreen Button { margin-right: 2; }
-"""
+
+
+def dialog_css(screen: str) -> str:
+    """Centred box styles; DEFAULT_CSS is scoped to the screen type, hence the name."""
+    return f"""
+    {screen} {{ align: center middle; }}
+    .dialog {{ width: 80; max-width: 95%; height: auto; max-height: 90%;
+               border: thick $primary; background: $surface; padding: 1 2; }}
+    .dialog .title {{ text-style: bold; }}
+    .dialog .error {{ color: $error; height: auto; }}
+    .dialog .hint {{ color: $text-muted; padding: 1 0; }}
+    .dialog Horizontal {{ height: auto; margin-top: 1; }}
+    .dialog Button {{ margin-right: 2; }}
+    """
 
 
 class SettingsDialog(ModalScreen[ConversationSettings | None]):
     """System prompt, temperature, top-p and max new tokens of one conversation."""
 
-    DEFAULT_CSS = DIALOG_CSS + """
-    SettingsDialog #system { height: 6; }
+    DEFAULT_CSS = dialog_css("SettingsDialog") + """
+    #system { height: 5; }
     """
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
 
@@ -40,7 +44,7 @@ class SettingsDialog(ModalScreen[ConversationSettings | None]):
         self.settings, self.effective = settings, effective
 
     def compose(self) -> ComposeResult:
-        with Vertical():
+        with Vertical(classes="dialog"):
             yield Label("Conversation settings", classes="title")
             yield Label("System prompt")
             yield TextArea(self.settings.system_prompt, id="system")
@@ -54,7 +58,7 @@ class SettingsDialog(ModalScreen[ConversationSettings | None]):
             with Horizontal():
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
-            yield Label("Ctrl+S saves, Esc cancels", classes="hint")
+                yield Label("Ctrl+S saves, Esc cancels", classes="hint")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.action_save() if event.button.id == "save" else self.action_cancel()
@@ -88,7 +92,7 @@ class SettingsDialog(ModalScreen[ConversationSettings | None]):
 
 
 class RenameDialog(ModalScreen[str | None]):
-    DEFAULT_CSS = DIALOG_CSS
+    DEFAULT_CSS = dialog_css("RenameDialog")
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
     def __init__(self, title: str):
@@ -96,7 +100,7 @@ class RenameDialog(ModalScreen[str | None]):
         self.old_title = title
 
     def compose(self) -> ComposeResult:
-        with Vertical():
+        with Vertical(classes="dialog"):
             yield Label("Rename conversation", classes="title")
             yield Input(self.old_title, id="title")
             yield Label("Enter saves, Esc cancels", classes="hint")
@@ -118,8 +122,8 @@ class Opened:
 class ConversationsDialog(ModalScreen[Opened | None]):
     """Saved conversations, newest first: open, rename, delete, or start a new one."""
 
-    DEFAULT_CSS = DIALOG_CSS + """
-    ConversationsDialog OptionList { height: auto; max-height: 20; }
+    DEFAULT_CSS = dialog_css("ConversationsDialog") + """
+    OptionList { height: auto; max-height: 20; }
     """
     BINDINGS = [
         Binding("escape", "cancel", "Close"),
@@ -135,7 +139,7 @@ class ConversationsDialog(ModalScreen[Opened | None]):
         self.armed_delete: int | None = None  # id waiting for the second "d"
 
     def compose(self) -> ComposeResult:
-        with Vertical():
+        with Vertical(classes="dialog"):
             yield Label("Conversations", classes="title")
             yield OptionList(id="conversations")
             yield Label("Enter opens · n new · r rename · d delete (twice) · Esc closes",

@@ -126,12 +126,16 @@ class LoadPanel(Vertical):
         self.query_one("#load-status", Label).update(f"could not load the model: {message}")
 
 
+ENDINGS = {"stop": "", "length": " (max tokens)", "context": " (context full)",
+           "cancelled": " (stopped)"}
+
+
 class StatsBar(Static):
     """Model, weights, threads; and for the last answer TTFT, prefill and decode tokens/s and
     tokens generated: live while streaming, the engine's own figures when it ends."""
 
     DEFAULT_CSS = """
-    StatsBar { height: 1; padding: 0 1; background: $panel; color: $text; }
+    StatsBar { height: auto; padding: 0 1; background: $panel; color: $text; }
     """
 
     def __init__(self):
@@ -158,7 +162,7 @@ class StatsBar(Static):
         self.refresh_text()
 
     def show_final(self, stats: GenerationStats) -> None:
-        ended = "" if stats.finish_reason == "stop" else f" ({stats.finish_reason})"
+        ended = ENDINGS.get(stats.finish_reason, f" ({stats.finish_reason})")
         self.answer_part = (f"ttft {stats.ttft_s:.2f}s · prefill {stats.prefill_tps:.1f} t/s · "
                             f"decode {stats.decode_tps:.1f} t/s · {stats.generated_tokens} tokens"
                             f"{ended}")
