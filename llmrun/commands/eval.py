@@ -1,0 +1,155 @@
+"""`llmrun eval`: perplexity of a text (by default the shipped public-domain text), sliding
+windows of the model's context; the result on stdout, progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from llmrun.commands.common import add_model_args
+
+DEFAULT_CONTEXT_CAP = 1024
+BUILTIN_TEXT = "alice29.txt"  # llmrun/data/: Alice's Adventures in Wonderland (see docs/eval.md)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="perplexity of a text (quality check for a quantization scheme)",
+        description="Perplexity over a text in sliding windows (transformers' recipe: every token "
+                    "scored once, with up to context-stride tokens of left context). Without "
+                    "--text: Alice's Adventures in Wonderland, shipped with llmrun.")
+    add_model_args(p)
+    p.add_argument("--text", "-t", default=None, metavar="FILE",
+                   help="UTF-8 text file to evaluate (default: the shipped public-domain text)")
+    p.add_argument("--context", type=int, default=None,
+                   help=f"window length in tokens (default: min(model context, {DEFAULT_CONTEXT_CAP}))")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts (default: half the window)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="score at most this many tokens (from the start of the text)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(run=run)
+
+
+def builtin_text_path() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("llmrun.data") / BUILTIN_TEXT))
+
+
+def read_text(path: str | None) -> tuple[str, str]:
+    """(label, text) of --text FILE, or of the shipped text."""
+    from llmrun.errors import LlmrunError
+
+    if path is None:
+        file, label = builtin_text_path(), f"builtin:{BUILTIN_TEXT}"
+    else:
+        file, label = Path(path), path
+    if not file.exists():
+        raise LlmrunError(f"text file not found: {file}")
+    if not file.is_file():
+        raise LlmrunError(f"--text {file} is not a file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LlmrunError(f"{file} is not UTF-8 text (byte {exc.start}): convert it first") from None
+    except OSError as exc:
+        raise LlmrunError(f"cannot read {file}: {exc.strerror}") from None
+    if not text.strip():
+        raise LlmrunError(f"the text {file} is empty")
+    return label, text
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from llmrun.errors import LlmrunError
+    from llmrun.perplexity import check_window
+
+    if args.context is not None:
+        check_window(args.context, args.stride)
+    elif args.stride is not None and args.stride < 1:
+        raise LlmrunError(f"--stride {args.stride} must be >= 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise LlmrunError(f"--max-tokens {args.max_tokens} must be >= 1")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from llmrun.commands.loading import StderrProgress, engine_options
+    from llmrun.engine import Engine
+    from llmrun.errors import LlmrunError
+    from llmrun.perplexity import check_window, perplexity
+
+    _check_args(args)  # cheap checks first: no model load for a typo
+    label, text = read_text(args.text)
+
+    progress = StderrProgress()
+    try:
+        # eval runs plain full-sequence forwards: nothing to compile
+        engine = Engine.load(dataclasses.replace(engine_options(args), compile=False), progress)
+    finally:
+        progress.close()
+    model_context = engine.context_length
+    context = args.context if args.context is not None else min(model_context, DEFAULT_CONTEXT_CAP)
+    if context > model_context:
+        raise LlmrunError(f"--context {context} exceeds the model's context length ({model_context})")
+    stride = check_window(context, args.stride)
+
+    ids = engine.tokenizer.encode(text, add_bos=True)
+    if len(ids) < 2:
+        raise LlmrunError(f"the text gives {len(ids)} token(s): perplexity needs at least 2")
+    if args.max_tokens is not None:
+        ids = ids[:args.max_tokens + 1]  # the first token is context only
+
+    bar = tqdm(total=len(ids) - 1, desc="eval", unit="tok", file=sys.stderr, leave=False,
+               dynamic_ncols=True, disable=None)
+    scored = [0, 0.0]
+
+    def on_window(window, nll):
+        import math
+
+        scored[0] += window.targets
+        scored[1] += nll
+        bar.update(window.targets)
+        bar.set_postfix(ppl=f"{math.exp(scored[1] / scored[0]):.3f}")
+
+    start = time.perf_counter()
+    try:
+        result = perplexity(engine.model, ids, context, stride, on_window=on_window)
+    finally:
+        bar.close()
+    eval_s = time.perf_counter() - start
+
+    report = {
+        "model": engine.source,
+        "weights": engine.quant_label,
+        "dtype": engine.options.dtype,
+        "threads": engine.threads,
+        "text": label,
+        "text_tokens": len(ids),
+        "tokens": result.tokens,
+        "windows": result.windows,
+        "context": result.context,
+        "stride": result.stride,
+        "nll": round(result.mean_nll, 6),
+        "ppl": round(result.ppl, 4),
+        **{f"{stage}_s": round(sec, 3) for stage, sec in engine.timings.items()},
+        "eval_s": round(eval_s, 3),
+        "tokens_per_s": round(result.tokens / eval_s, 2) if eval_s > 0 else None,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"model     {engine.source} ({engine.quant_label}, {engine.threads} threads)\n"
+              f"text      {label}\n"
+              f"windows   {result.windows} x {context} tokens, stride {stride}\n"
+              f"tokens    {result.tokens}\n"
+              f"ppl       {result.ppl:.4f}  (mean nll {result.mean_nll:.4f} nats)\n"
+              f"time      {eval_s:.1f} s ({report['tokens_per_s']} tok/s), "
+              f"load {engine.timings.get('load', 0.0):.1f} s")
+    return 0
