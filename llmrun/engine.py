@@ -91,6 +91,11 @@ class Engine:
                 lambda _, done, total: report(LoadProgress("load", done, total)))
         else:
             model = _load_quantized_cached(resolved, tokenizer, options, report)
+        if options.quant != "none":
+            from llmrun.models.layers import fuse_projections
+            from llmrun.quant import fuse_int4
+
+            fuse_projections(model, fuse_int4)
         timings["load"] = time.perf_counter() - start
         engine = cls(model, tokenizer, options, resolved, timings)
         if options.compile:

@@ -91,6 +91,10 @@ class Generator:
         start = time.perf_counter()
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         for lo in range(0, n_prompt, PREFILL_CHUNK):
+            if stop is not None and stop.is_set():
+                stats.finish_reason = "cancelled"
+                yield GenerationChunk(text="", stats=stats, finished=True)
+                return
             hi = min(lo + PREFILL_CHUNK, n_prompt)
             logits = self.prefill_fn(self.model, ids[:, lo:hi], torch.arange(lo, hi))
         token = sample(logits[0, -1], settings, generator, seen)
@@ -102,6 +106,9 @@ class Generator:
         generated: list[int] = []
         decode_steps = 0
         while True:
+            if stop is not None and stop.is_set():
+                stats.finish_reason = "cancelled"
+                break
             if token in eos:
                 stats.finish_reason = "stop"
                 break
@@ -109,9 +116,6 @@ class Generator:
             yield GenerationChunk(text=decoder.push(token), token=token)
             if len(generated) >= max_new:
                 stats.finish_reason = "context" if context_limited else "length"
-                break
-            if stop is not None and stop.is_set():
-                stats.finish_reason = "cancelled"
                 break
             logits = self.decode_fn(self.model, torch.tensor([[token]]), torch.tensor([pos]))
             pos += 1

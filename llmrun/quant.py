@@ -76,3 +76,10 @@ def make_transform(quant: str, group_size: int) -> QuantTransform:
     if quant != "int4":
         raise LlmrunError(f"quantization {quant!r} is not supported (int4, none)")
     return QuantTransform(group_size)
+
+
+def fuse_int4(modules: list[nn.Module]) -> nn.Module | None:
+    """One Int4Linear for several that read the same input (for models.layers.fuse_projections)."""
+    if all(isinstance(m, Int4Linear) for m in modules):
+        return Int4Linear.concat(modules)
+    return None

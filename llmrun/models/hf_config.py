@@ -14,6 +14,13 @@ def require(d: dict, *keys: str):
     raise LlmrunError(f"config.json has no {' / '.join(keys)}: the checkpoint is incomplete")
 
 
+def require_int(d: dict, *keys: str) -> int:
+    value = require(d, *keys)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise LlmrunError(f"config.json: {keys[0]} = {value!r} is not an integer")
+    return int(value)
+
+
 def rope_spec(params: dict | None, default_theta: float) -> RopeSpec:
     params = params or {}
     rope_type = params.get("rope_type") or params.get("type") or "default"
@@ -50,18 +57,23 @@ def rope_specs(d: dict) -> tuple[RopeSpec, RopeSpec | None]:
 
 
 def common_fields(d: dict) -> dict:
-    n_heads = int(require(d, "num_attention_heads"))
-    dim = int(require(d, "hidden_size"))
-    head_dim = d.get("head_dim") or (dim // n_heads if n_heads else 0)
+    n_heads = require_int(d, "num_attention_heads")
+    dim = require_int(d, "hidden_size")
+    head_dim = d.get("head_dim")
+    if not head_dim:
+        if not n_heads or dim % n_heads:
+            raise LlmrunError(f"config.json: hidden_size {dim} is not a multiple of "
+                              f"num_attention_heads {n_heads}")
+        head_dim = dim // n_heads
     rope, rope_local = rope_specs(d)
     return dict(
-        vocab_size=int(require(d, "vocab_size")),
+        vocab_size=require_int(d, "vocab_size"),
         dim=dim,
-        n_layers=int(require(d, "num_hidden_layers")),
+        n_layers=require_int(d, "num_hidden_layers"),
         n_heads=n_heads,
         n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
         head_dim=int(head_dim),
-        ffn_dim=int(require(d, "intermediate_size")),
+        ffn_dim=require_int(d, "intermediate_size"),
         max_seq_len=int(d.get("max_position_embeddings") or 4096),
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope=rope,

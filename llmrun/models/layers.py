@@ -94,13 +94,20 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
         self.kv_cache: KVCache | None = None
+        # Optional single module computing [q | k | v] in one call (see fuse_projections)
+        self.qkv_proj: nn.Module | None = None
+        self.qkv_splits = (q_dim, kv_dim, kv_dim)
 
     def forward(self, x, cos, sin, mask, input_pos, use_cache: bool):
         # x: (B, T, dim); mask: (T, S) bool, True where attention is allowed
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_splits, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -130,11 +137,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
         self.gelu = cfg.activation == "gelu_tanh"
+        # Optional single module computing [gate | up] in one call (see fuse_projections)
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x):
-        gate = self.gate_proj(x)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class Block(nn.Module):
@@ -168,6 +180,23 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+
+
+def fuse_projections(model: nn.Module, fuse) -> None:
+    """Replace q/k/v and gate/up by one module each, built by `fuse(list of modules)` (which
+    returns None when those modules cannot be fused). Layers that read the same input then
+    cost one call: one activation pass, one threaded region."""
+    for module in model.modules():
+        if isinstance(module, Attention) and module.qkv_proj is None:
+            fused = fuse([module.q_proj, module.k_proj, module.v_proj])
+            if fused is not None:
+                module.qkv_proj = fused
+                del module.q_proj, module.k_proj, module.v_proj
+        elif isinstance(module, MLP) and module.gate_up_proj is None:
+            fused = fuse([module.gate_proj, module.up_proj])
+            if fused is not None:
+                module.gate_up_proj = fused
+                del module.gate_proj, module.up_proj
 
 
 class Transformer(nn.Module):

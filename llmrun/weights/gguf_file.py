@@ -46,6 +46,16 @@ def _field(reader, key: str, default=None):
 
 
 def read_config(reader) -> ModelConfig:
+    try:
+        return _read_config(reader)
+    except LlmrunError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        raise LlmrunError(f"GGUF metadata is invalid ({type(exc).__name__}: {exc}); the file is "
+                          "corrupt or was not written for a Llama/Gemma model") from None
+
+
+def _read_config(reader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     family = family_for_gguf_arch(arch)
     get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
@@ -154,7 +164,7 @@ def tensor_stream(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, t
             w = dequantize(t)
         except LlmrunError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # numpy/gguf raise many types on malformed data
             raise LlmrunError(f"{path}: tensor {t.name!r} cannot be read ({exc}); the file is "
                               "truncated or corrupt") from None
         if family.GGUF_PERMUTES_QK and name.endswith(("q_proj.weight", "k_proj.weight")):

@@ -26,7 +26,7 @@ def read_config(directory: Path) -> ModelConfig:
         raise LlmrunError(f"{path} does not hold a JSON object")
     try:
         return config_from_hf(raw)
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as exc:
         raise LlmrunError(f"{path} has an invalid value: {exc}") from None
 
 
