@@ -113,21 +113,28 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if use_cache:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
-        if self.softcap is None:
+        if self.softcap is None and T > 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                  enable_gqa=self.n_heads != self.n_kv_heads)
         else:
-            out = self._softcapped_attention(q, k, v, mask)
+            # Decode (one query) and soft-capping: explicit math, which the compiler fuses;
+            # SDPA's CPU kernel costs more in set-up than the work of one query.
+            out = self._explicit_attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
 
-    def _softcapped_attention(self, q, k, v, mask):
-        rep = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        scores = (q @ k.transpose(-1, -2)).float() * self.scale  # (B, H, T, S)
-        scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.masked_fill(~mask, float("-inf"))
-        return (scores.softmax(dim=-1).to(v.dtype)) @ v
+    def _explicit_attention(self, q, k, v, mask):
+        # q: (B, H, T, hd); k, v: (B, Hkv, S, hd). Query heads are grouped by the kv head they
+        # share, so no kv copy is made: (B, Hkv, rep * T, hd).
+        B, H, T, hd = q.shape
+        rep = H // self.n_kv_heads
+        qg = q.reshape(B, self.n_kv_heads, rep * T, hd)
+        scores = (qg @ k.transpose(-1, -2)).float() * self.scale  # (B, Hkv, rep * T, S)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.view(B, self.n_kv_heads, rep, T, -1).masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(v.dtype).view(B, self.n_kv_heads, rep * T, -1)
+        return (probs @ v).view(B, H, T, hd)
 
 
 class MLP(nn.Module):
