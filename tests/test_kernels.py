@@ -272,6 +272,10 @@ def test_int8_linear(name):
         assert mod.backend == (name if name != "int8pack" or K % 32 == 0 else "reference")
         q2, s2 = mod.neutral()
         assert torch.equal(q2, q) and torch.equal(s2, s)
+        ids = torch.tensor([[0, N - 1], [N // 2, 3 % N]])
+        assert torch.equal(mod.embed(ids), (q.float() * s[:, None])[ids])
+        sd = mod.state_dict()
+        assert set(sd) == {"qweight", "scales"} and torch.equal(sd["qweight"], q)
         for M in (1, 2, 5, 17):
             for dtype in (torch.float32, torch.bfloat16):
                 x = torch.randn(M, K, generator=g).to(dtype)

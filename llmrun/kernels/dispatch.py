@@ -6,6 +6,7 @@ import functools
 import importlib
 import os
 import platform
+import warnings
 
 from ..errors import LlmrunError
 
@@ -42,7 +43,11 @@ def available_backends() -> list[str]:
     elif platform.machine().lower() in ("x86_64", "amd64"):
         from . import native
 
-        out.extend(native.supported_isas())
+        isas = native.supported_isas()
+        if not isas and native.built():
+            warnings.warn("llmrun: this CPU lacks AVX2; the int4 kernels fall back to the slow reference",
+                          stacklevel=2)
+        out.extend(isas)
     out.append("reference")
     return out
 

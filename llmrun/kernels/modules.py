@@ -210,6 +210,20 @@ class Int8Linear(torch.nn.Module):
             return native.unpack_int8(self.w, self.sc, self.in_features, self.out_features)
         return self.qweight, self.scales
 
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized rows `ids` ([...] -> [..., K]): a tied embedding table can share this
+        layer's weights instead of keeping a second copy."""
+        flat = ids.reshape(-1).long()
+        if self.backend.startswith("x86"):
+            NP, K4, _ = self.w.shape
+            panels = self.w.view(torch.int8).view(NP, K4, 16, 4)
+            rows = panels[flat // 16, :, flat % 16, :].reshape(flat.numel(), K4 * 4)[:, :self.in_features]
+            scales = self.sc.reshape(-1)[flat]
+        else:
+            rows, scales = self.qweight[flat], self.scales[flat]
+        out = rows.to(torch.float32) * scales[:, None]
+        return out.to(dtype).reshape(*ids.shape, self.in_features)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         qweight, scales = self.neutral()
         destination[prefix + "qweight"] = qweight

@@ -120,6 +120,11 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], Kpad), dtype=torch.uint8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
+def built() -> bool:
+    """Whether the extension is loaded (builds it on first call)."""
+    return _load()
+
+
 def supported_isas() -> list[str]:
     """x86 backend names this CPU can run (builds the extension on first call)."""
     if not _load():
