@@ -8,6 +8,14 @@ context: disjoint windows, and the first token of each window is not scored). Th
 recipe of the transformers guide "Perplexity of fixed-length models"; tests/test_eval.py
 checks the result against transformers' own loss on the same windows.
 
+One departure, for models whose tokenizer puts a BOS token in front of a text (Gemma): every
+window starts with BOS, followed by up to `context - 1` text tokens, and the window's first
+text token is scored too (BOS is its context). The guide's recipe slices one token stream,
+so only the first window would start with BOS: Gemma 3 270M's perplexity on the windows
+without it came out about 1.5x higher (the model treats BOS as its attention sink). This is
+what llama.cpp's perplexity does as well (it writes BOS into the first slot of each chunk).
+For models without BOS (SmolLM2) the windows are exactly the guide's.
+
 Numerics: the head runs on slices of positions (never a whole (T, vocab) matrix: Gemma 3's
 262144-entry vocabulary would make that 1 GiB for a 1024-token window), log_softmax in
 float32, and the negative log-likelihoods are summed in float64.
@@ -29,9 +37,12 @@ HEAD_CHUNK_ELEMENTS = 32 * 2**20
 
 @dataclass(frozen=True)
 class Window:
-    begin: int  # first token of the window (inclusive)
-    end: int  # one past its last token
-    first_target: int  # first token it scores; it scores tokens first_target .. end-1
+    """Tokens begin..end-1 of the text's token stream (after a BOS where the model uses one);
+    the window scores tokens first_target..end-1."""
+
+    begin: int
+    end: int
+    first_target: int
 
     @property
     def targets(self) -> int:
@@ -45,6 +56,7 @@ class PerplexityResult:
     windows: int
     context: int
     stride: int
+    bos_per_window: bool = False
 
     @property
     def mean_nll(self) -> float:
@@ -55,30 +67,37 @@ class PerplexityResult:
         return math.exp(self.mean_nll)
 
 
-def check_window(context: int, stride: int | None) -> int:
-    """Validate --context / --stride; returns the stride (default context // 2)."""
+def check_window(context: int, stride: int | None, bos: bool = False) -> int:
+    """Validate --context / --stride; returns the stride (default context // 2). With a BOS
+    per window, a window holds context - 1 text tokens, and stride may not exceed that."""
     if context < 2:
         raise LlmrunError(f"--context {context} is too small: a window needs at least 2 tokens")
     if stride is None:
-        return max(1, context // 2)
+        return context // 2
     if stride < 1:
         raise LlmrunError(f"--stride {stride} must be >= 1")
-    if stride > context:
-        raise LlmrunError(f"--stride {stride} is larger than the window (--context {context}): "
-                          "tokens between windows would never be scored")
+    span = context - 1 if bos else context
+    if stride > span:
+        what = f"the window (--context {context}" + (", one slot of it BOS)" if bos else ")")
+        raise LlmrunError(f"--stride {stride} is larger than {what}: tokens between windows "
+                          "would never be scored")
     return stride
 
 
-def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
-    """The windows over n_tokens tokens, as in transformers' sliding-window recipe."""
-    stride = check_window(context, stride)
-    if n_tokens < 2:
-        raise LlmrunError(f"the text has {n_tokens} token(s): perplexity needs at least 2")
+def windows(n_tokens: int, context: int, stride: int, bos: bool = False) -> list[Window]:
+    """The windows over a stream of n_tokens tokens: transformers' sliding-window recipe, or,
+    with `bos`, windows of BOS + context - 1 tokens whose first token is scored too."""
+    stride = check_window(context, stride, bos)
+    need = 1 if bos else 2
+    if n_tokens < need:
+        raise LlmrunError(f"the text has {n_tokens} token(s): perplexity needs at least {need}")
+    span = context - 1 if bos else context
+    first_offset = 0 if bos else 1  # without BOS a window's first token has no context
     out = []
     prev_end = 0
     for begin in range(0, n_tokens, stride):
-        end = min(begin + context, n_tokens)
-        out.append(Window(begin, end, max(prev_end, begin + 1)))
+        end = min(begin + span, n_tokens)
+        out.append(Window(begin, end, max(prev_end, begin + first_offset)))
         prev_end = end
         if end == n_tokens:
             break
@@ -119,12 +138,16 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def window_nll(model, ids: torch.Tensor, window: Window, head_chunk: int | None = None) -> float:
-    """Sum of the NLLs (float64) of the window's targets. ids: (N,) the whole token stream."""
-    idx = ids[window.begin:window.end].unsqueeze(0)  # (1, L)
-    hidden = final_hidden(model, idx)[0]  # (L, dim)
+def window_nll(model, ids: torch.Tensor, window: Window, bos_id: int | None = None,
+               head_chunk: int | None = None) -> float:
+    """Sum of the NLLs (float64) of the window's targets. ids: (N,) the whole token stream;
+    bos_id: put in front of the window."""
+    idx = ids[window.begin:window.end]
+    if bos_id is not None:
+        idx = torch.cat([torch.tensor([bos_id], dtype=idx.dtype), idx])
+    hidden = final_hidden(model, idx.unsqueeze(0))[0]  # (L, dim)
     # Position p predicts token p+1: targets first_target..end-1 come from the positions before.
-    lo = window.first_target - window.begin - 1
+    lo = window.first_target - window.begin - (0 if bos_id is not None else 1)
     hidden = hidden[lo:lo + window.targets]  # (targets, dim)
     targets = ids[window.first_target:window.end]
     vocab = model.config.vocab_size
@@ -138,26 +161,39 @@ def window_nll(model, ids: torch.Tensor, window: Window, head_chunk: int | None 
 
 
 def iter_perplexity(model, ids: list[int] | torch.Tensor, context: int, stride: int,
-                    head_chunk: int | None = None) -> Iterator[tuple[Window, float]]:
+                    bos_id: int | None = None, head_chunk: int | None = None
+                    ) -> Iterator[tuple[Window, float]]:
     """(window, its NLL sum) for each window, in order."""
     ids_t = torch.as_tensor(ids, dtype=torch.long)
-    spans = windows(int(ids_t.shape[0]), context, stride)
+    spans = windows(int(ids_t.shape[0]), context, stride, bos=bos_id is not None)
     with torch.inference_mode():
         for w in spans:
-            yield w, window_nll(model, ids_t, w, head_chunk)
+            yield w, window_nll(model, ids_t, w, bos_id, head_chunk)
 
 
 def perplexity(model, ids: list[int] | torch.Tensor, context: int, stride: int | None = None,
-               head_chunk: int | None = None,
+               bos_id: int | None = None, head_chunk: int | None = None,
                on_window: Callable[[Window, float], None] | None = None) -> PerplexityResult:
     """Perplexity of the token stream `ids` under `model` (a llmrun Transformer without KV
-    caches), windows of `context` tokens `stride` apart (default context // 2)."""
-    stride = check_window(context, stride)
+    caches), windows of `context` positions `stride` apart (default context // 2). With
+    bos_id, `ids` is the text without BOS and every window starts with BOS."""
+    stride = check_window(context, stride, bos_id is not None)
     tokens, nll, n = 0, 0.0, 0
-    for w, w_nll in iter_perplexity(model, ids, context, stride, head_chunk):
+    for w, w_nll in iter_perplexity(model, ids, context, stride, bos_id, head_chunk):
         tokens, nll, n = tokens + w.targets, nll + w_nll, n + 1
         if on_window:
             on_window(w, w_nll)
     if not math.isfinite(nll):
         raise LlmrunError("the model gave a non-finite log-likelihood (NaN/inf logits)")
-    return PerplexityResult(tokens=tokens, nll=nll, windows=n, context=context, stride=stride)
+    return PerplexityResult(tokens=tokens, nll=nll, windows=n, context=context, stride=stride,
+                            bos_per_window=bos_id is not None)
+
+
+def text_ids(tokenizer, text: str) -> tuple[list[int], int | None]:
+    """(token stream, bos_id or None) for perplexity(): the BOS that the tokenizer would put in
+    front of the text is taken off the stream and put in front of every window instead."""
+    ids = tokenizer.encode(text, add_bos=True)
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is not None and ids and ids[0] == bos and getattr(tokenizer, "add_bos_token", False):
+        return ids[1:], bos
+    return ids, None

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llmrun.commands.eval import builtin_text_path
-from llmrun.perplexity import Window, perplexity, windows
+from llmrun.perplexity import Window, perplexity, text_ids, windows
 
 N_TOKENS, CONTEXT, STRIDE = 400, 128, 64
 
@@ -31,11 +31,29 @@ def test_windows_score_each_token_once(n, context, stride):
         assert scored == list(range(1, n)), "every token after the first is scored, in order"
     else:  # disjoint windows: a window's first token has no context inside it
         assert set(scored) == set(range(1, n)) - {w.begin for w in spans}
-    for w in spans:
+    for i, w in enumerate(spans):
         assert 0 < w.end - w.begin <= context
         assert w.begin < w.first_target  # every target has at least one token of context
-        assert w.begin == spans[0].begin + stride * spans.index(w)
+        assert w.begin == stride * i
     assert spans[-1].end == n
+
+
+@pytest.mark.parametrize("n,context,stride", [(1, 2, 1), (10, 4, 2), (10, 4, 3), (400, 128, 64),
+                                              (100, 31, 30), (50, 64, 32)])
+def test_windows_with_bos_score_every_token_once(n, context, stride):
+    spans = windows(n, context, stride, bos=True)
+    scored = [t for w in spans for t in range(w.first_target, w.end)]
+    assert scored == list(range(n))  # BOS is the first token's context
+    assert all(w.end - w.begin <= context - 1 for w in spans)  # + BOS = context positions
+    assert spans[-1].end == n
+
+
+def test_stride_must_fit_the_window():
+    from llmrun.errors import LlmrunError
+
+    windows(10, 4, 4)  # disjoint windows are fine without BOS
+    with pytest.raises(LlmrunError, match="--stride 4 is larger than the window"):
+        windows(10, 4, 4, bos=True)  # would skip a token: 3 text tokens per window
 
 
 def test_window_recipe_matches_transformers_guide():
@@ -53,15 +71,19 @@ def alice_ids(smollm2_pair):
     return ids
 
 
-def transformers_ppl(hf, ids, context, stride):
-    """The sliding-window recipe of transformers' perplexity guide, with the model's own loss."""
+def transformers_ppl(hf, ids, context, stride, bos_id=None):
+    """The sliding-window recipe of transformers' perplexity guide, with the model's own loss;
+    with bos_id, BOS in front of each window (context - 1 text tokens)."""
     enc = torch.tensor([ids])
     n = enc.shape[1]
+    span = context - 1 if bos_id is not None else context
     nll, count, prev_end = 0.0, 0, 0
     for begin in range(0, n, stride):
-        end = min(begin + context, n)
+        end = min(begin + span, n)
         trg_len = end - prev_end
         inp = enc[:, begin:end]
+        if bos_id is not None:
+            inp = torch.cat([torch.tensor([[bos_id]]), inp], dim=1)
         labels = inp.clone()
         labels[:, :-trg_len] = -100
         with torch.no_grad():
@@ -91,6 +113,48 @@ def test_ppl_matches_transformers(smollm2_pair, alice_ids, fp32_result):
     assert 5 < expected < 100  # a real English text under a real model
 
 
+def test_bos_first_in_every_window_matches_transformers(gemma3_pair):
+    # Gemma's tokenizer puts BOS in front: every window gets it (see llmrun.perplexity)
+    ours, tok, hf = gemma3_pair
+    ids, bos = text_ids(tok, builtin_text_path().read_text(encoding="utf-8"))
+    assert bos == tok.bos_id and ids[0] != bos
+    ids = ids[:150]
+    got = perplexity(ours, ids, 64, 32, bos_id=bos)
+    expected, count = transformers_ppl(hf, ids, 64, 32, bos_id=bos)
+    assert got.tokens == count == 150 and got.bos_per_window
+    assert got.ppl == pytest.approx(expected, rel=1e-5)
+    without = perplexity(ours, [bos] + ids, 64, 32)  # the guide's recipe: BOS only once
+    assert without.ppl > got.ppl
+
+
+class RecordingModel(torch.nn.Module):
+    """Uniform logits over a vocabulary of 8; records the windows it is given."""
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(vocab_size=8, final_softcap=None)
+        self.model = torch.nn.Module()
+        self.model.norm = torch.nn.Identity()
+        self.lm_head = torch.nn.Linear(4, 8, bias=False)
+        torch.nn.init.zeros_(self.lm_head.weight)
+        self.seen = []
+
+    def forward(self, idx):
+        self.seen.append(idx[0].tolist())
+        return self.lm_head(self.model.norm(torch.zeros(*idx.shape, 4)))
+
+
+def test_each_window_starts_with_bos_and_uniform_model_gives_vocab_ppl():
+    model = RecordingModel()
+    ids = [3, 4, 5, 6, 7, 3, 4, 5, 6, 7]
+    result = perplexity(model, ids, 4, 2, bos_id=1)
+    assert model.seen == [[1, 3, 4, 5], [1, 5, 6, 7], [1, 7, 3, 4], [1, 4, 5, 6], [1, 6, 7]]
+    assert result.tokens == 10
+    assert result.ppl == pytest.approx(8.0, rel=1e-7)  # float32 log(1/8), exact otherwise
+
+
 def test_head_chunking_does_not_change_the_result(smollm2_pair, alice_ids):
     ours, _, _ = smollm2_pair
     ids = alice_ids[:CONTEXT + 16]
@@ -114,8 +178,10 @@ def test_int4_per_channel_ppl_is_sane(alice_ids, fp32_result):
     int4 = perplexity(engine.model, alice_ids, CONTEXT, STRIDE)
     assert math.isfinite(int4.ppl)
     assert int4.tokens == fp32_result.tokens
-    # 4-bit weights lose something but must stay the same model, not noise (vocab 49152)
-    assert fp32_result.ppl * 0.97 < int4.ppl < fp32_result.ppl * 2.0
+    # Per-channel int4 costs this 135M model a lot (observed 82.8 vs 31.9 here, and 78.2 with
+    # the same int4 weights dequantized to fp32: the scheme, not the kernel), but it must stay
+    # the same model: broken weights or kernels give thousands (vocab 49152).
+    assert fp32_result.ppl < int4.ppl < fp32_result.ppl * 4.0
 
 
 # -- the CLI --------------------------------------------------------------------------------

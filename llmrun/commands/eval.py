@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from llmrun.commands.loading import StderrProgress, engine_options
     from llmrun.engine import Engine
     from llmrun.errors import LlmrunError
-    from llmrun.perplexity import check_window, perplexity
+    from llmrun.perplexity import check_window, perplexity, text_ids
 
     _check_args(args)  # cheap checks first: no model load for a typo
     label, text = read_text(args.text)
@@ -98,16 +98,16 @@ def run(args: argparse.Namespace) -> int:
     context = args.context if args.context is not None else min(model_context, DEFAULT_CONTEXT_CAP)
     if context > model_context:
         raise LlmrunError(f"--context {context} exceeds the model's context length ({model_context})")
-    stride = check_window(context, args.stride)
-
-    ids = engine.tokenizer.encode(text, add_bos=True)
-    if len(ids) < 2:
-        raise LlmrunError(f"the text gives {len(ids)} token(s): perplexity needs at least 2")
+    ids, bos_id = text_ids(engine.tokenizer, text)  # bos_id: the model wants BOS in front
+    stride = check_window(context, args.stride, bos=bos_id is not None)
+    first_scored = 0 if bos_id is not None else 1  # without BOS the first token is context only
+    if len(ids) < first_scored + 1:
+        raise LlmrunError(f"the text gives {len(ids)} token(s): too short to score")
     if args.max_tokens is not None:
-        ids = ids[:args.max_tokens + 1]  # the first token is context only
+        ids = ids[:args.max_tokens + first_scored]
 
-    bar = tqdm(total=len(ids) - 1, desc="eval", unit="tok", file=sys.stderr, leave=False,
-               dynamic_ncols=True, disable=None)
+    bar = tqdm(total=len(ids) - first_scored, desc="eval", unit="tok", file=sys.stderr,
+               leave=False, dynamic_ncols=True, disable=None)
     scored = [0, 0.0]
 
     def on_window(window, nll):
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        result = perplexity(engine.model, ids, context, stride, on_window=on_window)
+        result = perplexity(engine.model, ids, context, stride, bos_id, on_window=on_window)
     finally:
         bar.close()
     eval_s = time.perf_counter() - start
@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         "windows": result.windows,
         "context": result.context,
         "stride": result.stride,
+        "bos_per_window": result.bos_per_window,
         "nll": round(result.mean_nll, 6),
         "ppl": round(result.ppl, 4),
         **{f"{stage}_s": round(sec, 3) for stage, sec in engine.timings.items()},
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"model     {engine.source} ({engine.quant_label}, {engine.threads} threads)\n"
               f"text      {label}\n"
-              f"windows   {result.windows} x {context} tokens, stride {stride}\n"
+              f"windows   {result.windows} of up to {context} tokens, stride {stride}"
+              f"{', BOS first in each' if result.bos_per_window else ''}\n"
               f"tokens    {result.tokens}\n"
               f"ppl       {result.ppl:.4f}  (mean nll {result.mean_nll:.4f} nats)\n"
               f"time      {eval_s:.1f} s ({report['tokens_per_s']} tok/s), "
