@@ -78,11 +78,11 @@ def machine_info() -> dict:
 
     from llmrun.kernels import default_backend
 
-    try:
-        import transformers
+    from importlib import metadata
 
-        tf_version = transformers.__version__
-    except ImportError:
+    try:
+        tf_version = metadata.version("transformers")  # without importing it
+    except metadata.PackageNotFoundError:
         tf_version = None
     return {
         "cpu": cpu_model(),

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 
-COLUMNS = ("model", "weights", "path", "threads", "test", "t/s", "vs default", "roofline", "greedy")
+COLUMNS = ("model", "weights", "path", "threads", "test", "t/s", "vs default", "roofline", "greedy vs default")
 CSV_FIELDS = ("model", "weights", "path", "threads", "test", "n_tokens", "tps_mean", "tps_sd", "vs_default",
               "bytes_per_token", "roofline_tps", "roofline_pct", "greedy_match", "pp_argmax_match", "note",
               "samples_s")
@@ -26,7 +26,7 @@ def _vs(row: dict) -> str:
 def _roof(row: dict) -> str:
     if row["roofline_tps"] is None:
         return ""
-    return f"{row['roofline_tps']:.0f} ({row['roofline_pct']:.0f}%)"
+    return f"{row['roofline_tps']:.1f} t/s ({row['roofline_pct']:.0f}%)"
 
 
 def _greedy(row: dict) -> str:
@@ -35,7 +35,7 @@ def _greedy(row: dict) -> str:
         k, n = row["greedy_match"]
         parts.append(f"{k}/{n}")
     if row["pp_argmax_match"] is not None:
-        parts.append("top1 ok" if row["pp_argmax_match"] else "top1 differs")
+        parts.append("pp top-1 same" if row["pp_argmax_match"] else "pp top-1 differs")
     return ", ".join(parts)
 
 

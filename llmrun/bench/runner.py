@@ -159,6 +159,7 @@ def run_bench(opts: BenchOptions, log=None) -> dict:
                 stages.append(f"compile {res['compile_s']:.1f} s")
             log(f"{path}: " + "  ".join(stages) + f"  peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
     meta["load_average_end"] = machine.load_average()
+    log(f"load average at the end: {meta['load_average_end']} (cores: {meta['cores']})")
     rows = build_rows(results, paths, threads, opts)
     report = {"meta": meta, "paths": results, "rows": rows}
     for line in roofline_lines(report):

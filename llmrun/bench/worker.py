@@ -16,7 +16,7 @@ import resource
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,7 +41,6 @@ class Spec:
     dtype: str = "bfloat16"  # compute dtype of the path
     quality_tokens: int = QUALITY_TOKENS
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def int4(self) -> bool:
@@ -122,23 +121,22 @@ def model_name(resolved) -> str:
 
 
 def stored_bytes(model) -> dict:
-    """Bytes a decode step reads: every weight tensor once (the embedding: one row), and the
-    KV cache (attention reads all of it, masked)."""
+    """Bytes a decode step reads: every weight tensor once, the embedding table one row (unless
+    it is also the head), and the KV cache (attention reads all of it, masked)."""
     weights = kv = 0
     seen = set()
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    tensors.sort(key=lambda item: "embed_tokens" in item[0])  # a tied head counts in full first
     for name, t in tensors:
         key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
-        if key in seen:
+        if key in seen or "rope_" in name:
             continue
         seen.add(key)
         nbytes = t.numel() * t.element_size()
         if "kv_cache" in name:
             kv += nbytes
-        elif "rope_" in name:
-            continue
         elif "embed_tokens" in name:
-            weights += nbytes // max(1, t.shape[0]) if t.dim() == 2 else nbytes
+            weights += nbytes // max(1, t.shape[0])  # one row (or one scale) per token
         else:
             weights += nbytes
     return {"weights_bytes": weights, "kv_bytes": kv}
@@ -185,7 +183,6 @@ def run_llmrun(spec: Spec, result: dict) -> None:
             gen.ensure_cache(needed)
             result["tg_cache_len"] = model.cache_len
         if spec.tg:
-            # the short prompt goes in through decode steps too: one compiled graph for tg
             prompt = torch.randint(0, vocab, (TG_PROMPT,), generator=g)
             tokens = [t.view(1, 1) for t in torch.randint(0, vocab, (spec.tg,), generator=g)]
             positions = [torch.tensor([TG_PROMPT + i]) for i in range(spec.tg)]
@@ -213,6 +210,10 @@ def run_llmrun(spec: Spec, result: dict) -> None:
         if tokenizer is not None:
             result["greedy_tokens"] = _greedy_llmrun(gen, model, tokenizer, spec)
     result["compile_s"] = compile_s if spec.compiled else None
+    if spec.compiled:  # a recompiling step would hide inside the t/s: count the graphs
+        from torch._dynamo.utils import counters
+
+        result["graphs_compiled"] = int(counters["stats"]["unique_graphs"])
 
 
 def _greedy_llmrun(gen, model, tokenizer, spec: Spec) -> list[int]:
@@ -248,8 +249,15 @@ def load_transformers(spec: Spec):
     start = time.perf_counter()
     if resolved.kind == "gguf":
         tokenizer = Tokenizer.from_gguf(resolved.path)
+        extra = {}
+        try:  # dense weights in `dtype`, like the default path, not transformers' packed GGUF kernels
+            from transformers import GgufConfig
+
+            extra["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older transformers always dequantize GGUF
+            pass
         model = AutoModelForCausalLM.from_pretrained(str(resolved.path.parent), gguf_file=resolved.path.name,
-                                                     dtype=dtype)
+                                                     dtype=dtype, **extra)
     else:
         tokenizer = Tokenizer.from_hf_dir(resolved.path)
         model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype)
@@ -299,8 +307,9 @@ def run_transformers(spec: Spec, result: dict) -> None:
             cfg = model.config
             params = {(p.data_ptr(), p.numel()): p for p in model.parameters()}.values()
             emb = model.get_input_embeddings().weight
-            weights = sum(p.numel() * p.element_size() for p in params) - emb.numel() * emb.element_size() \
-                + emb.shape[1] * emb.element_size()
+            weights = sum(p.numel() * p.element_size() for p in params)
+            if model.get_output_embeddings().weight is not emb:  # untied: one row of the table
+                weights -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
             avg_len = TG_PROMPT + spec.tg / 2  # DynamicCache grows: the mean context of the test
