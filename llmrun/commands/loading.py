@@ -28,8 +28,10 @@ class StderrProgress:
             if p.total:
                 self.bar = tqdm(total=p.total, desc=p.stage, unit="tensor", file=sys.stderr,
                                 leave=False, dynamic_ncols=True, disable=None)
-            elif p.message:
-                print(f"llmrun: {p.message}...", file=sys.stderr)
+                if self.bar.disable:  # not a terminal: one plain line per stage
+                    print(f"llmrun: {p.stage} ({p.total} tensors)...", file=sys.stderr, flush=True)
+        if p.message:
+            print(f"llmrun: {p.message}...", file=sys.stderr, flush=True)
         if self.bar is not None and p.total:
             self.bar.update(p.done - self.bar.n)
 
