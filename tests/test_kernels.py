@@ -218,6 +218,12 @@ def test_bias_and_leading_dims():
     x = torch.randn(2, 3, 64, generator=g)
     ref = int4_linear_reference(x.reshape(6, 64), qweight, scales, 32, 64).reshape(2, 3, 20) + bias
     torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
+    # a model cast to bf16 converts the bias only, never the packed scales
+    mod.to(torch.bfloat16)
+    y = mod(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+    assert torch.equal(mod.neutral()[1], scales)
 
 
 def test_env_var_forces_backend(monkeypatch):

@@ -76,7 +76,8 @@ def _make(op: str, N: int, K: int, M: int, copies: int, g: torch.Generator) -> l
         mods = []
         for _ in range(copies):
             m = copy.copy(base)
-            m._buffers = {k: v.clone() for k, v in base._buffers.items()}
+            for k in ("w", "sc", "corr"):
+                setattr(m, k, getattr(base, k).clone())
             mods.append(m)
         return [(lambda m=m: m(x)) for m in mods]
     if op in ("fp32", "bf16"):

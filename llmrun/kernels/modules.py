@@ -19,6 +19,9 @@ class Int4Linear(torch.nn.Module):
     keeps the neutral tensors themselves; the Arm backend keeps the neutral copy too (KleidiAI's
     packing cannot be undone), which costs one extra ~0.56 byte per weight.
 
+    The packed tensors are plain attributes (not buffers): `model.to(torch.bfloat16)` leaves
+    them alone (only a bias is converted), and they never move off the CPU.
+
     Fusion: Int4Linear.concat([...]) packs several layers that read the same input (q/k/v,
     gate/up) into one along N, so one call quantizes the activations once and runs one
     threaded region; split the output with `y.split(module.out_splits, -1)`.
@@ -32,6 +35,7 @@ class Int4Linear(torch.nn.Module):
         self.backend = backend
         self.out_splits: list[int] = [out_features]
         self.bias: torch.nn.Parameter | None = None
+        self._isa: int | None = None  # x86 kernel's ISA code, None for other backends
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -62,29 +66,26 @@ class Int4Linear(torch.nn.Module):
         return (group_size % 8 == 0) and (group_size > 0 or K <= 65536)
 
     def _set_weights(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        # Packed tensors are plain attributes, not buffers: Module.to(dtype) / .half() must not
+        # convert scales or corrections, and attribute access stays cheap per call.
         for n in ("w", "sc", "corr", "qweight", "scales", "arm_packed"):
-            if n in self._buffers:
-                del self._buffers[n]
+            self.__dict__.pop(n, None)
+        self._isa = None
         if self.backend.startswith("x86"):
-            w, sc, corr = native.pack(qweight, scales, self.group_size, self.in_features)
-            self.register_buffer("w", w, persistent=False)
-            self.register_buffer("sc", sc, persistent=False)
-            self.register_buffer("corr", corr, persistent=False)
+            self.w, self.sc, self.corr = native.pack(qweight, scales, self.group_size, self.in_features)
             self._isa = native.ISA_CODES[self.backend]
         elif self.backend == "arm-kleidiai" and self._arm_pack(qweight, scales):
-            self.register_buffer("qweight", qweight, persistent=False)
-            self.register_buffer("scales", scales, persistent=False)
+            self.qweight, self.scales = qweight, scales
         else:
             self.backend = "reference"
-            self.register_buffer("qweight", qweight, persistent=False)
-            self.register_buffer("scales", scales, persistent=False)
+            self.qweight, self.scales = qweight, scales
 
     def _arm_pack(self, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
         try:
             packed = arm_module().pack(qweight, scales, self.group_size, self.in_features, self.out_features)
         except ValueError:  # a group size KleidiAI cannot take: the reference runs it
             return False
-        self.register_buffer("arm_packed", packed, persistent=False)
+        self.arm_packed = packed
         return True
 
     @classmethod
@@ -130,21 +131,25 @@ class Int4Linear(torch.nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        K, N = self.in_features, self.out_features
+        if self._isa is not None and (x.dtype == torch.bfloat16 or x.dtype == torch.float32):
+            # fast path (the common one): a single op call, little Python per call
+            y = native.INT4_MM(x.reshape(-1, K), self.w, self.sc, self.corr, self.group_size, K, N, self._isa)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.view(*x.shape[:-1], N)
+        x2 = x.reshape(-1, K)
         if x2.dtype not in (torch.float32, torch.bfloat16):
             x2 = x2.float()
-        if self.backend.startswith("x86"):
-            y = torch.ops.llmrun.int4_mm(x2, self.w, self.sc, self.corr, self.group_size, self.in_features,
-                                         self.out_features, self._isa)
+        if self._isa is not None:
+            y = native.INT4_MM(x2, self.w, self.sc, self.corr, self.group_size, K, N, self._isa)
         elif self.backend == "arm-kleidiai":
-            y = arm_module().matmul(x2, self.arm_packed, self.group_size, self.in_features, self.out_features)
-            y = y.to(x2.dtype)
+            y = arm_module().matmul(x2, self.arm_packed, self.group_size, K, N).to(x2.dtype)
         else:
-            y = int4_linear_reference(x2, self.qweight, self.scales, self.group_size, self.in_features)
+            y = int4_linear_reference(x2, self.qweight, self.scales, self.group_size, K)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        return y.reshape(*x.shape[:-1], N).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -166,6 +171,7 @@ class Int8Linear(torch.nn.Module):
         self.out_features = out_features
         self.backend = backend
         self.bias: torch.nn.Parameter | None = None
+        self._isa: int | None = None
 
     @classmethod
     def from_neutral(cls, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -191,18 +197,14 @@ class Int8Linear(torch.nn.Module):
 
     def _set_weights(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         for n in ("w", "sc", "corr", "qweight", "scales", "scales_bf16"):
-            if n in self._buffers:
-                del self._buffers[n]
+            self.__dict__.pop(n, None)
+        self._isa = None
         if self.backend.startswith("x86"):
-            w, sc, corr = native.pack_int8(qweight, scales)
-            self.register_buffer("w", w, persistent=False)
-            self.register_buffer("sc", sc, persistent=False)
-            self.register_buffer("corr", corr, persistent=False)
+            self.w, self.sc, self.corr = native.pack_int8(qweight, scales)
             self._isa = native.ISA_CODES[self.backend]
         else:
-            self.register_buffer("qweight", qweight, persistent=False)
-            self.register_buffer("scales", scales, persistent=False)
-            self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
+            self.qweight, self.scales = qweight, scales
+            self.scales_bf16 = scales.to(torch.bfloat16)
 
     def neutral(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qweight int8 [N, K], scales float32 [N])."""
@@ -248,8 +250,7 @@ class Int8Linear(torch.nn.Module):
         if self.backend.startswith("x86"):
             if x2.dtype not in (torch.float32, torch.bfloat16):
                 x2 = x2.float()
-            y = torch.ops.llmrun.int8_mm(x2, self.w, self.sc, self.corr, self.in_features, self.out_features,
-                                         self._isa)
+            y = native.INT8_MM(x2, self.w, self.sc, self.corr, self.in_features, self.out_features, self._isa)
         elif self.backend == "int8pack":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales_bf16)
         else:

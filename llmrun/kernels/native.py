@@ -24,6 +24,10 @@ _SOURCES = ("int4mm.cpp", "int4mm_body.inc")
 _lock = threading.Lock()
 _state: dict = {}
 
+# the ops' overloads, bound once the extension is loaded (saves a lookup per call)
+INT4_MM = None
+INT8_MM = None
+
 # isa codes of the C++ op, by backend name
 ISA_CODES = {"x86-avx512vnni": 0, "x86-avxvnni": 1, "x86-avx2": 2}
 _ISA_BITS = {"x86-avx512vnni": 1, "x86-avxvnni": 2 | 4, "x86-avx2": 8}
@@ -102,6 +106,9 @@ def _load() -> bool:
                               "falling back to the slow reference", stacklevel=3)
         if ok:
             _register_fakes()
+            global INT4_MM, INT8_MM
+            INT4_MM = torch.ops.llmrun.int4_mm.default
+            INT8_MM = torch.ops.llmrun.int8_mm.default
         _state["ok"] = ok
         return ok
 
