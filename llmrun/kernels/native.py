@@ -58,6 +58,10 @@ def _build_dir() -> Path:
     return root / "ext" / f"{tv}-{h.hexdigest()[:12]}-{flags}"
 
 
+def _have_compiler() -> bool:
+    return shutil.which(os.environ.get("CXX", "c++")) is not None or shutil.which("g++") is not None
+
+
 def _compile(build_dir: Path):
     so = build_dir / "llmrun_int4mm.so"
     if so.is_file():
@@ -87,11 +91,11 @@ def _load() -> bool:
         if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
             _state["ok"] = False
             return False
-        if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+        build_dir = _build_dir()
+        if not (build_dir / "llmrun_int4mm.so").is_file() and not _have_compiler():
             warnings.warn("llmrun: no C++ compiler found; the int4 kernels fall back to the slow reference", stacklevel=3)
             _state["ok"] = False
             return False
-        build_dir = _build_dir()
         for attempt in (0, 1):
             try:
                 _compile(build_dir)
