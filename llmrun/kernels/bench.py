@@ -5,7 +5,10 @@
 
 Weights are random with the true shapes (speed does not depend on the values). Each op
 cycles through enough copies of its weights that llmrun's int4 working set exceeds L3
-(--cold-mb, default 64 MiB), so M=1 numbers are DRAM numbers, as in a real decode. GB/s counts the
+(--cold-mb, default 64 MiB), so M=1 numbers are DRAM numbers, as in a real decode.
+On a machine shared with other work, multi-threaded wall-clock numbers are hostage to the
+scheduler (a preempted OpenMP thread costs a whole time slice); --cpu-time measures one
+thread by its CPU time instead (per-core throughput, robust). GB/s counts the
 weight bytes an op reads (int4: nibbles + scales); GOPS = 2*M*N*K / time.
 """
 
@@ -28,7 +31,7 @@ SHAPE_SETS = {
     "llama1b": (2048, 8192, 2048, 512, 128256),
     "llama8b": (4096, 14336, 4096, 1024, None),
 }
-OPS = ("llmrun-pc", "llmrun-g32", "fp32", "bf16", "int4pack-g32", "int8pack", "int_mm")
+OPS = ("llmrun-pc", "llmrun-g32", "llmrun-int8", "fp32", "bf16", "int4pack-g32", "int8pack", "int_mm")
 
 
 def model_shapes(name: str) -> list[tuple[str, int, int]]:
@@ -49,6 +52,7 @@ def _weight_bytes(op: str, N: int, K: int) -> float:
     return {
         "llmrun-pc": N * K / 2 + 4 * N,
         "llmrun-g32": N * K / 2 + 2 * N * K / 32,
+        "llmrun-int8": N * K + 4 * N,
         "fp32": 4 * N * K,
         "bf16": 2 * N * K,
         "int4pack-g32": N * K / 2 + 4 * N * K / 32,
@@ -80,6 +84,20 @@ def _make(op: str, N: int, K: int, M: int, copies: int, g: torch.Generator) -> l
                 setattr(m, k, getattr(base, k).clone())
             mods.append(m)
         return [(lambda m=m: m(x)) for m in mods]
+    if op == "llmrun-int8":
+        from . import Int8Linear
+
+        base = Int8Linear.from_neutral(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g),
+                                       torch.rand(N, generator=g) * 0.01)
+        x = torch.randn(M, K, generator=g).bfloat16()
+        mods = []
+        for _ in range(copies):
+            m = copy.copy(base)
+            for k in ("w", "sc", "corr"):
+                if hasattr(base, k):
+                    setattr(m, k, getattr(base, k).clone())
+            mods.append(m)
+        return [(lambda m=m: m(x)) for m in mods]
     if op in ("fp32", "bf16"):
         dt = torch.float32 if op == "fp32" else torch.bfloat16
         w = torch.randn(N, K, generator=g).to(dt)
@@ -103,7 +121,7 @@ def _make(op: str, N: int, K: int, M: int, copies: int, g: torch.Generator) -> l
 
 
 def time_op(op: str, N: int, K: int, M: int, reps: int, cold_mb: float, max_copies: int = 64,
-            budget_s: float = 1.0) -> float:
+            budget_s: float = 1.0, cpu_time: bool = False) -> float:
     """Fastest single call, over at least `reps` passes through the weight copies and about
     `budget_s` seconds."""
     int4_bytes = N * K / 2
@@ -114,6 +132,14 @@ def time_op(op: str, N: int, K: int, M: int, reps: int, cold_mb: float, max_copi
     fns = _make(op, N, K, M, copies, g)
     for f in fns[:2]:
         f()
+    if cpu_time:  # one thread's CPU time: immune to preemption by other work on the machine
+        best = float("inf")
+        for _ in range(max(reps, 3)):
+            t0 = time.process_time()
+            for i in range(max(copies, 3)):
+                fns[i % copies]()
+            best = min(best, (time.process_time() - t0) / max(copies, 3))
+        return best
     # each call is timed on its own and the fastest kept: on a shared machine a call that
     # was not preempted is the one that measures the kernel (copies rotate, so it is cold)
     best = float("inf")
@@ -138,6 +164,9 @@ def run_kernel_bench(args) -> list[dict]:
     ops = [o.strip() for o in str(getattr(args, "ops", ",".join(OPS))).split(",") if o.strip()]
     reps = int(getattr(args, "reps", 3))
     cold_mb = float(getattr(args, "cold_mb", 64))
+    cpu_time = bool(getattr(args, "cpu_time", False))
+    if cpu_time:
+        torch.set_num_threads(1)
     rows = []
     for s in sets:
         if s not in SHAPE_SETS:
@@ -147,7 +176,7 @@ def run_kernel_bench(args) -> list[dict]:
                 row = {"model": s, "layer": layer, "N": N, "K": K, "M": M, "ops": {}}
                 for op in ops:
                     try:
-                        t = time_op(op, N, K, M, reps, cold_mb)
+                        t = time_op(op, N, K, M, reps, cold_mb, cpu_time=cpu_time)
                     except (RuntimeError, ValueError) as e:
                         row["ops"][op] = {"error": str(e).splitlines()[0][:80]}
                         continue
@@ -155,7 +184,7 @@ def run_kernel_bench(args) -> list[dict]:
                                       "GOPS": 2 * M * N * K / t / 1e9}
                 rows.append(row)
                 print(_md_row(row, ops), flush=True) if getattr(args, "stream", False) else None
-    header = (f"threads={torch.get_num_threads()} torch={torch.__version__} backend={default_backend()} "
+    header = (f"{'cpu-time (1 thread) ' if cpu_time else ''}threads={torch.get_num_threads()} torch={torch.__version__} backend={default_backend()} "
               f"cpu={platform.processor() or platform.machine()}")
     md = _markdown(rows, ops, header)
     print(md)
@@ -198,6 +227,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3, help="least passes over the weight copies; the fastest call is kept")
     p.add_argument("--cold-mb", type=float, default=64, help="cycle weight copies past this many MiB of int4")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="one thread, timed by its CPU time (robust on a machine busy with other work)")
     p.add_argument("--stream", action="store_true", help="print each row as it is measured")
     p.add_argument("--md", default=None, help="write the markdown table here")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
