@@ -44,7 +44,7 @@ static inline uint16_t f32_to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
-static int64_t g_prefetch = 1024;
+static int64_t g_prefetch = 4096;  // bytes ahead; 4 KiB measured 5-8% faster than 1-2 KiB (GEMV, cold)
 static int g_tile_r = 0, g_tile_c = 0;  // tuning overrides of the GEMM tile (0: default)
 
 // ---------------------------------------------------------------- AVX512-VNNI (zmm)
