@@ -25,7 +25,7 @@ class EngineOptions:
     dtype: str = "float32"
     threads: int | None = None
     quant: str = "none"  # none | int4
-    group_size: int = 0  # int4: 0 = per output channel
+    group_size: int = 32  # int4: 0 = per output channel; see quant.DEFAULT_GROUP_SIZE
     compile: bool = False
 
 

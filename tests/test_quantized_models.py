@@ -16,7 +16,7 @@ PROMPT = ("The quick brown fox jumps over the lazy dog. Meanwhile, in a small vi
           "sea, an old fisherman was mending his nets and telling stories about")
 
 
-@pytest.fixture(scope="module", params=[("smollm2", 0), ("smollm2", 32), ("gemma3", 0)],
+@pytest.fixture(scope="module", params=[("smollm2", 0), ("smollm2", 32), ("gemma3", 32)],
                 ids=lambda p: f"{p[0]}-g{p[1]}")
 def quantized(request, smollm2_path, gemma3_path):
     name, group = request.param
@@ -36,21 +36,29 @@ def test_capital_of_france(quantized):
     assert ANSWER[name] in text, text
 
 
-def test_logits_close_to_fp32(quantized, request):
+# Perplexity of the int4 model over that of the fp32 one on 1024 tokens of the shipped text
+# (window 512, stride 256). Bounds from measurement with some margin (docs/eval.md has the
+# full table): these small models were already 4-5 bit GGUFs, and per-channel int4 on top
+# costs them much more than group-wise does.
+PPL_RATIO_BOUND = {("smollm2", 0): 2.6, ("smollm2", 32): 1.4, ("gemma3", 32): 1.55}
+
+
+def test_perplexity_close_to_fp32(quantized, request):
+    from pathlib import Path
+
+    import llmrun
+    from llmrun.perplexity import perplexity
     from llmrun.tokenizer import Tokenizer
 
     name, group, path, model = quantized
     ref = request.getfixturevalue(f"{name}_pair")[0]
     tok = Tokenizer.from_gguf(path)
-    ids = torch.tensor([tok.encode(PROMPT)[:32]])
+    text = (Path(llmrun.__file__).parent / "data" / "alice29.txt").read_text()
+    ids = tok.encode(text)[:1024]
     with torch.no_grad():
-        q, f = model(ids)[0], ref(ids)[0]  # (T, vocab)
-    # Bound chosen from measurement: per-position cosine similarity of the logit vectors stays
-    # above 0.97 and the top-1 token agrees on most positions (int4 + int8 activations).
-    cos = torch.nn.functional.cosine_similarity(q, f, dim=-1)
-    agree = (q.argmax(-1) == f.argmax(-1)).float().mean()
-    assert cos.min() > 0.97, cos.min()
-    assert agree >= 0.75, agree
+        ratio = perplexity(model, ids, 512, 256).ppl / perplexity(ref, ids, 512, 256).ppl
+    print(f"{name} g{group}: int4/fp32 perplexity ratio {ratio:.3f}")
+    assert 1.0 <= ratio < PPL_RATIO_BOUND[(name, group)], ratio
 
 
 def test_saved_directory_loads_back(quantized, tmp_path):

@@ -19,7 +19,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=["int4", "none"], default=None,
                    help="int4 packed-weight kernels or none (default: int4 where built)")
     p.add_argument("--group-size", type=int, default=None,
-                   help="int4 group size along K: 0 = per output channel, or 32/64/128/256")
+                   help="int4 group size along K: 32 (default), 64, 128, 256, or 0 = per output channel")
     p.add_argument("--no-compile", action="store_true", help="run eager, skip torch.compile")
 
 

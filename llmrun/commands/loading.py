@@ -7,6 +7,7 @@ import sys
 
 from llmrun.engine import Engine, EngineOptions
 from llmrun.generation_types import LoadProgress, SamplingSettings
+from llmrun.quant import DEFAULT_GROUP_SIZE
 
 # When neither the flags nor the model's generation_config.json say: llama.cpp's defaults.
 FALLBACK_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.0)
@@ -47,7 +48,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         dtype=args.dtype or "float32",
         threads=args.threads,
         quant=args.quant or "int4",
-        group_size=args.group_size if args.group_size is not None else 0,
+        group_size=args.group_size if args.group_size is not None else DEFAULT_GROUP_SIZE,
         compile=not args.no_compile,
     )
 

@@ -12,8 +12,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model to int4 and save it",
                        description="Quantize linear layers to int4 (head int8) and save the result.")
     p.add_argument("--model", "-m", default=None, help="alias, repo id, HF directory or .gguf")
-    p.add_argument("--group-size", type=int, default=0,
-                   help="0 = per output channel (default), or 32/64/128/256")
+    p.add_argument("--group-size", type=int, default=32,
+                   help="32 (default), 64, 128, 256, or 0 = per output channel")
     p.add_argument("--head", choices=["int8", "int4", "none"], default="int8",
                    help="output head scheme (default int8)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
