@@ -30,8 +30,8 @@ class BenchOptions:
     pp: int = 512
     tg: int = 128
     reps: int = 5
-    group_size: int = 0
-    dtype: str | None = None  # None: bf16 where the CPU has native bf16, else fp32
+    group_size: int | None = None  # None: llmrun's default scheme (quant.DEFAULT_GROUP_SIZE)
+    dtype: str | None = None  # None: see path_dtype
 
 
 def parse_paths(text: str | None) -> tuple[str, ...]:
@@ -53,6 +53,10 @@ def validate(opts: BenchOptions) -> None:
         raise LlmrunError(f"-r {opts.reps}: at least one repetition")
     if opts.threads is not None and opts.threads < 1:
         raise LlmrunError(f"--threads {opts.threads} must be >= 1")
+    if opts.group_size is None:
+        from llmrun.quant import DEFAULT_GROUP_SIZE
+
+        opts.group_size = DEFAULT_GROUP_SIZE
     if opts.group_size not in GROUP_SIZES:
         raise LlmrunError(f"--group-size {opts.group_size} is not supported: use 0 (per channel) or 32, 64, 128, 256")
     if opts.model and opts.synthetic:
@@ -68,9 +72,18 @@ def validate(opts: BenchOptions) -> None:
 
 
 def path_dtype(path: str, opts: BenchOptions) -> str:
+    """default / transformers: bf16 where the CPU has native bf16, else fp32 (the plain PyTorch
+    path); int4 paths: the activations dtype llmrun runs by default (EngineOptions.dtype);
+    compiled-bf16: bf16. --dtype overrides all but compiled-bf16."""
     if path == "compiled-bf16":
         return "bfloat16"
-    return opts.dtype or machine.default_dtype()
+    if opts.dtype:
+        return opts.dtype
+    if path.endswith("int4"):
+        from llmrun.engine import EngineOptions
+
+        return EngineOptions().dtype
+    return machine.default_dtype()
 
 
 def memory_note(path: str, dtype: str, opts: BenchOptions) -> str | None:

@@ -37,8 +37,8 @@ class Spec:
     pp: int = 512
     tg: int = 128
     reps: int = 5
-    group_size: int = 0
-    dtype: str = "bfloat16"  # compute dtype of the path
+    group_size: int = 32
+    dtype: str = "bfloat16"  # compute dtype of the path (int4 paths: of the activations)
     quality_tokens: int = QUALITY_TOKENS
     seed: int = 0
 
@@ -120,12 +120,24 @@ def model_name(resolved) -> str:
     return resolved.source.split(":", 1)[1] if resolved.source.startswith("shipped:") else resolved.path.name
 
 
+def module_tensors(module):
+    """(name, tensor) of a module's own parameters, buffers and plain tensor attributes (the
+    int4/int8 kernels keep their packed weights as attributes, not buffers)."""
+    own = {**{k: v for k, v in module._parameters.items() if v is not None},
+           **{k: v for k, v in module._buffers.items() if v is not None}}
+    for key, value in vars(module).items():
+        if isinstance(value, torch.Tensor) and key not in own:
+            own[key] = value
+    return list(own.items())
+
+
 def stored_bytes(model) -> dict:
     """Bytes a decode step reads: every weight tensor once, the embedding table one row (unless
     it is also the head), and the KV cache (attention reads all of it, masked)."""
     weights = kv = 0
     seen = set()
-    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    tensors = [(f"{prefix}.{name}", t) for prefix, module in model.named_modules(remove_duplicate=False)
+               for name, t in module_tensors(module)]
     tensors.sort(key=lambda item: "embed_tokens" in item[0])  # a tied head counts in full first
     for name, t in tensors:
         key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())

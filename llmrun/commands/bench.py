@@ -28,10 +28,13 @@ def add_parser(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test")
     p.add_argument("--threads", "-t", type=int, default=None, help="threads for every path (default: all cores)")
     p.add_argument("--paths", default=None, help=f"comma list (default: all): {','.join(PATHS)}")
-    p.add_argument("--group-size", type=int, default=0,
-                   help="int4 group size along K: 0 = per output channel (default), or 32/64/128/256")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size along K: 0 = per output channel, or 32/64/128/256 "
+                   "(default: llmrun's default scheme)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="dtype of default/transformers and int4 activations (default: bf16 where native)")
+                   help="dtype of default/transformers and of the int4 paths' activations (default: "
+                   "bf16 where the CPU has native bf16, else fp32, for default/transformers; llmrun's "
+                   "default for int4)")
     p.add_argument("-o", "--output", choices=["md", "json", "csv"], default="md", help="table format on stdout")
     p.add_argument("--kernels", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
                    help="run the kernel micro-benchmark instead; the rest of the line goes to it "
