@@ -113,6 +113,7 @@ def test_ppl_matches_transformers(smollm2_pair, alice_ids, fp32_result):
     assert 5 < expected < 100  # a real English text under a real model
 
 
+@pytest.mark.slow  # loads Gemma twice (shared with test_real_models in a full run)
 def test_bos_first_in_every_window_matches_transformers(gemma3_pair):
     # Gemma's tokenizer puts BOS in front: every window gets it (see llmrun.perplexity)
     ours, tok, hf = gemma3_pair
