@@ -104,40 +104,6 @@ def windows(n_tokens: int, context: int, stride: int, bos: bool = False) -> list
     return out
 
 
-class _StopForward(Exception):
-    pass
-
-
-def final_hidden(model, idx: torch.Tensor) -> torch.Tensor:
-    """The final-norm output (B, T, dim) of a plain full-sequence forward, without running
-    the output head (the forward stops at the final norm)."""
-    captured = []
-
-    def hook(module, inputs, output):
-        captured.append(output)
-        raise _StopForward
-
-    handle = model.model.norm.register_forward_hook(hook)
-    try:
-        model(idx)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError("the model's forward never reached its final norm")
-    return captured[0]
-
-
-def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """float32 logits for hidden states (..., dim), as Transformer.forward computes them."""
-    logits = model.lm_head(hidden).float()
-    softcap = model.config.final_softcap
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
 def window_nll(model, ids: torch.Tensor, window: Window, bos_id: int | None = None,
                head_chunk: int | None = None) -> float:
     """Sum of the NLLs (float64) of the window's targets. ids: (N,) the whole token stream;
@@ -145,7 +111,7 @@ def window_nll(model, ids: torch.Tensor, window: Window, bos_id: int | None = No
     idx = ids[window.begin:window.end]
     if bos_id is not None:
         idx = torch.cat([torch.tensor([bos_id], dtype=idx.dtype), idx])
-    hidden = final_hidden(model, idx.unsqueeze(0))[0]  # (L, dim)
+    hidden = model.hidden(idx.unsqueeze(0))[0]  # (L, dim)
     # Position p predicts token p+1: targets first_target..end-1 come from the positions before.
     lo = window.first_target - window.begin - (0 if bos_id is not None else 1)
     hidden = hidden[lo:lo + window.targets]  # (targets, dim)
@@ -154,7 +120,7 @@ def window_nll(model, ids: torch.Tensor, window: Window, bos_id: int | None = No
     chunk = head_chunk or max(1, HEAD_CHUNK_ELEMENTS // vocab)
     total = torch.zeros((), dtype=torch.float64)
     for s in range(0, targets.shape[0], chunk):
-        logprobs = torch.log_softmax(head_logits(model, hidden[s:s + chunk]), dim=-1)  # (c, V) f32
+        logprobs = torch.log_softmax(model.head(hidden[s:s + chunk]), dim=-1)  # (c, V) f32
         picked = logprobs.gather(-1, targets[s:s + chunk, None])  # (c, 1)
         total -= picked.double().sum()
     return float(total)

@@ -240,10 +240,21 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
+        """Float32 logits (B, T, vocab), or (B, 1, vocab) with last_only; see hidden()."""
+        x = self.hidden(idx, input_pos)
+        return self.head(x[:, -1:] if last_only else x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., dim) final-norm outputs -> float32 logits (..., vocab)."""
+        logits = self.lm_head(hidden).float()
+        if self.config.final_softcap is not None:
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+        return logits
+
+    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids; input_pos: (T,) their positions in the KV cache (see
         setup_caches). With input_pos None this is a plain full-sequence forward that leaves
-        any cache untouched. Returns float32 logits (B, T, vocab), or (B, 1, vocab) with
-        last_only."""
+        any cache untouched. Returns the final-norm outputs (B, T, dim)."""
         cfg = self.config
         T = idx.shape[1]
         use_cache = input_pos is not None
@@ -269,9 +280,4 @@ class Transformer(nn.Module):
                 x = layer(x, local_cos, local_sin, local_allowed, input_pos, use_cache)
             else:
                 x = layer(x, cos, sin, allowed, input_pos, use_cache)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(self.model.norm(x)).float()  # (B, T, vocab)
-        if cfg.final_softcap is not None:
-            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
-        return logits
+        return self.model.norm(x)
