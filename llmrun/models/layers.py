@@ -129,11 +129,16 @@ class Attention(nn.Module):
         B, H, T, hd = q.shape
         rep = H // self.n_kv_heads
         qg = q.reshape(B, self.n_kv_heads, rep * T, hd)
-        scores = (qg @ k.transpose(-1, -2)).float() * self.scale  # (B, Hkv, rep * T, S)
+        if T == 1:  # broadcast-multiply-sum: the compiler fuses it into one loop (no bmm call)
+            scores = (qg.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1).float() * self.scale
+        else:
+            scores = (qg @ k.transpose(-1, -2)).float() * self.scale  # (B, Hkv, rep * T, S)
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores.view(B, self.n_kv_heads, rep, T, -1).masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(v.dtype).view(B, self.n_kv_heads, rep * T, -1)
+        if T == 1:
+            return (probs.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2).view(B, H, T, hd)
         return (probs @ v).view(B, H, T, hd)
 
 
