@@ -92,31 +92,89 @@ def test_empty_prompt():
     assert_clean_error(run_cli("generate", "--prompt", "   "), "empty")
 
 
-@pytest.mark.parametrize("wait_for", ["load", "compil"])
-def test_ctrl_c_exits_cleanly(wait_for):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    args = [sys.executable, "-m", "llmrun", "generate", "-p", "hello", "--max-new-tokens", "400"]
-    if wait_for == "load":
-        args += ["--quant", "none", "--no-compile"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-    reader.start()
+def _interrupt_when(args, stream: str, marker: str, env=None):
+    """Start llmrun, send SIGINT once `marker` shows on `stream`; return (exit code, stderr)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "llmrun", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    seen = {"stdout": [], "stderr": []}
+    readers = [threading.Thread(target=lambda n=n: seen[n].extend(iter(lambda: getattr(proc, n).read(1), "")),
+                                daemon=True) for n in seen]
+    for r in readers:
+        r.start()
     deadline = time.time() + 240
-    while time.time() < deadline and not any(wait_for in line for line in lines):
+    while time.time() < deadline and marker not in "".join(seen[stream]):
         time.sleep(0.05)
-    assert any(wait_for in line for line in lines), "".join(lines)
+    assert marker in "".join(seen[stream]), "".join(seen["stderr"])
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    reader.join(timeout=10)
-    err = "".join(lines)
-    assert proc.returncode == 130, err
+    for r in readers:
+        r.join(timeout=10)
+    return proc.returncode, "".join(seen["stderr"])
+
+
+def _assert_interrupted(code, err):
+    assert code == 130, err
     assert "Traceback" not in err
     assert "interrupted" in err
+
+
+@pytest.mark.parametrize("stage", ["load", "compile", "generation"])
+def test_ctrl_c_exits_cleanly(stage):
     from llmrun.shipped import llmrun_cache_dir
 
+    args = ["generate", "-p", "Tell me a long story.", "--max-new-tokens", "400"]
+    if stage == "load":
+        code, err = _interrupt_when(args + ["--quant", "none", "--no-compile"], "stderr", "load")
+    elif stage == "compile":
+        code, err = _interrupt_when(args, "stderr", "compiling")
+    else:
+        code, err = _interrupt_when(args + ["--quant", "none", "--no-compile"], "stdout", " ")
+    _assert_interrupted(code, err)
     quantized = llmrun_cache_dir() / "quantized"
-    if quantized.exists():  # nothing half-written: only complete entries or none
+    if quantized.exists():  # nothing half-written: only complete entries
         for entry in quantized.iterdir():
             assert not entry.name.startswith("."), entry
             assert (entry / "model.safetensors").exists() and (entry / "config.json").exists()
+
+
+def test_ctrl_c_during_quantize_leaves_nothing(tmp_path):
+    out = tmp_path / "q"
+    code, err = _interrupt_when(["quantize", "--model", "smollm2-135m", "--group-size", "128",
+                                 "--out", str(out)], "stderr", "quantize")
+    _assert_interrupted(code, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_compiler_falls_back_with_one_warning(tmp_path):
+    """A fresh machine without a C++ compiler: the reference backend, one warning."""
+    code = ("import warnings; warnings.simplefilter('always'); "
+            "from llmrun.kernels import available_backends, Int4Linear, quantize_int4; import torch; "
+            "q, s = quantize_int4(torch.randn(16, 64), 32); "
+            "m = Int4Linear.from_neutral(q, s, 32, 64); print(available_backends(), m.backend); "
+            "print(m(torch.randn(2, 64)).shape)")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), CXX="/nonexistent/c++",
+               PATH="/nonexistent")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "['reference'] reference" in proc.stdout and "torch.Size([2, 16])" in proc.stdout
+    warnings_seen = [l for l in proc.stderr.splitlines() if "no C++ compiler" in l]
+    assert len(warnings_seen) == 1, proc.stderr
+
+
+def test_corrupt_extension_cache_is_rebuilt(tmp_path):
+    from llmrun.kernels import native
+
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    where = subprocess.run([sys.executable, "-c", "from llmrun.kernels import native; print(native._build_dir())"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    build_dir = __import__("pathlib").Path(where.stdout.strip())
+    build_dir.mkdir(parents=True)
+    (build_dir / "llmrun_int4mm.so").write_bytes(b"not a shared library")
+    code = "from llmrun.kernels import available_backends; print(available_backends())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "x86-avx512vnni" in proc.stdout or "x86-avx2" in proc.stdout, proc.stdout + proc.stderr
+    assert (build_dir / "llmrun_int4mm.so").stat().st_size > 1000
+    del native
