@@ -36,9 +36,10 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmrun.commands.loading import load_engine, sampling_settings
+    from llmrun.commands.loading import check_sampling_flags, load_engine, sampling_settings
     from llmrun.generation_types import GenerationStats
 
+    check_sampling_flags(args)
     prompt = read_prompt(args)
     engine = load_engine(args)
     settings = sampling_settings(args, engine)

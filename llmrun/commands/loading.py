@@ -73,3 +73,12 @@ def sampling_settings(args: argparse.Namespace, engine: Engine) -> SamplingSetti
         repetition_penalty=pick("repetition_penalty", "repetition_penalty"),
         seed=args.seed,
     )
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """Reject impossible sampling flags before spending time on loading the model."""
+    from llmrun.sampling import validate
+
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "min_p",
+                                           "repetition_penalty") if getattr(args, k) is not None}
+    validate(SamplingSettings(max_new_tokens=args.max_new_tokens, **given))
