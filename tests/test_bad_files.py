@@ -184,7 +184,8 @@ def _mutate(data: bytes, edits) -> bytes:
     return bytes(out)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=6),
        truncate=st.one_of(st.none(), st.integers(1, 4096)))
 def test_fuzz_gguf_header(tmp_path_factory, edits, truncate):
@@ -204,7 +205,8 @@ def test_fuzz_gguf_header(tmp_path_factory, edits, truncate):
         pass
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, 1023), st.integers(0, 255)), min_size=1, max_size=6))
 def test_fuzz_safetensors_header(tmp_path_factory, edits):
     base = tmp_path_factory.getbasetemp() / "fuzz-base"

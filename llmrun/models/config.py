@@ -54,6 +54,11 @@ class ModelConfig:
                      "ffn_dim", "max_seq_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
+        limits = dict(vocab_size=1 << 22, dim=1 << 16, n_layers=1024, n_heads=1024,
+                      head_dim=1024, ffn_dim=1 << 20, max_seq_len=1 << 24)
+        for name, limit in limits.items():
+            if not problems and getattr(self, name) > limit:
+                problems.append(f"{name}={getattr(self, name)} is beyond any real model (> {limit})")
         if not problems and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:

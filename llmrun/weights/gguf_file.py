@@ -80,6 +80,10 @@ def _read_config(reader) -> ModelConfig:
         rope = RopeSpec(theta=theta, rope_type=rope.rope_type, factor=rope.factor,
                         freq_factors=freq_factors)
     tied = not any(t.name == "output.weight" for t in reader.tensors)
+    blocks = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    if blocks != set(range(int(n_layers))):
+        raise LlmrunError(f"GGUF metadata says {n_layers} layers but the file holds tensors for "
+                          f"{len(blocks)}: the file is corrupt")
     fields = dict(
         vocab_size=int(vocab), dim=int(dim), n_layers=int(n_layers), n_heads=int(n_heads),
         n_kv_heads=int(n_kv), head_dim=int(head_dim), ffn_dim=int(get("feed_forward_length")),
