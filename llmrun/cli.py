@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = [
@@ -49,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
-        print("llmrun: interrupted", file=sys.stderr)
-        return 130
+        # Exit now: background compile workers and exit hooks could be interrupted again and
+        # turn this into a traceback. Every file llmrun writes is renamed into place when
+        # complete, so nothing is left half-written.
+        print("llmrun: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
     except BrokenPipeError:
         return 0
     except Exception as exc:  # one line for the user; --debug shows the traceback

@@ -77,6 +77,9 @@ class Engine:
         timings["resolve"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        if resolved.kind == "hf-dir" and not quantized_format.is_quantized_dir(resolved.path):
+            # config and weight files are checked before the tokenizer: their errors say more
+            open_checkpoint(resolved.path, resolved.kind)
         if resolved.kind == "gguf":
             tokenizer = Tokenizer.from_gguf(resolved.path)
         else:
