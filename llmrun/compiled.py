@@ -10,18 +10,20 @@ second process skips the C++ compilation."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from llmrun.generate import Generator, decode_one, prefill
 
 
 def configure_inductor() -> None:
-    from llmrun.shipped import llmrun_cache_dir
+    # TORCHINDUCTOR_CACHE_DIR is set when llmrun is imported (llmrun/__init__.py)
+    import logging
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(llmrun_cache_dir() / "inductor"))
     import torch._inductor.config as inductor_config
+
+    # A corrupt cache entry is skipped and recompiled by inductor itself; its log line would
+    # show the user a traceback for a problem that is already handled.
+    logging.getLogger("torch._inductor.codecache").setLevel(logging.ERROR)
 
     inductor_config.fx_graph_cache = True
     inductor_config.autotune_local_cache = True

@@ -178,3 +178,22 @@ def test_corrupt_extension_cache_is_rebuilt(tmp_path):
     assert "x86-avx512vnni" in proc.stdout or "x86-avx2" in proc.stdout, proc.stdout + proc.stderr
     assert (build_dir / "llmrun_int4mm.so").stat().st_size > 1000
     del native
+
+
+def test_corrupt_compile_cache_is_survived(tmp_path):
+    """Every file of inductor's cache overwritten with garbage: the next run recompiles."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    args = ["generate", "--raw", "-p", "The capital of France is", "--temperature", "0",
+            "--max-new-tokens", "4"]
+    first = subprocess.run([sys.executable, "-m", "llmrun", *args], capture_output=True, text=True,
+                           env=dict(os.environ, **env), timeout=600)
+    assert first.returncode == 0, first.stderr
+    files = [p for p in (tmp_path / "inductor").rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        p.write_bytes(b"\x00garbage")
+    second = subprocess.run([sys.executable, "-m", "llmrun", *args], capture_output=True, text=True,
+                            env=dict(os.environ, **env), timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert "Traceback" not in second.stderr
+    assert second.stdout == first.stdout
