@@ -17,6 +17,7 @@ from llmrun.generation_types import ChatMessage, GenerationChunk, LoadProgress, 
 from llmrun.generate import Generator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPILE_BACKENDS = ("aot", "jit")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class EngineOptions:
     quant: str = "none"  # none | int4
     group_size: int = 32  # int4: 0 = per output channel; see quant.DEFAULT_GROUP_SIZE
     compile: bool = False
+    compile_backend: str = "aot"  # aot: AOTInductor packages (llmrun.aot); jit: torch.compile
 
 
 class Engine:
@@ -67,6 +69,9 @@ class Engine:
             if options.threads < 1:
                 raise LlmrunError(f"--threads {options.threads} must be >= 1")
             torch.set_num_threads(options.threads)
+        if options.compile_backend not in COMPILE_BACKENDS:
+            raise LlmrunError(f"compile backend {options.compile_backend!r} is not one of "
+                              f"{', '.join(COMPILE_BACKENDS)}")
         if options.dtype not in DTYPES:
             raise LlmrunError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
         report = progress or (lambda p: None)
@@ -102,12 +107,18 @@ class Engine:
         timings["load"] = time.perf_counter() - start
         engine = cls(model, tokenizer, options, resolved, timings)
         if options.compile:
-            from llmrun.compiled import compile_generator
-
             start = time.perf_counter()
-            report(LoadProgress("compile", message="compiling prefill and decode "
-                                "(slow once per machine, then cached)"))
-            compile_generator(engine.generator)
+            if options.compile_backend == "jit":
+                from llmrun.compiled import compile_generator
+
+                report(LoadProgress("compile", message="compiling prefill and decode with "
+                                    "torch.compile (slow once per machine, then cached)"))
+                compile_generator(engine.generator)
+            else:
+                from llmrun.aot import compile_generator_aot
+
+                compile_generator_aot(engine.generator,
+                                      lambda message: report(LoadProgress("compile", message=message)))
             engine.generator.warm_up()
             timings["compile"] = time.perf_counter() - start
         return engine

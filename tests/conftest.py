@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -42,3 +44,26 @@ def smollm2_pair(smollm2_path):
 @pytest.fixture(scope="session")
 def gemma3_pair(gemma3_path):
     return _load_pair(gemma3_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A tiny Llama saved by transformers, with a word-level tokenizer.json: a 'real' checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(d)
+    words = ["<unk>", "<s>", "</s>"] + "The capital of France is Paris a the city and".split()
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(256 - len(words))])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                         "unk_token": "<unk>"}))
+    return d

@@ -1,5 +1,6 @@
-"""The compiled paths: no graph breaks, no recompiles as the position advances or for a
-second prompt length, and the same greedy tokens as eager.
+"""The compiled paths, both backends (aot: AOTInductor packages, the default; jit:
+torch.compile): nothing recompiled or rebuilt as the position advances or for a second prompt
+length, no graph breaks, and the same greedy tokens as eager.
 
 Exact token equality is asserted on the fp32 path, where compiled and eager logits agree to
 ~1e-5. On the int4 path the activations are rounded to int8 per row: a 1-ulp difference from a
@@ -26,8 +27,8 @@ def _generate(engine, prompt, n=24):
     return [c.token for c in chunks if c.token is not None], "".join(c.text for c in chunks)
 
 
-def _load(model, quant, compile):
-    return Engine.load(EngineOptions(model=model, quant=quant, compile=compile))
+def _load(model, quant, compile, backend="aot"):
+    return Engine.load(EngineOptions(model=model, quant=quant, compile=compile, compile_backend=backend))
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,22 @@ def fresh_dynamo():
     yield
 
 
+def _assert_nothing_rebuilt(engine):
+    """aot: export captures a whole graph or fails, so there are no graph breaks to count; what
+    must not happen is a second package for the same cache size."""
+    steps = engine.generator.decode_fn.__self__  # AotSteps
+    bound_before, built_before = set(steps._bound), list(steps.built)
+    _generate(engine, "Once upon a time, in a land far away, there lived a", 8)
+    with torch.inference_mode():
+        for pos in range(40, 60):
+            steps.decode(engine.model, torch.tensor([[7]]), torch.tensor([pos]))
+    assert steps.built == built_before
+    assert set(steps._bound) == bound_before == {("prefill", 512), ("decode", 512)}
+
+
 def _assert_no_recompiles(engine):
+    if engine.options.compile_backend == "aot":
+        return _assert_nothing_rebuilt(engine)
     with torch.compiler.set_stance("fail_on_recompile"):
         # warm_up compiled this cache size: other positions and prompt lengths must not recompile
         _generate(engine, "Once upon a time, in a land far away, there lived a", 8)
@@ -50,18 +66,22 @@ def _assert_no_recompiles(engine):
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
-@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
-def test_compiled_fp32_matches_eager_exactly(model):
-    compiled = _load(model, "none", True)
+# jit is the alternative backend: checked on one model to keep the suite short
+CASES = [("smollm2-135m", "aot"), ("gemma3-270m", "aot"), ("smollm2-135m", "jit")]
+
+
+@pytest.mark.parametrize("model,backend", CASES)
+def test_compiled_fp32_matches_eager_exactly(model, backend):
+    compiled = _load(model, "none", True, backend)
     eager = _load(model, "none", False)
     prompt = "The capital of France is"
     assert _generate(compiled, prompt)[0] == _generate(eager, prompt)[0]
     _assert_no_recompiles(compiled)
 
 
-@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
-def test_compiled_int4_answers_without_breaks_or_recompiles(model):
-    compiled = _load(model, "int4", True)
+@pytest.mark.parametrize("model,backend", CASES)
+def test_compiled_int4_answers_without_breaks_or_recompiles(model, backend):
+    compiled = _load(model, "int4", True, backend)
     tokens, text = _generate(compiled, "The capital of France is", 8)
     assert ANSWER[model] in text, text
     _assert_no_recompiles(compiled)

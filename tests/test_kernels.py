@@ -224,6 +224,9 @@ def test_bias_and_leading_dims():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
     assert torch.equal(mod.neutral()[1], scales)
+    # packed tensors are named (compiled packages are fed them by name), never saved as such
+    assert dict(mod.named_buffers()) and all(b.dtype != torch.bfloat16 for b in mod.buffers())
+    assert set(mod.state_dict()) == {"qweight", "scales", "bias"}
 
 
 def test_env_var_forces_backend(monkeypatch):

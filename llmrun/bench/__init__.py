@@ -11,3 +11,6 @@ transformers, one model, one thread count.
 """
 
 PATHS = ("default", "eager-int4", "compiled-bf16", "compiled-int4", "transformers")
+# selectable with --paths, not run by default: llmrun's int4 path through torch.compile instead
+# of AOTInductor packages (the two compile backends side by side)
+EXTRA_PATHS = ("jit-int4",)

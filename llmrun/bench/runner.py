@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from llmrun.bench import PATHS, machine
+from llmrun.bench import EXTRA_PATHS, PATHS, machine
 from llmrun.bench.worker import SHORT, Spec
 from llmrun.errors import LlmrunError
 
@@ -38,9 +38,10 @@ def parse_paths(text: str | None) -> tuple[str, ...]:
     if not text:
         return PATHS
     paths = tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [p for p in paths if p not in PATHS]
+    unknown = [p for p in paths if p not in PATHS + EXTRA_PATHS]
     if unknown or not paths:
-        raise LlmrunError(f"unknown path {', '.join(unknown) or '(none)'}; choose from {', '.join(PATHS)}")
+        raise LlmrunError(f"unknown path {', '.join(unknown) or '(none)'}; choose from "
+                          f"{', '.join(PATHS + EXTRA_PATHS)}")
     return paths
 
 

@@ -10,7 +10,55 @@ from .dispatch import arm_module, resolve_backend
 from .reference import int4_linear_reference
 
 
-class Int4Linear(torch.nn.Module):
+class _PackedLinear(torch.nn.Module):
+    """What Int4Linear and Int8Linear share: packed tensors kept as non-persistent buffers,
+    and a state dict in the neutral format (qweight, scales, bias).
+
+    The packed tensors are buffers so that exported graphs and AOTInductor packages name them
+    (a compiled package is fed this module's tensors by name, without copying them), but
+    Module.to(dtype/device) leaves them alone: the kernels need them exactly as packed, on the
+    CPU. Their layout is the backend's; the state dict holds the neutral tensors instead.
+    """
+
+    PACKED = ("w", "sc", "corr", "qweight", "scales", "scales_bf16", "arm_packed")
+
+    def _keep(self, **tensors: torch.Tensor) -> None:
+        for name in self.PACKED:
+            self._buffers.pop(name, None)
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        packed = {n: self._buffers.pop(n) for n in self.PACKED if n in self._buffers}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(packed)
+
+    def _saved_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """Scales as read from a state dict -> the shape _set_weights takes."""
+        return scales.float().contiguous()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        qweight, scales = self.neutral()
+        destination[prefix + "qweight"] = qweight
+        destination[prefix + "scales"] = scales
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for key in ("qweight", "scales"):
+            if prefix + key not in state_dict:
+                missing_keys.append(prefix + key)
+        if prefix + "qweight" in state_dict and prefix + "scales" in state_dict:
+            self._set_weights(state_dict[prefix + "qweight"].contiguous(),
+                              self._saved_scales(state_dict[prefix + "scales"]))
+        if prefix + "bias" in state_dict:
+            self.bias = torch.nn.Parameter(state_dict[prefix + "bias"].float().clone(), requires_grad=False)
+
+
+class Int4Linear(_PackedLinear):
     """y = x @ W^T (+ bias) with W int4 (neutral format, see llmrun.kernels.reference) and x
     quantized per row to int8 on the fly. forward keeps x's dtype (fp32 or bf16).
 
@@ -19,8 +67,8 @@ class Int4Linear(torch.nn.Module):
     keeps the neutral tensors themselves; the Arm backend keeps the neutral copy too (KleidiAI's
     packing cannot be undone), which costs one extra ~0.56 byte per weight.
 
-    The packed tensors are plain attributes (not buffers): `model.to(torch.bfloat16)` leaves
-    them alone (only a bias is converted), and they never move off the CPU.
+    The packed tensors are buffers that `model.to(...)` leaves alone (see _PackedLinear): only
+    a bias is converted, and they never move off the CPU.
 
     Fusion: Int4Linear.concat([...]) packs several layers that read the same input (q/k/v,
     gate/up) into one along N, so one call quantizes the activations once and runs one
@@ -66,26 +114,23 @@ class Int4Linear(torch.nn.Module):
         return (group_size % 8 == 0) and (group_size > 0 or K <= 65536)
 
     def _set_weights(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
-        # Packed tensors are plain attributes, not buffers: Module.to(dtype) / .half() must not
-        # convert scales or corrections, and attribute access stays cheap per call.
-        for n in ("w", "sc", "corr", "qweight", "scales", "arm_packed"):
-            self.__dict__.pop(n, None)
         self._isa = None
         if self.backend.startswith("x86"):
-            self.w, self.sc, self.corr = native.pack(qweight, scales, self.group_size, self.in_features)
+            w, sc, corr = native.pack(qweight, scales, self.group_size, self.in_features)
+            self._keep(w=w, sc=sc, corr=corr)
             self._isa = native.ISA_CODES[self.backend]
         elif self.backend == "arm-kleidiai" and self._arm_pack(qweight, scales):
-            self.qweight, self.scales = qweight, scales
+            pass
         else:
             self.backend = "reference"
-            self.qweight, self.scales = qweight, scales
+            self._keep(qweight=qweight, scales=scales)
 
     def _arm_pack(self, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
         try:
             packed = arm_module().pack(qweight, scales, self.group_size, self.in_features, self.out_features)
         except ValueError:  # a group size KleidiAI cannot take: the reference runs it
             return False
-        self.arm_packed = packed
+        self._keep(arm_packed=packed, qweight=qweight, scales=scales)
         return True
 
     @classmethod
@@ -109,25 +154,6 @@ class Int4Linear(torch.nn.Module):
         if self.backend.startswith("x86"):
             return native.unpack(self.w, self.sc, self.group_size, self.in_features, self.out_features)
         return self.qweight, self.scales
-
-    # ---------------------------------------------------------------- state dict
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        qweight, scales = self.neutral()
-        destination[prefix + "qweight"] = qweight
-        destination[prefix + "scales"] = scales
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        for key in ("qweight", "scales"):
-            if prefix + key not in state_dict:
-                missing_keys.append(prefix + key)
-        if prefix + "qweight" in state_dict and prefix + "scales" in state_dict:
-            self._set_weights(state_dict[prefix + "qweight"].contiguous(),
-                              state_dict[prefix + "scales"].float().contiguous())
-        if prefix + "bias" in state_dict:
-            self.bias = torch.nn.Parameter(state_dict[prefix + "bias"].float().clone(), requires_grad=False)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +182,7 @@ class Int4Linear(torch.nn.Module):
                 f"group_size={self.group_size}, backend={self.backend}")
 
 
-class Int8Linear(torch.nn.Module):
+class Int8Linear(_PackedLinear):
     """Per-channel int8 weight (output heads, tied embeddings): y = x @ (q * s)^T (+ bias).
 
     Backends: the x86 VNNI kernel (activations quantized per row to int8 like Int4Linear,
@@ -196,15 +222,16 @@ class Int8Linear(torch.nn.Module):
         return m
 
     def _set_weights(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
-        for n in ("w", "sc", "corr", "qweight", "scales", "scales_bf16"):
-            self.__dict__.pop(n, None)
         self._isa = None
         if self.backend.startswith("x86"):
-            self.w, self.sc, self.corr = native.pack_int8(qweight, scales)
+            w, sc, corr = native.pack_int8(qweight, scales)
+            self._keep(w=w, sc=sc, corr=corr)
             self._isa = native.ISA_CODES[self.backend]
         else:
-            self.qweight, self.scales = qweight, scales
-            self.scales_bf16 = scales.to(torch.bfloat16)
+            self._keep(qweight=qweight, scales=scales, scales_bf16=scales.to(torch.bfloat16))
+
+    def _saved_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        return scales.reshape(-1).float().contiguous()
 
     def neutral(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qweight int8 [N, K], scales float32 [N])."""
@@ -225,24 +252,6 @@ class Int8Linear(torch.nn.Module):
             rows, scales = self.qweight[flat], self.scales[flat]
         out = rows.to(torch.float32) * scales[:, None]
         return out.to(dtype).reshape(*ids.shape, self.in_features)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        qweight, scales = self.neutral()
-        destination[prefix + "qweight"] = qweight
-        destination[prefix + "scales"] = scales
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        for key in ("qweight", "scales"):
-            if prefix + key not in state_dict:
-                missing_keys.append(prefix + key)
-        if prefix + "qweight" in state_dict and prefix + "scales" in state_dict:
-            self._set_weights(state_dict[prefix + "qweight"].contiguous(),
-                              state_dict[prefix + "scales"].reshape(-1).float().contiguous())
-        if prefix + "bias" in state_dict:
-            self.bias = torch.nn.Parameter(state_dict[prefix + "bias"].float().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

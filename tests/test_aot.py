@@ -1,0 +1,64 @@
+"""AOTInductor packages (llmrun.aot): a second process loads instead of compiling, a damaged
+package is rebuilt, packages share the model's tensors instead of copying them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from llmrun.engine import Engine, EngineOptions
+from llmrun.generation_types import SamplingSettings
+
+ARGS = ["generate", "--raw", "-p", "The capital of France is", "--temperature", "0",
+        "--max-new-tokens", "6"]
+
+
+def _llmrun(*args, env=None):
+    proc = subprocess.run([sys.executable, "-m", "llmrun", *args], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def test_second_process_loads_packages_instead_of_compiling():
+    first = _llmrun(*ARGS)  # builds the packages unless an earlier run did
+    second = _llmrun(*ARGS)
+    assert "loaded compiled prefill step" in second.stderr, second.stderr
+    assert "loaded compiled decode step" in second.stderr, second.stderr
+    assert "compiling" not in second.stderr, second.stderr
+    assert second.stdout == first.stdout and "Paris" in second.stdout
+
+
+def test_damaged_package_is_rebuilt(tiny_hf_dir, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    args = ["generate", "-m", str(tiny_hf_dir), "--raw", "-p", "The capital of", "--temperature", "0",
+            "--max-new-tokens", "5", "--threads", "1"]
+    first = _llmrun(*args, env=env)
+    packages = sorted((tmp_path / "llmrun" / "aoti").glob("*.pt2"))
+    assert [p.name.split("-")[0] for p in packages] == ["decode", "prefill"], packages
+    for p in packages:
+        p.write_bytes(b"PK\x03\x04 not a package")
+    second = _llmrun(*args, env=env)
+    assert second.stderr.count("rebuilding the compiled") == 2, second.stderr
+    assert second.stdout == first.stdout
+    assert all(p.stat().st_size > 10000 for p in packages)
+
+
+def test_packages_use_the_models_tensors_without_copies(tiny_hf_dir):
+    engine = Engine.load(EngineOptions(model=str(tiny_hf_dir), quant="int4", compile=True, threads=1))
+    steps = engine.generator.decode_fn.__self__
+    bound = steps._bound["decode", engine.model.cache_len]
+    ours = {id(t) for t in engine.model.state_dict(keep_vars=True).values()}
+    ours |= {id(b) for b in engine.model.buffers()}
+    assert bound.constants and all(id(t) in ours for t in bound.constants.values())
+    # the KV cache the package writes is the model's own: a prefill through the package fills it
+    cache = engine.model.model.layers[0].self_attn.kv_cache.k
+    with torch.inference_mode():  # the cache is an inference tensor
+        cache.zero_()
+    list(engine.stream_generate(engine.tokenizer.encode("The capital of"),
+                                SamplingSettings(max_new_tokens=1, temperature=0)))
+    assert cache.abs().sum() > 0
