@@ -123,15 +123,18 @@ class _Bound:
     """A loaded package whose constants point at one set of the model's tensors."""
 
     def __init__(self, path: Path, model: torch.nn.Module):
-        package = torch._inductor.aoti_load_package(str(path))
+        # torch's loader itself (torch._inductor.aoti_load_package wraps it): importing
+        # torch._inductor costs ~1 s, a third of a warm start's budget
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         tensors = _named_tensors(_Step(model, False))
-        wanted = package.get_constant_fqns()
+        wanted = loader.get_constant_fqns()
         missing = [n for n in wanted if n not in tensors]
         if missing:
             raise RuntimeError(f"package wants tensors the model lacks: {missing[:3]}")
         self.constants = {n: tensors[n] for n in wanted}  # kept alive: the package holds pointers
-        package.load_constants(self.constants, check_full_update=True, user_managed=True)
-        self.run = package.loader.boxed_run
+        # (constants, use_inactive, check_full_update, user_managed: no copies, allow_h2d_copy)
+        loader.load_constants(self.constants, False, True, True, False)
+        self.run = loader.boxed_run
         self.kv_cache = model.model.layers[0].self_attn.kv_cache
 
 

@@ -119,15 +119,22 @@ def _assert_interrupted(code, err):
     assert "interrupted" in err
 
 
-@pytest.mark.parametrize("stage", ["load", "compile", "generation"])
-def test_ctrl_c_exits_cleanly(stage):
+@pytest.mark.parametrize("stage", ["load", "compile", "aot-build", "generation"])
+def test_ctrl_c_exits_cleanly(stage, tmp_path):
     from llmrun.shipped import llmrun_cache_dir
 
     args = ["generate", "-p", "Tell me a long story.", "--max-new-tokens", "400"]
     if stage == "load":
         code, err = _interrupt_when(args + ["--quant", "none", "--no-compile"], "stderr", "load")
     elif stage == "compile":
-        code, err = _interrupt_when(args, "stderr", "compiling")
+        code, err = _interrupt_when(args + ["--compile-backend", "jit"], "stderr", "compiling")
+    elif stage == "aot-build":  # a cache without AOTInductor packages (kernels and quantized reused)
+        (tmp_path / "llmrun").mkdir()
+        for part in ("ext", "quantized"):
+            (llmrun_cache_dir() / part).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "llmrun" / part).symlink_to(llmrun_cache_dir() / part)
+        code, err = _interrupt_when(args, "stderr", "compiling", env={"XDG_CACHE_HOME": str(tmp_path)})
+        assert not list(tmp_path.rglob("*.pt2")), "a half-built package was left"
     else:
         code, err = _interrupt_when(args + ["--quant", "none", "--no-compile"], "stdout", " ")
     _assert_interrupted(code, err)

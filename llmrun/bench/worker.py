@@ -12,13 +12,14 @@ stderr; the result is written as one JSON object to OUT (peak RSS is this proces
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 
 import torch
+
+from llmrun.generate import peak_rss_bytes
 
 TG_PROMPT = 8  # tokens before the tg test's decode steps
 WARMUP_DECODE = 4  # untimed decode steps before tg
@@ -53,10 +54,6 @@ class Spec:
 
 def log(spec: Spec, msg: str) -> None:
     print(f"llmrun bench: [{spec.path}] {msg}", file=sys.stderr, flush=True)
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def weights_label(spec: Spec) -> str:
