@@ -10,14 +10,15 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from llmrun.bench import PATHS
+    from llmrun.bench import EXTRA_PATHS, PATHS
 
     p = sub.add_parser(
         "bench", help="benchmark prompt processing and generation speed",
         description="Benchmark pp (one prompt of -p tokens, prefill only) and tg (-n single-token "
         "decode steps) for each path, each in its own process, synthetic tokens, warm-up excluded. "
         "Paths: default (eager, unquantized, bf16 where the CPU has native bf16 else fp32), "
-        "eager-int4, compiled-bf16, compiled-int4, transformers.")
+        "eager-int4, compiled-bf16, compiled-int4 (llmrun: AOTInductor packages), transformers; "
+        "on request: jit-int4 (llmrun's int4 through torch.compile instead).")
     p.add_argument("--model", "-m", default=None,
                    help="alias, repo id, local HF directory or .gguf (default: the shipped SmolLM2-135M)")
     p.add_argument("--synthetic", default=None, metavar="NAME",
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("-n", "--n-gen", type=int, default=128, help="tg test decode steps (0: skip tg)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test")
     p.add_argument("--threads", "-t", type=int, default=None, help="threads for every path (default: all cores)")
-    p.add_argument("--paths", default=None, help=f"comma list (default: all): {','.join(PATHS)}")
+    p.add_argument("--paths", default=None, help=f"comma list (default: all): {','.join(PATHS)}; also {','.join(EXTRA_PATHS)}")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along K: 0 = per output channel, or 32/64/128/256 "
                    "(default: llmrun's default scheme)")
