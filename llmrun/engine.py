@@ -27,6 +27,7 @@ class EngineOptions:
     threads: int | None = None
     quant: str = "none"  # none | int4
     group_size: int = 32  # int4: 0 = per output channel; see quant.DEFAULT_GROUP_SIZE
+    head: str = "int8"  # int4: the output head int8 per channel, or int4 in the layers' scheme
     compile: bool = False
     compile_backend: str = "aot"  # aot: AOTInductor packages (llmrun.aot); jit: torch.compile
 
@@ -179,14 +180,14 @@ def _load_quantized_cached(resolved, tokenizer, options: EngineOptions, report):
     from llmrun.quant import make_transform
 
     dtype = DTYPES[options.dtype]
-    cache = quantized_format.cache_path(resolved.path, options.quant, options.group_size)
+    cache = quantized_format.cache_path(resolved.path, options.quant, options.group_size, options.head)
     if quantized_format.is_quantized_dir(cache):
         report(LoadProgress("load", message=f"loading quantized model from {cache}"))
         try:
             return quantized_format.load_quantized(cache, dtype)
         except LlmrunError as exc:
             report(LoadProgress("load", message=f"rebuilding the quantized cache ({exc})"))
-    transform = make_transform(options.quant, options.group_size)
+    transform = make_transform(options.quant, options.group_size, options.head)
     model = load_model(open_checkpoint(resolved.path, resolved.kind), dtype, transform,
                        lambda _, done, total: report(LoadProgress("quantize", done, total)))
     scheme = {"quant": options.quant, "group_size": options.group_size, "head": transform.head,

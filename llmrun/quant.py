@@ -76,10 +76,10 @@ class QuantTransform:
                                        bias=bias, backend=self.backend)
 
 
-def make_transform(quant: str, group_size: int) -> QuantTransform:
+def make_transform(quant: str, group_size: int, head: str = "int8") -> QuantTransform:
     if quant != "int4":
         raise LlmrunError(f"quantization {quant!r} is not supported (int4, none)")
-    return QuantTransform(group_size)
+    return QuantTransform(group_size, head=head)
 
 
 def fuse_int4(modules: list[nn.Module]) -> nn.Module | None:

@@ -152,7 +152,7 @@ def read_scheme(directory: Path) -> dict:
     return json.loads((directory / "config.json").read_text())["llmrun"]["scheme"]
 
 
-def cache_path(source: Path, quant: str, group_size: int) -> Path:
+def cache_path(source: Path, quant: str, group_size: int, head: str = "int8") -> Path:
     """Where the quantized form of `source` is cached: keyed by the source's path, size and
     mtime (so a changed file is quantized again), the scheme and this format's version."""
     import hashlib
@@ -160,7 +160,8 @@ def cache_path(source: Path, quant: str, group_size: int) -> Path:
     from llmrun.shipped import llmrun_cache_dir
 
     files = [source] if source.is_file() else sorted(source.glob("*.safetensors"))
-    ident = [str(source.resolve()), FORMAT, quant, str(group_size)]
+    ident = [str(source.resolve()), FORMAT, quant, str(group_size)] + ([] if head == "int8" else [head])
     ident += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
-    return llmrun_cache_dir() / "quantized" / f"{source.name}-{quant}-g{group_size}-{key}"
+    scheme = f"{quant}-g{group_size}" + ("" if head == "int8" else f"-head{head}")
+    return llmrun_cache_dir() / "quantized" / f"{source.name}-{scheme}-{key}"

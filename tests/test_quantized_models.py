@@ -80,3 +80,20 @@ def test_saved_directory_loads_back(quantized, tmp_path):
     assert reloaded_tok.eos_ids == tok.eos_ids
     with pytest.raises(Exception, match="already exists"):
         save_quantized(model, tok, {"quant": "int4", "group_size": group, "head": "int8"}, out)
+
+
+def test_int4_head_option_has_its_own_cache_entry(smollm2_path, tmp_path, monkeypatch):
+    """`--head int4`: the head runs the int4 kernel, and its quantized cache entry is not the
+    default scheme's (one must never be loaded for the other)."""
+    from llmrun.engine import Engine, EngineOptions
+    from llmrun.kernels import Int4Linear
+    from llmrun.quantized_format import cache_path
+
+    assert cache_path(smollm2_path, "int4", 32, "int4") != cache_path(smollm2_path, "int4", 32)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    engine = Engine.load(EngineOptions(model="smollm2-135m", quant="int4", head="int4"))
+    assert isinstance(engine.model.lm_head, Int4Linear)
+    assert cache_path(smollm2_path, "int4", 32, "int4").is_dir()
+    ids = engine.tokenizer.encode("The capital of France is")
+    text = "".join(c.text for c in engine.stream_generate(ids, SamplingSettings(max_new_tokens=8, temperature=0)))
+    assert "Paris" in text, text

@@ -31,6 +31,7 @@ class BenchOptions:
     tg: int = 128
     reps: int = 5
     group_size: int | None = None  # None: llmrun's default scheme (quant.DEFAULT_GROUP_SIZE)
+    head: str = "int8"  # int4 paths: the output head's scheme (int8 or int4)
     dtype: str | None = None  # None: see path_dtype
 
 
@@ -159,7 +160,7 @@ def run_bench(opts: BenchOptions, log=None) -> dict:
                 log(f"{path}: {note}")
                 continue
             spec = Spec(path=path, model=opts.model, synthetic=opts.synthetic, threads=threads, pp=opts.pp,
-                        tg=opts.tg, reps=opts.reps, group_size=opts.group_size, dtype=dtype)
+                        tg=opts.tg, reps=opts.reps, group_size=opts.group_size, head=opts.head, dtype=dtype)
             log(f"{path}: starting ({SHORT[dtype]})")
             res = run_path(spec, workdir)
             results[path] = res

@@ -39,6 +39,7 @@ class Spec:
     tg: int = 128
     reps: int = 5
     group_size: int = 32
+    head: str = "int8"  # int4 paths: the output head's scheme
     dtype: str = "bfloat16"  # compute dtype of the path (int4 paths: of the activations)
     quality_tokens: int = QUALITY_TOKENS
     seed: int = 0
@@ -60,7 +61,7 @@ def weights_label(spec: Spec) -> str:
     if not spec.int4:
         return SHORT[spec.dtype]
     gs = "pc" if spec.group_size == 0 else f"g{spec.group_size}"
-    return f"int4-{gs}+int8 head ({SHORT[spec.dtype]} act)"
+    return f"int4-{gs}+{spec.head} head ({SHORT[spec.dtype]} act)"
 
 
 # ------------------------------------------------------------------ llmrun paths
@@ -101,12 +102,14 @@ def load_llmrun(spec: Spec):
         if not spec.int4:
             raise LlmrunError("the model is stored quantized: it has no float weights for this path")
         model = quantized_format.load_quantized(resolved.path, dtype)
+        scheme = quantized_format.read_scheme(resolved.path)  # the table shows what was loaded
+        spec.group_size, spec.head = int(scheme["group_size"]), scheme.get("head", "int8")
         return model, tokenizer, {"load_s": time.perf_counter() - start, "quantize_s": 0.0}, model_name(resolved)
     transform = None
     if spec.int4:
         from llmrun.quant import QuantTransform
 
-        transform = _TimedTransform(QuantTransform(spec.group_size))
+        transform = _TimedTransform(QuantTransform(spec.group_size, head=spec.head))
     model = load_model(open_checkpoint(resolved.path, resolved.kind), dtype, transform)
     total = time.perf_counter() - start
     quantize_s = transform.seconds if transform else 0.0
@@ -368,6 +371,7 @@ def run(spec: Spec) -> dict:
         run_transformers(spec, result)
     else:
         run_llmrun(spec, result)
+        result["weights"] = weights_label(spec)  # a quantized directory brings its own scheme
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 

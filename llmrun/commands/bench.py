@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along K: 0 = per output channel, or 32/64/128/256 "
                    "(default: llmrun's default scheme)")
+    p.add_argument("--head", choices=["int8", "int4"], default="int8",
+                   help="int4 paths: the output head int8 per channel (default) or int4 like the layers")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of default/transformers and of the int4 paths' activations (default: "
                    "bf16 where the CPU has native bf16, else fp32, for default/transformers; llmrun's "
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     opts = BenchOptions(model=args.model, synthetic=args.synthetic, paths=parse_paths(args.paths),
                         threads=args.threads, pp=args.n_prompt, tg=args.n_gen, reps=args.repetitions,
-                        group_size=args.group_size, dtype=args.dtype)
+                        group_size=args.group_size, head=args.head, dtype=args.dtype)
     report = run_bench(opts)
     print(FORMATS[args.output](report), flush=True)
     failed = [p for p, r in report["paths"].items() if r.get("error")]

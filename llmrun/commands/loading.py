@@ -50,6 +50,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         quant=args.quant or "int4",
         group_size=args.group_size if args.group_size is not None else DEFAULT_GROUP_SIZE,
         compile=not args.no_compile,
+        head=getattr(args, "head", None) or "int8",
         compile_backend=getattr(args, "compile_backend", "aot"),
     )
 
