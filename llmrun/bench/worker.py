@@ -159,6 +159,11 @@ def run_llmrun(spec: Spec, result: dict) -> None:
 
     log(spec, "loading" + (" and quantizing" if spec.int4 else ""))
     model, tokenizer, timings, name = load_llmrun(spec)
+    if spec.int4:  # as the engine runs it: q/k/v and gate/up fused into one call each
+        from llmrun.models.layers import fuse_projections
+        from llmrun.quant import fuse_int4
+
+        fuse_projections(model, fuse_int4)
     result.update(model=name, **timings)
     log(spec, f"load {timings['load_s']:.2f} s" + (f"  quantize {timings['quantize_s']:.2f} s" if spec.int4 else ""))
     gen = Generator(model, tokenizer)
