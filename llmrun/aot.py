@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from llmrun.errors import LlmrunError
 from llmrun.generate import PREFILL_CHUNK, Generator
 
 FORMAT = 1  # bump when the way packages are built changes
@@ -177,7 +178,12 @@ class AotSteps:
                 path.unlink(missing_ok=True)
         self.report(f"compiling the {what} with AOTInductor (once per machine, then cached)")
         start = time.perf_counter()
-        build_package(model, step, path)
+        try:
+            build_package(model, step, path)
+        except Exception as exc:  # noqa: BLE001 - export/compiler failures: one line, a way out
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise LlmrunError(f"compiling the {what} failed ({type(exc).__name__}: {first}); "
+                              "run with --no-compile, or --compile-backend jit") from exc
         self.built.append(f"{step}:{model.cache_len}")
         bound = _Bound(path, model)
         self.report(f"compiled the {what} in {time.perf_counter() - start:.1f} s")
