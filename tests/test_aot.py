@@ -62,3 +62,20 @@ def test_packages_use_the_models_tensors_without_copies(tiny_hf_dir):
     list(engine.stream_generate(engine.tokenizer.encode("The capital of"),
                                 SamplingSettings(max_new_tokens=1, temperature=0)))
     assert cache.abs().sum() > 0
+
+
+def test_build_failure_is_one_clear_error(tiny_hf_dir, tmp_path, monkeypatch):
+    import pytest
+
+    from llmrun import aot
+    from llmrun.errors import LlmrunError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached packages
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("c++: internal compiler error\nmany more lines")
+
+    monkeypatch.setattr(aot, "build_package", broken)
+    with pytest.raises(LlmrunError, match=r"compiling the prefill step .* failed \(RuntimeError: "
+                       r"c\+\+: internal compiler error\); run with --no-compile"):
+        Engine.load(EngineOptions(model=str(tiny_hf_dir), quant="int4", compile=True, threads=1))
