@@ -103,21 +103,23 @@ def build_package(model: torch.nn.Module, step: str, path: Path) -> None:
     from llmrun.compiled import configure_inductor
 
     configure_inductor()
-    with torch.no_grad(), warnings.catch_warnings():
-        # torch's own pytree code trips its LeafSpec deprecation while exporting: not ours to act on
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        program = _export(model, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
     try:
-        with warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch's own pytree code trips its LeafSpec deprecation: not ours to act on
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             torch._inductor.aoti_compile_and_package(
-                program, package_path=str(tmp),
+                _export(model, step), package_path=str(tmp),
                 inductor_configs={"aot_inductor.package_constants_in_so": False})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _kv_cache(model: torch.nn.Module) -> torch.nn.Module:
+    """The first layer's KV cache: a new object whenever the model's caches are re-allocated."""
+    return model.model.layers[0].self_attn.kv_cache
 
 
 class _Bound:
@@ -136,7 +138,7 @@ class _Bound:
         # (constants, use_inactive, check_full_update, user_managed: no copies, allow_h2d_copy)
         loader.load_constants(self.constants, False, True, True, False)
         self.run = loader.boxed_run
-        self.kv_cache = model.model.layers[0].self_attn.kv_cache
+        self.kv_cache = _kv_cache(model)
 
 
 class AotSteps:
@@ -154,7 +156,7 @@ class AotSteps:
 
     def _step(self, model, step: str) -> Callable:
         bound = self._bound.get((step, model.cache_len))
-        if bound is None or bound.kv_cache is not model.model.layers[0].self_attn.kv_cache:
+        if bound is None or bound.kv_cache is not _kv_cache(model):
             bound = self._bind(model, step)
         return bound.run
 

@@ -56,6 +56,7 @@ class CompiledSteps:
         return self._prefill(model, ids, input_pos)
 
 
-def compile_generator(gen: Generator) -> None:
+def compile_generator(gen: Generator) -> CompiledSteps:
     steps = CompiledSteps()
     gen.prefill_fn, gen.decode_fn = steps.prefill, steps.decode
+    return steps

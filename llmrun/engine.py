@@ -101,25 +101,15 @@ class Engine:
         else:
             model = _load_quantized_cached(resolved, tokenizer, options, report)
         if options.quant != "none":
-            from llmrun.models.layers import fuse_projections
-            from llmrun.quant import fuse_int4
+            from llmrun.quant import fuse_int4_projections
 
-            fuse_projections(model, fuse_int4)
+            fuse_int4_projections(model)
         timings["load"] = time.perf_counter() - start
         engine = cls(model, tokenizer, options, resolved, timings)
         if options.compile:
             start = time.perf_counter()
-            if options.compile_backend == "jit":
-                from llmrun.compiled import compile_generator
-
-                report(LoadProgress("compile", message="compiling prefill and decode with "
-                                    "torch.compile (slow once per machine, then cached)"))
-                compile_generator(engine.generator)
-            else:
-                from llmrun.aot import compile_generator_aot
-
-                compile_generator_aot(engine.generator,
-                                      lambda message: report(LoadProgress("compile", message=message)))
+            compile_steps(engine.generator, options.compile_backend,
+                          lambda message: report(LoadProgress("compile", message=message)))
             engine.generator.warm_up()
             timings["compile"] = time.perf_counter() - start
         return engine
@@ -165,6 +155,19 @@ class Engine:
                         stop: threading.Event | None = None, ignore_eos: bool = False
                         ) -> Iterator[GenerationChunk]:
         return self.generator.stream(prompt_ids, settings, stop, ignore_eos)
+
+
+def compile_steps(generator: Generator, backend: str, report: Callable[[str], None]):
+    """Point `generator`'s prefill/decode at compiled steps of `backend` (see COMPILE_BACKENDS);
+    returns the steps object (llmrun.aot.AotSteps or llmrun.compiled.CompiledSteps)."""
+    if backend == "jit":
+        from llmrun.compiled import compile_generator
+
+        report("compiling prefill and decode with torch.compile (slow once per machine, then cached)")
+        return compile_generator(generator)
+    from llmrun.aot import compile_generator_aot
+
+    return compile_generator_aot(generator, report)
 
 
 def default_threads() -> int:

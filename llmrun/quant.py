@@ -82,6 +82,13 @@ def make_transform(quant: str, group_size: int, head: str = "int8") -> QuantTran
     return QuantTransform(group_size, head=head)
 
 
+def fuse_int4_projections(model: nn.Module) -> None:
+    """q/k/v and gate/up of a quantized model fused into one int4 call each (as it runs)."""
+    from llmrun.models.layers import fuse_projections
+
+    fuse_projections(model, fuse_int4)
+
+
 def fuse_int4(modules: list[nn.Module]) -> nn.Module | None:
     """One Int4Linear for several that read the same input (for models.layers.fuse_projections)."""
     if all(isinstance(m, Int4Linear) for m in modules):

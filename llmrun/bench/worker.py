@@ -49,8 +49,13 @@ class Spec:
         return self.path.endswith("int4")
 
     @property
+    def backend(self) -> str | None:
+        """The compile backend of the path (llmrun.engine.COMPILE_BACKENDS), None if eager."""
+        return "aot" if self.path.startswith("compiled") else "jit" if self.path.startswith("jit") else None
+
+    @property
     def compiled(self) -> bool:
-        return self.path.startswith("compiled") or self.path.startswith("jit")
+        return self.backend is not None
 
 
 def log(spec: Spec, msg: str) -> None:
@@ -159,23 +164,19 @@ def run_llmrun(spec: Spec, result: dict) -> None:
 
     log(spec, "loading" + (" and quantizing" if spec.int4 else ""))
     model, tokenizer, timings, name = load_llmrun(spec)
-    if spec.int4:  # as the engine runs it: q/k/v and gate/up fused into one call each
-        from llmrun.models.layers import fuse_projections
-        from llmrun.quant import fuse_int4
+    if spec.int4:  # as the engine runs it
+        from llmrun.quant import fuse_int4_projections
 
-        fuse_projections(model, fuse_int4)
+        fuse_int4_projections(model)
     result.update(model=name, **timings)
     log(spec, f"load {timings['load_s']:.2f} s" + (f"  quantize {timings['quantize_s']:.2f} s" if spec.int4 else ""))
     gen = Generator(model, tokenizer)
-    if spec.path.startswith("jit"):
-        from llmrun.compiled import compile_generator
+    if spec.compiled:
+        from llmrun.engine import compile_steps
 
-        compile_generator(gen)
-    elif spec.compiled:
-        from llmrun.aot import compile_generator_aot
-
-        steps = compile_generator_aot(gen, lambda message: log(spec, message))
-        result["packages_built"] = steps.built  # one per step and cache length; more = a rebuild
+        steps = compile_steps(gen, spec.backend, lambda message: log(spec, message))
+        if spec.backend == "aot":
+            result["packages_built"] = steps.built  # one per step and cache length; more = a rebuild
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(spec.seed)
     compile_s = 0.0
@@ -232,7 +233,7 @@ def run_llmrun(spec: Spec, result: dict) -> None:
         if tokenizer is not None:
             result["greedy_tokens"] = _greedy_llmrun(gen, model, tokenizer, spec)
     result["compile_s"] = compile_s if spec.compiled else None
-    if spec.path.startswith("jit"):  # a recompiling step would hide inside the t/s: count the graphs
+    if spec.backend == "jit":  # a recompiling step would hide inside the t/s: count the graphs
         from torch._dynamo.utils import counters
 
         result["graphs_compiled"] = int(counters["stats"]["unique_graphs"])
