@@ -60,7 +60,7 @@ def test_logits_match_transformers(name, tmp_path):
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gemma2", "llama3.2-tied"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "llama3.2-tied"])
 def test_kv_cache_decode_equals_full_forward(name, tmp_path):
     _save_tiny(name, tmp_path)
     model = load_model(open_checkpoint(tmp_path, "hf-dir"), torch.float32)

@@ -197,16 +197,22 @@ def test_non_fp16_scales_use_fp32_path():
     assert torch.equal(mod.neutral()[1], scales)
 
 
-def test_concat_fuses_layers():
+@pytest.mark.parametrize("sizes", [(24, 8, 8), (32, 16, 20)])  # repacked / panels stacked
+@pytest.mark.parametrize("group_size", [0, 32])
+def test_concat_fuses_layers(sizes, group_size):
     name = default_backend()
     g = torch.Generator().manual_seed(8)
-    layers = [Int4Linear.from_neutral(*quantize_int4(torch.randn(n, 96, generator=g), 32), 32, 96, backend=name)
-              for n in (24, 8, 8)]
+    neutral = [quantize_int4(torch.randn(n, 96, generator=g), group_size) for n in sizes]
+    neutral[1] = (neutral[1][0], neutral[1][1] * 1.0001)  # scales fp16 cannot hold: fp32 panels
+    layers = [Int4Linear.from_neutral(q, s, group_size, 96, backend=name) for q, s in neutral]
     fused = Int4Linear.concat(layers)
     x = torch.randn(4, 96, generator=g)
     parts = fused(x).split(fused.out_splits, -1)
     for layer, part in zip(layers, parts):
         torch.testing.assert_close(part, layer(x), rtol=1e-6, atol=1e-6)
+    q, s = fused.neutral()
+    assert torch.equal(q, torch.cat([n[0] for n in neutral]))
+    assert torch.equal(s, torch.cat([n[1] for n in neutral]).float())
 
 
 def test_bias_and_leading_dims():
@@ -300,3 +306,34 @@ def test_int8_linear(name):
                 else:
                     ref = x.float() @ (q.float() * s[:, None]).T
                     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                    (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("shape", [(1, 6, 2, 37, 40), (2, 4, 1, 20, 256), (1, 3, 3, 9, 8)])  # B, H, Hkv, S, D
+def test_decode_attention_matches_reference(dtypes, shape):
+    from llmrun.kernels.attention import decode_attention_op, decode_attention_reference
+
+    op = decode_attention_op()
+    if op is None:
+        pytest.skip("the native kernel is not in use on this machine")
+    q_dtype, kv_dtype = dtypes
+    B, H, Hkv, S, D = shape
+    g = torch.Generator().manual_seed(S * D)
+    q = torch.randn(B, H, 1, D, generator=g).to(q_dtype)
+    k = (torch.randn(B, Hkv, S, D, generator=g) * 2).to(kv_dtype)
+    v = torch.randn(B, Hkv, S, D, generator=g).to(kv_dtype)
+    tol = 1e-5 if q_dtype == torch.float32 else 2e-2
+    for pos in (0, S // 2, S - 1):
+        for softcap, window in ((0.0, 0), (0.0, 5), (20.0, 0), (20.0, 3)):
+            got = op(q, k, v, torch.tensor([pos]), 0.3, softcap, window)
+            ref = decode_attention_reference(q, k, v, pos, 0.3, softcap, window)
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    # slots past the position are never read: garbage there changes nothing
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, S // 2 + 1:] = float("nan")
+    v2[:, :, S // 2 + 1:] = float("inf")
+    pos = torch.tensor([S // 2])
+    assert torch.equal(op(q, k2, v2, pos, 0.3, 0.0, 0), op(q, k, v, pos, 0.3, 0.0, 0))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(q, k, v, torch.tensor([S]), 0.3, 0.0, 0)

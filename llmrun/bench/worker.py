@@ -136,9 +136,10 @@ def module_tensors(module):
     return list(own.items())
 
 
-def stored_bytes(model) -> dict:
+def stored_bytes(model, attended: float | None = None) -> dict:
     """Bytes a decode step reads: every weight tensor once, the embedding table one row (unless
-    it is also the head), and the KV cache (attention reads all of it, masked)."""
+    it is also the head), and the KV cache: all of it (masked attention), or `attended` of its
+    positions on average (the decode attention kernel reads only the filled ones)."""
     weights = kv = 0
     seen = set()
     tensors = [(f"{prefix}.{name}", t) for prefix, module in model.named_modules(remove_duplicate=False)
@@ -156,6 +157,8 @@ def stored_bytes(model) -> dict:
             weights += nbytes // max(1, t.shape[0])  # one row (or one scale) per token
         else:
             weights += nbytes
+    if attended is not None and getattr(model, "cache_len", 0):
+        kv = int(kv * min(1.0, attended / model.cache_len))
     return {"weights_bytes": weights, "kv_bytes": kv}
 
 
@@ -229,7 +232,10 @@ def run_llmrun(spec: Spec, result: dict) -> None:
             steady = min(samples) / spec.tg * (TG_PROMPT + warm)
             compile_s += max(0.0, first - steady) if spec.compiled else 0.0
             result["tests"]["tg"] = {"n": spec.tg, "samples_s": samples}
-            result.update(stored_bytes(model))
+            from llmrun.kernels.attention import decode_attention_op
+
+            attended = TG_PROMPT + spec.tg / 2 if decode_attention_op() is not None else None
+            result.update(stored_bytes(model, attended))
         if tokenizer is not None:
             result["greedy_tokens"] = _greedy_llmrun(gen, model, tokenizer, spec)
     result["compile_s"] = compile_s if spec.compiled else None

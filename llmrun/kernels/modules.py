@@ -141,13 +141,32 @@ class Int4Linear(_PackedLinear):
         K, gs = layers[0].in_features, layers[0].group_size
         if any(l.in_features != K or l.group_size != gs for l in layers):
             raise ValueError("concat needs equal in_features and group_size")
-        parts = [l.neutral() for l in layers]
         biases = [l.bias if l.bias is not None else torch.zeros(l.out_features) for l in layers]
-        has_bias = any(l.bias is not None for l in layers)
-        m = cls.from_neutral(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gs, K,
-                             bias=torch.cat(biases) if has_bias else None, backend=backend or layers[0].backend)
+        bias = torch.cat(biases) if any(l.bias is not None for l in layers) else None
+        backend = backend or layers[0].backend
+        if cls._panels_concatenate(layers, backend):
+            m = cls(K, sum(l.out_features for l in layers), gs, backend)
+            sc_dtype = torch.float32 if len({l.sc.dtype for l in layers}) > 1 else layers[0].sc.dtype
+            m._keep(w=torch.cat([l.w for l in layers]), sc=torch.cat([l.sc.to(sc_dtype) for l in layers]),
+                    corr=torch.cat([l.corr for l in layers]))
+            m._isa = layers[0]._isa
+            if bias is not None:
+                m.bias = torch.nn.Parameter(bias.float(), requires_grad=False)
+        else:
+            parts = [l.neutral() for l in layers]
+            m = cls.from_neutral(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gs, K,
+                                 bias=bias, backend=backend)
         m.out_splits = [l.out_features for l in layers]
         return m
+
+    @staticmethod
+    def _panels_concatenate(layers: list["Int4Linear"], backend: str) -> bool:
+        """True when the x86 panels of `layers` can simply be stacked: same backend, and every
+        layer but the last fills whole 16-column panels (no padding columns in between). No
+        unpack/repack: the fused layer costs one copy of the packed bytes, not the ~4 bytes per
+        weight of a neutral round trip (an 8B model's peak memory at load)."""
+        return (backend.startswith("x86") and all(l.backend == backend for l in layers)
+                and all(l.out_features % 16 == 0 for l in layers[:-1]))
 
     def neutral(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qweight uint8 [N, ceil(K/2)], scales float32 [N, n_groups]) - the saved format."""

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("int4mm.cpp", "int4mm_body.inc")
+_SOURCES = ("int4mm.cpp", "int4mm_body.inc", "attention.cpp", "attention_body.inc")
 _lock = threading.Lock()
 _state: dict = {}
 
 # the ops' overloads, bound once the extension is loaded (saves a lookup per call)
 INT4_MM = None
 INT8_MM = None
+DECODE_ATTENTION = None
 
 # isa codes of the C++ op, by backend name
 ISA_CODES = {"x86-avx512vnni": 0, "x86-avxvnni": 1, "x86-avx2": 2}
@@ -73,7 +74,7 @@ def _compile(build_dir: Path):
     print("llmrun: building the x86 int4 kernel (once per machine)…", file=sys.stderr, flush=True)
     cpp_extension.load(
         name="llmrun_int4mm",
-        sources=[str(_CSRC / "int4mm.cpp")],
+        sources=[str(_CSRC / name) for name in _SOURCES if name.endswith(".cpp")],
         extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-Wno-unused-function"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
@@ -110,9 +111,10 @@ def _load() -> bool:
                               "falling back to the slow reference", stacklevel=3)
         if ok:
             _register_fakes()
-            global INT4_MM, INT8_MM
+            global INT4_MM, INT8_MM, DECODE_ATTENTION
             INT4_MM = torch.ops.llmrun.int4_mm.default
             INT8_MM = torch.ops.llmrun.int8_mm.default
+            DECODE_ATTENTION = torch.ops.llmrun.decode_attention.default
         _state["ok"] = ok
         return ok
 
@@ -125,6 +127,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llmrun::int8_mm")
     def _(x, w, sc, corr, K, N, isa):
         return x.new_empty((x.shape[0], N))
+
+    @torch.library.register_fake("llmrun::decode_attention")
+    def _(q, k, v, input_pos, scale, softcap, window):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::quant_act")
     def _(x, Kpad):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmrun.kernels.attention import decode_attention_op
 from llmrun.models.config import ModelConfig, RopeSpec
 
 
@@ -94,6 +95,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
         self.kv_cache: KVCache | None = None
+        self.window = 0  # sliding-window length of this layer (0: attends to every position)
         # Optional single module computing [q | k | v] in one call (see fuse_projections)
         self.qkv_proj: nn.Module | None = None
         self.qkv_splits = (q_dim, kv_dim, kv_dim)
@@ -113,7 +115,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if use_cache:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
-        if self.softcap is None and T > 1:
+        single_query = decode_attention_op() if use_cache and T == 1 else None
+        if single_query is not None:  # reads the filled cache positions only
+            out = single_query(q, k, v, input_pos, self.scale, self.softcap or 0.0, self.window)
+        elif self.softcap is None and T > 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                  enable_gqa=self.n_heads != self.n_kv_heads)
         else:
@@ -169,6 +174,7 @@ class Block(nn.Module):
         norm = lambda: RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)  # noqa: E731
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg)
+        self.self_attn.window = (cfg.sliding_window or 0) if self.sliding else 0
         self.post_attention_layernorm = norm()
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = norm()
