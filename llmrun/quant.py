@@ -4,7 +4,8 @@ a model. Schemes:
   linear layers  int4 symmetric, per output channel (group_size 0) or per group along K
   output head    int8 per channel (default) or int4 with the layers' scheme, or none
   embedding      int8 per row (a table lookup: rows are dequantized as they are read)
-A tied head and embedding share one int8 copy."""
+A tied int8 head and the embedding share one table: the embedding reads its rows from the
+head (TiedInt8Embedding), whatever layout the head's kernel keeps."""
 
 from __future__ import annotations
 
@@ -38,6 +39,21 @@ class Int8Embedding(nn.Module):
         return (rows * self.scales[idx].unsqueeze(-1)).to(self.dtype)
 
 
+class TiedInt8Embedding(nn.Module):
+    """The embedding of a model whose int8 output head is tied to it: rows come from the head's
+    own table (Int8Linear.embed), so the table is stored once. The head is held as a plain
+    reference, not a submodule: it stays registered once, as the model's lm_head."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self._head = (head,)
+        self.dtype = dtype
+        self.embedding_dim = head.in_features
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._head[0].embed(idx, self.dtype)  # (..., dim)
+
+
 class QuantTransform:
     """Callable (module name, loaded module) -> module, for llmrun.loader.load_model."""
 
@@ -50,6 +66,7 @@ class QuantTransform:
             raise LlmrunError(f"head scheme {head!r} is not one of {', '.join(HEAD_SCHEMES)}")
         self.group_size, self.head, self.embedding, self.backend = group_size, head, embedding, backend
         self._int8_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._int8_heads: dict[int, Int8Linear] = {}  # weight id -> int8 head (tied embeddings)
 
     def _int8(self, weight: torch.Tensor):
         key = id(weight)  # tied head and embedding are the same Parameter: quantize once
@@ -61,6 +78,10 @@ class QuantTransform:
         if isinstance(module, nn.Embedding):
             if not self.embedding:
                 return module
+            head = self._int8_heads.pop(id(module.weight), None)  # the loader transforms a tied head first
+            if head is not None:
+                self._int8_cache.pop(id(module.weight), None)
+                return TiedInt8Embedding(head, module.weight.dtype)
             q, s = self._int8(module.weight)
             return Int8Embedding(q, s, module.weight.dtype)
         if not isinstance(module, nn.Linear):
@@ -70,7 +91,9 @@ class QuantTransform:
             if self.head == "none":
                 return module
             q, s = self._int8(module.weight)
-            return Int8Linear.from_neutral(q, s, bias=bias)
+            head = Int8Linear.from_neutral(q, s, bias=bias)
+            self._int8_heads[id(module.weight)] = head
+            return head
         qweight, scales = quantize_int4(module.weight.detach(), self.group_size)
         return Int4Linear.from_neutral(qweight, scales, self.group_size, module.in_features,
                                        bias=bias, backend=self.backend)

@@ -94,7 +94,7 @@ def save_quantized(model: Transformer, tokenizer, scheme: dict, out: Path, force
 
 def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = None) -> Transformer:
     from llmrun.kernels import Int4Linear, Int8Linear
-    from llmrun.quant import Int8Embedding
+    from llmrun.quant import Int8Embedding, TiedInt8Embedding
 
     meta = json.loads((directory / "config.json").read_text())["llmrun"]
     cfg = config_from_dict(meta["model_config"])
@@ -124,7 +124,7 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
                 meta["scheme"].get("head_group_size", meta["scheme"]["group_size"]))
             return Int4Linear.from_neutral(q, s, group, module.in_features, bias=bias, backend=backend)
 
-        for name, module in list(modules.items()):
+        def load_module(name: str, module: nn.Module):
             source = name
             if name == "lm_head" and cfg.tie_embeddings and "lm_head.qweight" not in keys:
                 source = "model.embed_tokens"
@@ -132,7 +132,7 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
                 new = quantized(name, module, source)
                 parent, _, child = name.rpartition(".")
                 setattr(modules[parent] if parent else model, child, new)
-                continue
+                return
             for leaf, param in list(module.named_parameters(recurse=False)):
                 key = f"{name}.{leaf}"
                 if key == "lm_head.weight" and key not in keys and cfg.tie_embeddings:
@@ -141,6 +141,18 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
                 if key not in keys:
                     raise LlmrunError(f"{file} lacks tensor {key!r}: the quantized model is incomplete")
                 module._parameters[leaf] = nn.Parameter(take(key).to(dtype), requires_grad=False)
+
+        tied = cfg.tie_embeddings and "lm_head.weight" not in keys
+        for name, module in list(modules.items()):
+            if not (tied and name == "model.embed_tokens"):  # a tied embedding follows its head
+                load_module(name, module)
+        if tied and isinstance(model.lm_head, Int8Linear):  # one table: the head's
+            model.model.embed_tokens = TiedInt8Embedding(model.lm_head, dtype)
+            used.update(k for k in ("model.embed_tokens.qweight", "model.embed_tokens.scales") if k in keys)
+        elif tied:
+            load_module("model.embed_tokens", modules["model.embed_tokens"])
+            if isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.is_meta:
+                model.lm_head.weight = model.model.embed_tokens.weight
     extra = keys - used
     if extra:
         raise LlmrunError(f"{file} holds unexpected tensors ({', '.join(sorted(extra)[:3])})")

@@ -62,6 +62,10 @@ def test_perplexity_close_to_fp32(quantized, request):
 
 
 def test_saved_directory_loads_back(quantized, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from llmrun.quant import TiedInt8Embedding
     from llmrun.quantized_format import load_quantized, save_quantized
     from llmrun.tokenizer import Tokenizer
 
@@ -75,6 +79,21 @@ def test_saved_directory_loads_back(quantized, tmp_path):
     ids = torch.tensor([tok.encode(PROMPT)[:16]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids))
+    # the tied int8 table exists once: in memory (the embedding reads the head's rows) and on disk
+    for m in (model, loaded):
+        assert isinstance(m.model.embed_tokens, TiedInt8Embedding) and m.model.embed_tokens._head[0] is m.lm_head
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert "lm_head.qweight" in f.keys() and not any(k.startswith("model.embed_tokens") for k in f.keys())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    # a file of the earlier layout (the table saved as the embedding's) loads to one table too
+    tensors["model.embed_tokens.qweight"] = tensors.pop("lm_head.qweight")
+    tensors["model.embed_tokens.scales"] = tensors.pop("lm_head.scales")
+    save_file(tensors, out / "model.safetensors", metadata=metadata)
+    older = load_quantized(out, torch.float32)
+    assert older.model.embed_tokens._head[0] is older.lm_head
+    with torch.no_grad():
+        torch.testing.assert_close(older(ids), model(ids))
     reloaded_tok = Tokenizer.from_hf_dir(out)
     assert reloaded_tok.encode(PROMPT) == tok.encode(PROMPT)
     assert reloaded_tok.eos_ids == tok.eos_ids

@@ -112,7 +112,7 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
     quantize_s is the time spent packing the neutral tensors into the kernel's layout."""
     from llmrun.kernels import Int4Linear, Int8Linear
     from llmrun.models import build_on_meta
-    from llmrun.quant import Int8Embedding
+    from llmrun.quant import Int8Embedding, TiedInt8Embedding
 
     start = time.perf_counter()
     pack_s = 0.0
@@ -124,7 +124,8 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
             V, D = module.num_embeddings, module.embedding_dim
             if int4:
                 int8_table = _random_int8(V, D, g)
-                _set_child(model, name, Int8Embedding(int8_table[0], int8_table[1], dtype))
+                if not cfg.tie_embeddings:  # tied: the head's table, below
+                    _set_child(model, name, Int8Embedding(int8_table[0], int8_table[1], dtype))
             else:
                 module.weight = nn.Parameter(_uniform((V, D), dtype, 1.0, g), requires_grad=False)
         elif isinstance(module, nn.Linear):
@@ -136,6 +137,7 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
                 t = time.perf_counter()
                 _set_child(model, name, Int8Linear.from_neutral(q, s))
                 pack_s += time.perf_counter() - t
+                int8_table = q = s = None  # the packed head is the only copy kept
                 continue
             if int4:
                 q, s = _random_int4(N, K, group_size, g)
@@ -155,6 +157,8 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
                     module._parameters[leaf] = nn.Parameter(fill(p.shape, dtype=dtype), requires_grad=False)
     if cfg.tie_embeddings and not int4:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if cfg.tie_embeddings and int4:  # one int8 table, read by the head and the embedding
+        model.model.embed_tokens = TiedInt8Embedding(model.lm_head, dtype)
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f"synthetic model left parameters unfilled: {leftover[:3]}")
