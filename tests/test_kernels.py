@@ -312,11 +312,11 @@ def test_int8_linear(name):
                                     (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("shape", [(1, 6, 2, 37, 40), (2, 4, 1, 20, 256), (1, 3, 3, 9, 8)])  # B, H, Hkv, S, D
 def test_decode_attention_matches_reference(dtypes, shape):
-    from llmrun.kernels.attention import decode_attention_op, decode_attention_reference
+    from llmrun.kernels.attention import decode_attention, decode_attention_available, decode_attention_reference
 
-    op = decode_attention_op()
-    if op is None:
+    if not decode_attention_available():
         pytest.skip("the native kernel is not in use on this machine")
+    op = decode_attention
     q_dtype, kv_dtype = dtypes
     B, H, Hkv, S, D = shape
     g = torch.Generator().manual_seed(S * D)
@@ -337,3 +337,15 @@ def test_decode_attention_matches_reference(dtypes, shape):
     assert torch.equal(op(q, k2, v2, pos, 0.3, 0.0, 0), op(q, k, v, pos, 0.3, 0.0, 0))
     with pytest.raises(RuntimeError, match="outside the cache"):
         op(q, k, v, torch.tensor([S]), 0.3, 0.0, 0)
+
+
+@pytest.mark.parametrize("op", ["llmrun-g32", "llmrun-int8"])
+def test_kernel_bench_weight_copies_are_distinct(op):
+    """The kernel bench cycles weight copies so that M=1 reads DRAM: each must own its packed
+    tensors (shared ones would be read from cache and inflate the GB/s)."""
+    from llmrun.kernels import bench
+
+    fns = bench._make(op, 32, 64, 1, 3, torch.Generator().manual_seed(0))
+    modules = [f.__defaults__[0] for f in fns]
+    assert len({m.w.data_ptr() for m in modules}) == 3
+    assert all(torch.equal(m(torch.ones(1, 64)), modules[0](torch.ones(1, 64))) for m in modules)

@@ -232,9 +232,8 @@ def run_llmrun(spec: Spec, result: dict) -> None:
             steady = min(samples) / spec.tg * (TG_PROMPT + warm)
             compile_s += max(0.0, first - steady) if spec.compiled else 0.0
             result["tests"]["tg"] = {"n": spec.tg, "samples_s": samples}
-            from llmrun.kernels.attention import decode_attention_op
-
-            attended = TG_PROMPT + spec.tg / 2 if decode_attention_op() is not None else None
+            kernel = model.model.layers[0].self_attn.single_query_kernel
+            attended = TG_PROMPT + spec.tg / 2 if kernel else None
             result.update(stored_bytes(model, attended))
         if tokenizer is not None:
             result["greedy_tokens"] = _greedy_llmrun(gen, model, tokenizer, spec)

@@ -1,10 +1,11 @@
 """Single-query attention over the filled part of a static KV cache (decode steps).
 
-`decode_attention_op()` is the native kernel (csrc/attention.cpp) where the x86 extension is
-built and the kernel backend is x86 (`LLMRUN_KERNEL_BACKEND` may force another), else None:
-callers then keep their own masked attention over the whole cache. The op reads the query's
-position at run time, so one compiled decode step (static shapes) attends over positions
-[start, pos] only, instead of all S cache slots with a mask.
+`decode_attention` runs the native kernel (csrc/attention.cpp); `decode_attention_available()`
+says whether it is in use here: the x86 extension is built and the kernel backend is x86
+(`LLMRUN_KERNEL_BACKEND` may force another). Elsewhere callers keep their own masked
+attention over the whole cache. The op reads the query's position at run time, so one
+compiled decode step (static shapes) attends over positions [start, pos] only, instead of all
+S cache slots with a mask.
 """
 
 from __future__ import annotations
@@ -12,15 +13,23 @@ from __future__ import annotations
 import torch
 
 
-def decode_attention_op():
-    """op(q (B,H,1,D), k, v (B,Hkv,S,D), input_pos (1,) int64, scale, softcap (0: none),
-    window (0: none)) -> (B,H,1,D), or None where the native kernel is not in use."""
+def decode_attention_available() -> bool:
+    """Whether the native kernel is in use here (builds the extension on first call). Ask once,
+    outside compiled code: the answer decides which attention a model traces."""
     from . import native
     from .dispatch import default_backend
 
-    if not default_backend().startswith("x86") or not native.built():
-        return None
-    return native.DECODE_ATTENTION
+    return default_backend().startswith("x86") and native.built()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+                     scale: float, softcap: float = 0.0, window: int = 0) -> torch.Tensor:
+    """q (B,H,1,D), k/v (B,Hkv,S,D), input_pos (1,) int64 -> (B,H,1,D): attention over positions
+    [max(0, pos - window + 1), pos] (window 0: from 0); softcap 0: none. Needs
+    decode_attention_available()."""
+    from . import native
+
+    return native.DECODE_ATTENTION(q, k, v, input_pos, scale, softcap, window)
 
 
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float,

@@ -77,12 +77,8 @@ def _make(op: str, N: int, K: int, M: int, copies: int, g: torch.Generator) -> l
         sc = (torch.rand(N, G, generator=g) * 0.01 + 0.001).half().float()
         base = Int4Linear.from_neutral(qw, sc, gs, K)
         x = torch.randn(M, K, generator=g).bfloat16()
-        mods = []
-        for _ in range(copies):
-            m = copy.copy(base)
-            for k in ("w", "sc", "corr"):
-                setattr(m, k, getattr(base, k).clone())
-            mods.append(m)
+        # deep copies: each its own packed tensors (buffers), so cycling them reads DRAM
+        mods = [copy.deepcopy(base) for _ in range(copies)]
         return [(lambda m=m: m(x)) for m in mods]
     if op == "llmrun-int8":
         from . import Int8Linear
@@ -90,13 +86,7 @@ def _make(op: str, N: int, K: int, M: int, copies: int, g: torch.Generator) -> l
         base = Int8Linear.from_neutral(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g),
                                        torch.rand(N, generator=g) * 0.01)
         x = torch.randn(M, K, generator=g).bfloat16()
-        mods = []
-        for _ in range(copies):
-            m = copy.copy(base)
-            for k in ("w", "sc", "corr"):
-                if hasattr(base, k):
-                    setattr(m, k, getattr(base, k).clone())
-            mods.append(m)
+        mods = [copy.deepcopy(base) for _ in range(copies)]
         return [(lambda m=m: m(x)) for m in mods]
     if op in ("fp32", "bf16"):
         dt = torch.float32 if op == "fp32" else torch.bfloat16
