@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llmrun.errors import LlmrunError
+from llmrun.memory import release_free_heap
 from llmrun.models import ModelConfig, Transformer, build_on_meta
 
 # (qualified module name, loaded module) -> module to use instead (e.g. a quantized linear)
@@ -104,6 +105,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
                 _replace(model, modules, "lm_head", transform("lm_head", model.lm_head))
         if pending[module_name] == 0 and transform is not None:
             _replace(model, modules, module_name, transform(module_name, module))
+            release_free_heap()  # the float weights and packing intermediates just freed
     missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")

@@ -15,6 +15,7 @@ from torch import nn
 
 from llmrun.errors import LlmrunError
 from llmrun.kernels import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from llmrun.memory import release_free_heap
 
 GROUP_SIZES = (0, 32, 64, 128, 256)
 # Default: groups of 32. Per output channel (0) was what users asked for, but on the shipped
@@ -110,10 +111,12 @@ def fuse_int4_projections(model: nn.Module) -> None:
     from llmrun.models.layers import fuse_projections
 
     fuse_projections(model, fuse_int4)
+    release_free_heap()  # the unfused layers' packed tensors
 
 
 def fuse_int4(modules: list[nn.Module]) -> nn.Module | None:
     """One Int4Linear for several that read the same input (for models.layers.fuse_projections)."""
     if all(isinstance(m, Int4Linear) for m in modules):
+        release_free_heap()  # the layers fused before this one (an 8B model holds ~2 GB of them)
         return Int4Linear.concat(modules)
     return None

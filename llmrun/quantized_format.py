@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmrun.errors import LlmrunError
+from llmrun.memory import release_free_heap
 from llmrun.models import ModelConfig, RopeSpec, Transformer, build_on_meta
 
 FORMAT = "llmrun-quantized-v1"
@@ -132,6 +133,7 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
                 new = quantized(name, module, source)
                 parent, _, child = name.rpartition(".")
                 setattr(modules[parent] if parent else model, child, new)
+                release_free_heap()  # repacking intermediates
                 return
             for leaf, param in list(module.named_parameters(recurse=False)):
                 key = f"{name}.{leaf}"

@@ -111,6 +111,7 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
     """(model, {"load_s", "quantize_s"}): llmrun's Transformer with random weights. For int4,
     quantize_s is the time spent packing the neutral tensors into the kernel's layout."""
     from llmrun.kernels import Int4Linear, Int8Linear
+    from llmrun.memory import release_free_heap
     from llmrun.models import build_on_meta
     from llmrun.quant import Int8Embedding, TiedInt8Embedding
 
@@ -146,6 +147,7 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
                 pack_s += time.perf_counter() - t
                 del q, s
                 _set_child(model, name, new)
+                release_free_heap()  # packing intermediates
                 continue
             module.weight = nn.Parameter(_uniform((N, K), dtype, math.sqrt(3.0 / K), g), requires_grad=False)
             if module.bias is not None:
