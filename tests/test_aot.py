@@ -79,3 +79,38 @@ def test_build_failure_is_one_clear_error(tiny_hf_dir, tmp_path, monkeypatch):
     with pytest.raises(LlmrunError, match=r"compiling the prefill step .* failed \(RuntimeError: "
                        r"c\+\+: internal compiler error\); run with --no-compile"):
         Engine.load(EngineOptions(model=str(tiny_hf_dir), quant="int4", compile=True, threads=1))
+
+
+def _live_cpu_tensors() -> dict[int, int]:
+    """data_ptr -> bytes of every real (not fake) tensor's storage that gc can see."""
+    import gc
+
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in gc.get_objects() if type(t) is torch.Tensor and t.device.type == "cpu"}
+
+
+def test_building_a_package_neither_copies_nor_keeps_weights(tiny_hf_dir, tmp_path):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llmrun import aot
+
+    engine = Engine.load(EngineOptions(model=str(tiny_hf_dir), quant="int4", compile=False, threads=1))
+    engine.generator.ensure_cache(64)
+    tensors = aot._named_tensors(engine.model)
+    weight_bytes = sum(t.untyped_storage().nbytes() for t in tensors.values())
+    created: list[int] = []
+
+    class CountNewTensors(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            created.extend(o.untyped_storage().nbytes() for o in (out if isinstance(out, (list, tuple)) else [out])
+                           if type(o) is torch.Tensor)  # real tensors only: tracing makes fake ones
+            return out
+
+    before = _live_cpu_tensors()
+    with CountNewTensors():
+        aot.build_package(engine.model, "decode", tmp_path / "decode.pt2")
+    kept = {p: n for p, n in _live_cpu_tensors().items() if p not in before}
+    # torch's own habit was a clone of every buffer (the packed weights), kept until the next trace
+    assert sum(created) < weight_bytes // 100, (sum(created), weight_bytes)
+    assert sum(kept.values()) < weight_bytes // 100, kept
