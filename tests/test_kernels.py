@@ -280,7 +280,7 @@ def test_int8_linear(name):
     if name.startswith("x86"):
         _backend_or_skip(name)
     g = torch.Generator().manual_seed(11)
-    for N, K in [(300, 64), (37, 100), (16, 7)]:
+    for N, K in [(300, 64), (37, 100), (16, 7), (4113, 40)]:  # 4113 rows: packed in slices of 4096
         W = torch.randn(N, K, generator=g)
         q, s = quantize_int8(W)
         mod = Int8Linear.from_neutral(q, s, backend=name)

@@ -215,13 +215,18 @@ def pack_int8(qweight: torch.Tensor, scales: torch.Tensor):
     Line l of panel p: byte 4c+j = w[16p+c, 4l+j]; K padded with zeros to a multiple of 8."""
     N, K = qweight.shape
     NP, Kpad = -(-N // 16), -(-K // 8) * 8
-    q = torch.nn.functional.pad(qweight, (0, Kpad - K, 0, NP * 16 - N))
-    w = q.view(NP, 16, Kpad // 4, 4).permute(0, 2, 1, 3).contiguous().view(torch.uint8).view(NP, Kpad // 4, 64)
+    w = torch.empty((NP, Kpad // 4, 64), dtype=torch.uint8)
+    corr = torch.empty(NP * 16, dtype=torch.int32)
+    # 256 panels (4096 rows) at a time: padded copies and int64 row sums of a whole head cost
+    # 1-8 bytes per weight more (an 8B model's 0.5 GB int8 head peaked 1.1 GB above its size)
+    for p in range(0, NP, 256):
+        rows = qweight[16 * p:16 * (p + 256)]  # [<=4096, K]
+        n = -(-rows.shape[0] // 16)
+        q = torch.nn.functional.pad(rows, (0, Kpad - K, 0, 16 * n - rows.shape[0]))
+        w[p:p + n] = q.view(n, 16, Kpad // 4, 4).permute(0, 2, 1, 3).view(torch.uint8).reshape(n, Kpad // 4, 64)
+        corr[16 * p:16 * (p + n)] = 128 * q.sum(-1, dtype=torch.int64)
     sc = torch.nn.functional.pad(scales.float().reshape(N), (0, NP * 16 - N)).view(NP, 1, 16).contiguous()
-    # row sums in slices: a whole-table int64 sum materializes 8 bytes per weight (2 GiB for a
-    # Llama-3 1B head, measured as the load's peak)
-    corr = torch.cat([128 * q[i:i + 4096].sum(-1, dtype=torch.int64) for i in range(0, q.shape[0], 4096)])
-    return w, sc, corr.to(torch.int32).contiguous()
+    return w, sc, corr
 
 
 def unpack_int8(w: torch.Tensor, sc: torch.Tensor, K: int, N: int):
