@@ -17,7 +17,11 @@ from llmrun.engine import Engine, EngineOptions
 from llmrun.generation_types import SamplingSettings
 
 GREEDY = SamplingSettings(max_new_tokens=24, temperature=0)
-ANSWER = {"smollm2-135m": "Paris", "gemma3-270m": "France"}
+# (prompt, word the int4 answer holds). Not "The capital of France is" for Gemma: its int4 top
+# tokens there (' which', ' the', ' France') lie within 0.8 logits, and noise of 1e-6 relative
+# in the attention outputs flips the greedy pick among them (measured); here the margin is 2.1.
+ANSWER = {"smollm2-135m": ("The capital of France is", "Paris"),
+          "gemma3-270m": ("Paris is the capital of", "France")}
 
 
 def _generate(engine, prompt, n=24):
@@ -82,6 +86,7 @@ def test_compiled_fp32_matches_eager_exactly(model, backend):
 @pytest.mark.parametrize("model,backend", CASES)
 def test_compiled_int4_answers_without_breaks_or_recompiles(model, backend):
     compiled = _load(model, "int4", True, backend)
-    tokens, text = _generate(compiled, "The capital of France is", 8)
-    assert ANSWER[model] in text, text
+    prompt, answer = ANSWER[model]
+    tokens, text = _generate(compiled, prompt, 8)
+    assert answer in text, text
     _assert_no_recompiles(compiled)

@@ -312,9 +312,9 @@ def test_int8_linear(name):
                                     (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("shape", [(1, 6, 2, 37, 40), (2, 4, 1, 20, 256), (1, 3, 3, 9, 8)])  # B, H, Hkv, S, D
 def test_decode_attention_matches_reference(dtypes, shape):
-    from llmrun.kernels.attention import decode_attention, decode_attention_available, decode_attention_reference
+    from llmrun.kernels.attention import cache_attention_available, decode_attention, decode_attention_reference
 
-    if not decode_attention_available():
+    if not cache_attention_available():
         pytest.skip("the native kernel is not in use on this machine")
     op = decode_attention
     q_dtype, kv_dtype = dtypes
@@ -337,6 +337,37 @@ def test_decode_attention_matches_reference(dtypes, shape):
     assert torch.equal(op(q, k2, v2, pos, 0.3, 0.0, 0), op(q, k, v, pos, 0.3, 0.0, 0))
     with pytest.raises(RuntimeError, match="outside the cache"):
         op(q, k, v, torch.tensor([S]), 0.3, 0.0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 6, 2, 150, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8)])  # B, H, Hkv, S, D
+def test_prefill_attention_matches_reference(dtype, shape):
+    from llmrun.kernels.attention import cache_attention_available, prefill_attention, prefill_attention_reference
+
+    if not cache_attention_available():
+        pytest.skip("the native kernel is not in use on this machine")
+    B, H, Hkv, S, D = shape
+    g = torch.Generator().manual_seed(S * D)
+    k = (torch.randn(B, Hkv, S, D, generator=g) * 2).to(dtype)
+    v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # a first chunk, a later chunk (blocks of 64 queries, the last one partial), one query at
+    # the cache's end, and positions out of order
+    for positions in (list(range(S - 3)), list(range(5, S)), [S - 1], [3, 0, S - 1, 2, 1]):
+        q = torch.randn(B, H, len(positions), D, generator=g).to(dtype)
+        for window in (0, 1, 7, 70):
+            got = prefill_attention(q, k, v, torch.tensor(positions), 0.3, window)
+            ref = prefill_attention_reference(q, k, v, positions, 0.3, window)
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    # slots past the last position are never read: garbage there changes nothing
+    positions = torch.arange(S // 2)
+    q = torch.randn(B, H, S // 2, D, generator=g).to(dtype)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, S // 2:] = float("nan")
+    v2[:, :, S // 2:] = float("inf")
+    assert torch.equal(prefill_attention(q, k2, v2, positions, 0.3, 0), prefill_attention(q, k, v, positions, 0.3, 0))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        prefill_attention(q[:, :, :1], k, v, torch.tensor([S]), 0.3, 0)
 
 
 @pytest.mark.parametrize("op", ["llmrun-g32", "llmrun-int8"])

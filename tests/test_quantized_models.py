@@ -11,7 +11,8 @@ from llmrun.generation_types import SamplingSettings
 from llmrun.loader import load_model, open_checkpoint
 from llmrun.quant import QuantTransform
 
-ANSWER = {"smollm2": "Paris", "gemma3": "France"}
+# (prompt, word the int4 answer holds): see tests/test_compiled.py for why Gemma's differs
+ANSWER = {"smollm2": ("The capital of France is", "Paris"), "gemma3": ("Paris is the capital of", "France")}
 PROMPT = ("The quick brown fox jumps over the lazy dog. Meanwhile, in a small village by the "
           "sea, an old fisherman was mending his nets and telling stories about")
 
@@ -31,9 +32,9 @@ def test_capital_of_france(quantized):
     name, group, path, model = quantized
     tok = Tokenizer.from_gguf(path)
     gen = Generator(model, tok)
-    text = "".join(c.text for c in gen.stream(tok.encode("The capital of France is"),
-                                              SamplingSettings(max_new_tokens=8, temperature=0)))
-    assert ANSWER[name] in text, text
+    prompt, answer = ANSWER[name]
+    text = "".join(c.text for c in gen.stream(tok.encode(prompt), SamplingSettings(max_new_tokens=8, temperature=0)))
+    assert answer in text, text
 
 
 # Perplexity of the int4 model over that of the fp32 one on 1024 tokens of the shipped text
@@ -113,6 +114,8 @@ def test_int4_head_option_has_its_own_cache_entry(smollm2_path, tmp_path, monkey
     engine = Engine.load(EngineOptions(model="smollm2-135m", quant="int4", head="int4"))
     assert isinstance(engine.model.lm_head, Int4Linear)
     assert cache_path(smollm2_path, "int4", 32, "int4").is_dir()
-    ids = engine.tokenizer.encode("The capital of France is")
+    # not "The capital of France is": with an int4 head its top two (' ', ' Paris') lie within
+    # 0.2 logits, flipped by rounding noise; here ' Paris' leads by 1.1
+    ids = engine.tokenizer.encode("The Eiffel Tower is in the city of")
     text = "".join(c.text for c in engine.stream_generate(ids, SamplingSettings(max_new_tokens=8, temperature=0)))
     assert "Paris" in text, text

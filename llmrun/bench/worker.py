@@ -232,7 +232,7 @@ def run_llmrun(spec: Spec, result: dict) -> None:
             steady = min(samples) / spec.tg * (TG_PROMPT + warm)
             compile_s += max(0.0, first - steady) if spec.compiled else 0.0
             result["tests"]["tg"] = {"n": spec.tg, "samples_s": samples}
-            kernel = model.model.layers[0].self_attn.single_query_kernel
+            kernel = model.model.layers[0].self_attn.cache_kernels
             attended = TG_PROMPT + spec.tg / 2 if kernel else None
             result.update(stored_bytes(model, attended))
         if tokenizer is not None:

@@ -1,11 +1,11 @@
-"""Single-query attention over the filled part of a static KV cache (decode steps).
+"""Attention over the filled part of a static KV cache (csrc/attention.cpp).
 
-`decode_attention` runs the native kernel (csrc/attention.cpp); `decode_attention_available()`
-says whether it is in use here: the x86 extension is built and the kernel backend is x86
-(`LLMRUN_KERNEL_BACKEND` may force another). Elsewhere callers keep their own masked
-attention over the whole cache. The op reads the query's position at run time, so one
-compiled decode step (static shapes) attends over positions [start, pos] only, instead of all
-S cache slots with a mask.
+`decode_attention` (one query: decode steps) and `prefill_attention` (a chunk of queries) run
+native ops; `cache_attention_available()` says whether they are in use here: the x86
+extension is built and the kernel backend is x86 (`LLMRUN_KERNEL_BACKEND` may force another).
+Elsewhere callers keep their own masked attention over the whole cache. The ops read the
+queries' positions at run time, so one compiled step (static or symbolic shapes) attends only
+over the positions each query can see, instead of all S cache slots with a mask.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 
-def decode_attention_available() -> bool:
+def cache_attention_available() -> bool:
     """Whether the native kernel is in use here (builds the extension on first call). Ask once,
     outside compiled code: the answer decides which attention a model traces."""
     from . import native
@@ -26,10 +26,27 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_po
                      scale: float, softcap: float = 0.0, window: int = 0) -> torch.Tensor:
     """q (B,H,1,D), k/v (B,Hkv,S,D), input_pos (1,) int64 -> (B,H,1,D): attention over positions
     [max(0, pos - window + 1), pos] (window 0: from 0); softcap 0: none. Needs
-    decode_attention_available()."""
+    cache_attention_available()."""
     from . import native
 
     return native.DECODE_ATTENTION(q, k, v, input_pos, scale, softcap, window)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+                      scale: float, window: int = 0) -> torch.Tensor:
+    """q (B,H,T,D), k/v (B,Hkv,S,D) (q's dtype), input_pos (T,) int64 -> (B,H,T,D): query t
+    attends over positions [max(0, pos[t] - window + 1), pos[t]] (window 0: from 0). Needs
+    cache_attention_available()."""
+    from . import native
+
+    return native.PREFILL_ATTENTION(q, k, v, input_pos, scale, window)
+
+
+def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int],
+                                scale: float, window: int = 0) -> torch.Tensor:
+    """The prefill op's definition in float64 (tests), one query at a time."""
+    return torch.cat([decode_attention_reference(q[:, :, t:t + 1], k, v, p, scale, 0.0, window)
+                      for t, p in enumerate(positions)], dim=2)
 
 
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float,

