@@ -71,3 +71,16 @@ def test_kv_cache_decode_equals_full_forward(name, tmp_path):
         steps = [model(ids[:, :11], torch.arange(11))]
         steps += [model(ids[:, i:i + 1], torch.tensor([i])) for i in range(11, 20)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_gelu_tanh_is_torchs():
+    """Compiled, gelu_tanh takes the sigmoid form (faster in inductor): same values as torch's
+    op, extremes included (x^3 overflowing to inf must still give 0 and x)."""
+    import torch.nn.functional as F
+
+    from llmrun.models.layers import gelu_tanh
+
+    x = torch.cat([torch.linspace(-20, 20, 4001), torch.tensor([-1e4, 1e4, -1e20, 1e20, 0.0])])
+    torch._dynamo.reset()
+    got = torch.compile(gelu_tanh, fullgraph=True)(x)
+    torch.testing.assert_close(got, F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-5)

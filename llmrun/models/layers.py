@@ -149,6 +149,16 @@ class Attention(nn.Module):
         return (probs @ v).view(B, H, T, hd)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation. Compiled, as x * sigmoid(2u) (the same function: 0.5 * (1 +
+    tanh(u)) = sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3)): inductor's tanh costs 3x its
+    sigmoid (measured on Gemma 3 270M's (512, 2048) gate: 1.02 -> 0.33 ms, 4% of a pp512
+    prefill; outputs within 8e-6). Eager keeps torch's single fused op."""
+    if not torch.compiler.is_compiling():
+        return F.gelu(x, approximate="tanh")
+    return x * torch.sigmoid(x * (1.5957691216057308 + 0.0713548162726009 * x * x))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -164,7 +174,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        gate = gelu_tanh(gate) if self.gelu else F.silu(gate)
         return self.down_proj(gate * up)
 
 
