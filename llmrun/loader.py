@@ -104,8 +104,8 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
             if transform is not None:
                 _replace(model, modules, "lm_head", transform("lm_head", model.lm_head))
         if pending[module_name] == 0 and transform is not None:
-            _replace(model, modules, module_name, transform(module_name, module))
-            release_free_heap()  # the float weights and packing intermediates just freed
+            if _replace(model, modules, module_name, transform(module_name, module)):
+                release_free_heap()  # the float weights and packing intermediates just freed
     missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -116,12 +116,14 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
     return model
 
 
-def _replace(model: nn.Module, modules: dict, name: str, new: nn.Module) -> None:
+def _replace(model: nn.Module, modules: dict, name: str, new: nn.Module) -> bool:
+    """Put `new` in the place of module `name`; False when it is the module already there."""
     if new is modules[name]:
-        return
+        return False
     parent_name, _, child = name.rpartition(".")
     setattr(modules[parent_name] if parent_name else model, child, new)
     modules[name] = new
+    return True
 
 
 def timed_load(ckpt: Checkpoint, dtype, transform=None, progress=None):

@@ -204,7 +204,8 @@ def test_concat_fuses_layers(sizes, group_size):
     g = torch.Generator().manual_seed(8)
     neutral = [quantize_int4(torch.randn(n, 96, generator=g), group_size) for n in sizes]
     neutral[1] = (neutral[1][0], neutral[1][1] * 1.0001)  # scales fp16 cannot hold: fp32 panels
-    layers = [Int4Linear.from_neutral(q, s, group_size, 96, backend=name) for q, s in neutral]
+    biases = [None, torch.randn(sizes[1], generator=g), None]  # one biased layer: zeros for the rest
+    layers = [Int4Linear.from_neutral(q, s, group_size, 96, bias=b, backend=name) for (q, s), b in zip(neutral, biases)]
     fused = Int4Linear.concat(layers)
     x = torch.randn(4, 96, generator=g)
     parts = fused(x).split(fused.out_splits, -1)

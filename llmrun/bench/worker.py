@@ -136,6 +136,11 @@ def module_tensors(module):
     return list(own.items())
 
 
+def mean_tg_context(spec) -> float:
+    """The mean number of positions a tg test's steps attend to (the context grows by one a step)."""
+    return TG_PROMPT + spec.tg / 2
+
+
 def stored_bytes(model, attended: float | None = None) -> dict:
     """Bytes a decode step reads: every weight tensor once, the embedding table one row (unless
     it is also the head), and the KV cache: all of it (masked attention), or `attended` of its
@@ -233,7 +238,7 @@ def run_llmrun(spec: Spec, result: dict) -> None:
             compile_s += max(0.0, first - steady) if spec.compiled else 0.0
             result["tests"]["tg"] = {"n": spec.tg, "samples_s": samples}
             kernel = model.model.layers[0].self_attn.cache_kernels
-            attended = TG_PROMPT + spec.tg / 2 if kernel else None
+            attended = mean_tg_context(spec) if kernel else None
             result.update(stored_bytes(model, attended))
         if tokenizer is not None:
             result["greedy_tokens"] = _greedy_llmrun(gen, model, tokenizer, spec)
@@ -340,8 +345,8 @@ def run_transformers(spec: Spec, result: dict) -> None:
                 weights -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            avg_len = TG_PROMPT + spec.tg / 2  # DynamicCache grows: the mean context of the test
-            kv = int(cfg.num_hidden_layers * 2 * kv_heads * head_dim * emb.element_size() * avg_len)
+            # DynamicCache grows: the mean context of the test
+            kv = int(cfg.num_hidden_layers * 2 * kv_heads * head_dim * emb.element_size() * mean_tg_context(spec))
             result.update(weights_bytes=weights, kv_bytes=kv)
         if tokenizer is not None:
             ids = tokenizer.encode(QUALITY_PROMPT)[:32]

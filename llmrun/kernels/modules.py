@@ -28,6 +28,9 @@ class _PackedLinear(torch.nn.Module):
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor, persistent=False)
 
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
     def _apply(self, fn, recurse=True):
         packed = {n: self._buffers.pop(n) for n in self.PACKED if n in self._buffers}
         try:
@@ -55,7 +58,7 @@ class _PackedLinear(torch.nn.Module):
             self._set_weights(state_dict[prefix + "qweight"].contiguous(),
                               self._saved_scales(state_dict[prefix + "scales"]))
         if prefix + "bias" in state_dict:
-            self.bias = torch.nn.Parameter(state_dict[prefix + "bias"].float().clone(), requires_grad=False)
+            self._set_bias(state_dict[prefix + "bias"])
 
 
 class Int4Linear(_PackedLinear):
@@ -104,8 +107,7 @@ class Int4Linear(_PackedLinear):
             name = "reference"
         m = cls(K, N, group_size, name)
         m._set_weights(qweight.contiguous(), scales.float().contiguous())
-        if bias is not None:
-            m.bias = torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        m._set_bias(bias)
         return m
 
     @staticmethod
@@ -116,14 +118,16 @@ class Int4Linear(_PackedLinear):
     def _set_weights(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         self._isa = None
         if self.backend.startswith("x86"):
-            w, sc, corr = native.pack(qweight, scales, self.group_size, self.in_features)
-            self._keep(w=w, sc=sc, corr=corr)
-            self._isa = native.ISA_CODES[self.backend]
+            self._keep_x86(*native.pack(qweight, scales, self.group_size, self.in_features))
         elif self.backend == "arm-kleidiai" and self._arm_pack(qweight, scales):
             pass
         else:
             self.backend = "reference"
             self._keep(qweight=qweight, scales=scales)
+
+    def _keep_x86(self, w: torch.Tensor, sc: torch.Tensor, corr: torch.Tensor) -> None:
+        self._keep(w=w, sc=sc, corr=corr)
+        self._isa = native.ISA_CODES[self.backend]
 
     def _arm_pack(self, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
         try:
@@ -147,11 +151,9 @@ class Int4Linear(_PackedLinear):
         if cls._panels_concatenate(layers, backend):
             m = cls(K, sum(l.out_features for l in layers), gs, backend)
             sc_dtype = torch.float32 if len({l.sc.dtype for l in layers}) > 1 else layers[0].sc.dtype
-            m._keep(w=torch.cat([l.w for l in layers]), sc=torch.cat([l.sc.to(sc_dtype) for l in layers]),
-                    corr=torch.cat([l.corr for l in layers]))
-            m._isa = layers[0]._isa
-            if bias is not None:
-                m.bias = torch.nn.Parameter(bias.float(), requires_grad=False)
+            m._keep_x86(torch.cat([l.w for l in layers]), torch.cat([l.sc.to(sc_dtype) for l in layers]),
+                        torch.cat([l.corr for l in layers]))
+            m._set_bias(bias)
         else:
             parts = [l.neutral() for l in layers]
             m = cls.from_neutral(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), gs, K,
@@ -236,8 +238,7 @@ class Int8Linear(_PackedLinear):
             name = "reference"  # _weight_int8pack_mm (torch 2.13) returns inf or crashes unless K % 32 == 0
         m = cls(K, N, name)
         m._set_weights(qweight.contiguous(), scales.reshape(N).float().contiguous())
-        if bias is not None:
-            m.bias = torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        m._set_bias(bias)
         return m
 
     def _set_weights(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
