@@ -72,12 +72,21 @@ static inline uint16_t f_to_bf16(float f) {
 #include "attention_body.inc"
 #undef ATTN_BODY_NS
 
+// What both ops ask of their operands: q (B, H, T, D), k and v (B, Hkv, S, D), H % Hkv == 0.
+static void check_cache_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), op, ": q must be (B, H, T, D), k and v (B, Hkv, S, D)");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op, ": q and k disagree on B or D");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": H must be a multiple of Hkv");
+}
+
+static void check_position(int64_t pos, int64_t S, const char* op) {
+  TORCH_CHECK(pos >= 0 && pos < S, op, ": position ", pos, " outside the cache of ", S);
+}
+
 static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& input_pos, double scale, double softcap, int64_t window) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D)");
-  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: k and v must be (B, Hkv, S, D)");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "decode_attention: q and k disagree on B or D");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "decode_attention: H must be a multiple of Hkv");
+  check_cache_shapes(q, k, v, "decode_attention");
+  TORCH_CHECK(q.size(2) == 1, "decode_attention: q must be (B, H, 1, D)");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && q.stride(3) == 1, "decode_attention: last dims must be contiguous");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_attention: k and v dtypes differ");
   for (const at::Tensor* t : {&q, &k})
@@ -87,7 +96,7 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "decode_attention: one int64 position");
   const int64_t S = k.size(2);
   const int64_t pos = *input_pos.contiguous().data_ptr<int64_t>();
-  TORCH_CHECK(pos >= 0 && pos < S, "decode_attention: position ", pos, " outside the cache of ", S);
+  check_position(pos, S, "decode_attention");
   at::Tensor out = at::empty(q.sizes(), q.options());
   Args a;
   a.q = q.data_ptr();
@@ -145,17 +154,14 @@ static constexpr int64_t PREFILL_BLOCK = 64;
 
 static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& input_pos, double scale, int64_t window) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "prefill_attention: q (B, H, T, D), k and v (B, Hkv, S, D)");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "prefill_attention: q and k disagree on B or D");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "prefill_attention: H must be a multiple of Hkv");
+  check_cache_shapes(q, k, v, "prefill_attention");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "prefill_attention: dtypes differ");
   const int64_t T = q.size(2), S = k.size(2);
   TORCH_CHECK(input_pos.dim() == 1 && input_pos.numel() == T && input_pos.scalar_type() == at::kLong,
               "prefill_attention: input_pos must be T int64 positions");
   const at::Tensor pos_t = input_pos.contiguous();
   const int64_t* pos = pos_t.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; t++)
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < S, "prefill_attention: position ", pos[t], " outside the cache of ", S);
+  for (int64_t t = 0; t < T; t++) check_position(pos[t], S, "prefill_attention");
   at::Tensor out = at::empty(q.sizes(), q.options());
   const bool gqa = q.size(1) != k.size(1);
   for (int64_t t0 = 0; t0 < T; t0 += PREFILL_BLOCK) {
