@@ -15,6 +15,7 @@ import torch
 from llmrun.errors import LlmrunError
 from llmrun.generation_types import ChatMessage, GenerationChunk, LoadProgress, SamplingSettings
 from llmrun.generate import Generator
+from llmrun.head_schemes import DEFAULT_HEAD
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_BACKENDS = ("aot", "jit")
@@ -27,7 +28,7 @@ class EngineOptions:
     threads: int | None = None
     quant: str = "none"  # none | int4
     group_size: int = 32  # int4: 0 = per output channel; see quant.DEFAULT_GROUP_SIZE
-    head: str = "int8"  # int4: the output head int8 per channel, or int4 in the layers' scheme
+    head: str = DEFAULT_HEAD  # int4: the output head's scheme (llmrun.head_schemes)
     compile: bool = False
     compile_backend: str = "aot"  # aot: AOTInductor packages (llmrun.aot); jit: torch.compile
 

@@ -94,8 +94,8 @@ def save_quantized(model: Transformer, tokenizer, scheme: dict, out: Path, force
 
 
 def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = None) -> Transformer:
-    from llmrun.kernels import Int4Linear, Int8Linear
-    from llmrun.quant import Int8Embedding, TiedInt8Embedding
+    from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
+    from llmrun.quant import RESCORE_GROUP, RESCORE_K, Int8Embedding, TiedInt8Embedding
 
     meta = json.loads((directory / "config.json").read_text())["llmrun"]
     cfg = config_from_dict(meta["model_config"])
@@ -114,18 +114,29 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
             used.add(key)
             return f.get_tensor(key)
 
-        def quantized(name: str, module: nn.Module, source: str):
+        def quantized(name: str, module: nn.Module, source: str, with_bias: bool = True,
+                      group: int | None = None):
             q, s = take(f"{source}.qweight"), take(f"{source}.scales")
-            bias = take(f"{name}.bias") if f"{name}.bias" in keys else None
+            bias = take(f"{name}.bias") if with_bias and f"{name}.bias" in keys else None
             if isinstance(module, nn.Embedding):
                 return Int8Embedding(q, s, dtype)
             if q.dtype == torch.int8:
                 return Int8Linear.from_neutral(q, s, bias=bias)
-            group = int(meta["scheme"]["group_size"]) if not name.endswith("lm_head") else int(
-                meta["scheme"].get("head_group_size", meta["scheme"]["group_size"]))
+            if group is None:
+                group = int(meta["scheme"]["group_size"]) if not name.endswith("lm_head") else int(
+                    meta["scheme"].get("head_group_size", meta["scheme"]["group_size"]))
             return Int4Linear.from_neutral(q, s, group, module.in_features, bias=bias, backend=backend)
 
+        def rescored(module: nn.Module) -> RescoredLinear:
+            scan = quantized("lm_head", module, "lm_head.scan", with_bias=False, group=RESCORE_GROUP)
+            exact = quantized("lm_head", module, "lm_head.exact", with_bias=False)
+            bias = take("lm_head.bias") if "lm_head.bias" in keys else None
+            return RescoredLinear(scan, exact, RESCORE_K, bias)
+
         def load_module(name: str, module: nn.Module):
+            if name == "lm_head" and "lm_head.scan.qweight" in keys:
+                model.lm_head = rescored(module)
+                return
             source = name
             if name == "lm_head" and cfg.tie_embeddings and "lm_head.qweight" not in keys:
                 source = "model.embed_tokens"
@@ -148,8 +159,9 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
         for name, module in list(modules.items()):
             if not (tied and name == "model.embed_tokens"):  # a tied embedding follows its head
                 load_module(name, module)
-        if tied and isinstance(model.lm_head, Int8Linear):  # one table: the head's
-            model.model.embed_tokens = TiedInt8Embedding(model.lm_head, dtype)
+        if tied and isinstance(model.lm_head, (Int8Linear, RescoredLinear)):  # one table: the head's
+            table = model.lm_head.exact if isinstance(model.lm_head, RescoredLinear) else model.lm_head
+            model.model.embed_tokens = TiedInt8Embedding(table, dtype)
             used.update(k for k in ("model.embed_tokens.qweight", "model.embed_tokens.scales") if k in keys)
         elif tied:
             load_module("model.embed_tokens", modules["model.embed_tokens"])

@@ -143,16 +143,23 @@ def test_greedy_match_and_summary():
     assert s["samples_tps"] == [20.0, 10.0] and s["tps_mean"] == 15.0 and s["tps_sd"] == pytest.approx(7.0710678)
 
 
-@pytest.mark.parametrize("int4", [False, True])
-def test_synthetic_builder_true_shapes_and_forward(int4):
-    from llmrun.kernels import Int4Linear, Int8Linear
+@pytest.mark.parametrize("int4,head", [(False, None), (True, "int8"), (True, "int4-rescored"), (True, "int4")])
+def test_synthetic_builder_true_shapes_and_forward(int4, head):
+    from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
+    from llmrun.quant import Int8Embedding, TiedInt8Embedding
 
     cfg = synthetic.model_config("tiny")
-    model, timings = synthetic.build_llmrun(cfg, torch.bfloat16, int4, group_size=0)
+    model, timings = synthetic.build_llmrun(cfg, torch.bfloat16, int4, group_size=0, head=head or "int8")
     assert not any(p.is_meta for p in model.parameters())
     layer = model.model.layers[0]
     if int4:
-        assert isinstance(layer.mlp.down_proj, Int4Linear) and isinstance(model.lm_head, Int8Linear)
+        kind = {"int8": Int8Linear, "int4-rescored": RescoredLinear, "int4": Int4Linear}[head]
+        assert isinstance(layer.mlp.down_proj, Int4Linear) and isinstance(model.lm_head, kind)
+        table = {"int8": model.lm_head, "int4-rescored": getattr(model.lm_head, "exact", None)}.get(head)
+        if table is None:
+            assert isinstance(model.model.embed_tokens, Int8Embedding)
+        else:  # tied: the embedding reads the head's int8 table
+            assert isinstance(model.model.embed_tokens, TiedInt8Embedding) and model.model.embed_tokens._head[0] is table
         assert timings["quantize_s"] > 0
     else:
         assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as the real model
@@ -223,3 +230,9 @@ def test_bytes_read_per_token_count_a_tied_head_once_and_the_kv_cache_read():
     # the tied embedding reads its rows from the head's table: no tensors of its own
     assert not list(model.model.embed_tokens.buffers())
     assert got["weights_bytes"] == head + layers + size(model.model.norm)
+    # a rescored head: its int4 copy in full, k rows of its int8 table
+    model, _ = synthetic.build_llmrun(cfg, torch.bfloat16, True, head="int4-rescored")
+    scan, exact = model.lm_head.scan, model.lm_head.exact
+    rows = size(exact) * model.lm_head.k / cfg.vocab_size  # tiny's vocabulary: 512, k = 256
+    assert rows == size(exact) / 2
+    assert abs(worker.stored_bytes(model)["weights_bytes"] - (size(scan) + rows + layers + size(model.model.norm))) < 4

@@ -8,6 +8,7 @@ import torch
 from llmrun.kernels import (
     Int4Linear,
     Int8Linear,
+    RescoredLinear,
     available_backends,
     default_backend,
     dequantize_int4,
@@ -307,6 +308,38 @@ def test_int8_linear(name):
                 else:
                     ref = x.float() @ (q.float() * s[:, None]).T
                     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["x86-avx512vnni", "reference"])
+def test_rescored_linear_recomputes_each_rows_top_k(name):
+    """RescoredLinear: each row's k largest int4 outputs are the int8 layer's (bit for bit on
+    x86; x . (q8 * s8) in float elsewhere), every other output is the int4 layer's own (+ bias)."""
+    if name.startswith("x86"):
+        _backend_or_skip(name)
+    g = torch.Generator().manual_seed(5)
+    for N, K, k in [(4113, 77, 64), (37, 100, 64), (300, 64, 1)]:  # k > N: every output
+        W = torch.randn(N, K, generator=g)
+        q8, s8 = quantize_int8(W)
+        q4, s4 = quantize_int4(W, 32)
+        scan = Int4Linear.from_neutral(q4, s4, 32, K, backend=name)
+        exact = Int8Linear.from_neutral(q8, s8, backend=name)
+        bias = torch.randn(N, generator=g)
+        mod = RescoredLinear(scan, exact, k, bias)
+        w8 = q8.double() * s8.double()[:, None]
+        for M in (1, 3, 17):
+            x = torch.randn(M, K, generator=g)
+            y, y4 = mod(x), scan(x)
+            picked = torch.zeros(M, N, dtype=torch.bool).scatter_(-1, y4.topk(min(k, N), -1).indices, True)
+            if name.startswith("x86"):
+                assert torch.equal(y, torch.where(picked, exact(x), y4) + bias), (N, K, k, M)
+            else:
+                want = torch.where(picked, x.double() @ w8.T, y4.double()) + bias.double()
+                tol = 1e-5 * (x.double().abs() @ w8.abs().T) + 1e-6 * want.abs()
+                assert bool(((y.double() - want).abs() <= tol).all()), (N, K, k, M)
+        x = torch.randn(2, 3, K, generator=g).bfloat16()  # leading dims, bf16 activations
+        y = mod(x)
+        assert y.shape == (2, 3, N) and y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, mod(x.reshape(6, K)).reshape(2, 3, N))
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from llmrun.bench import EXTRA_PATHS, PATHS, machine
 from llmrun.bench.worker import SHORT, Spec
 from llmrun.errors import LlmrunError
+from llmrun.head_schemes import DEFAULT_HEAD
 
 MEMORY_MARGIN = 1.5 * 2**30  # torch, compile and activations beside the weights
 
@@ -31,7 +32,7 @@ class BenchOptions:
     tg: int = 128
     reps: int = 5
     group_size: int | None = None  # None: llmrun's default scheme (quant.DEFAULT_GROUP_SIZE)
-    head: str = "int8"  # int4 paths: the output head's scheme (int8 or int4)
+    head: str = DEFAULT_HEAD  # int4 paths: the output head's scheme (llmrun.head_schemes)
     dtype: str | None = None  # None: see path_dtype
 
 

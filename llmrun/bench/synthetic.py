@@ -2,8 +2,9 @@
 
 The model is built on the meta device and filled module by module straight into the form the
 path runs: bf16/fp32 tensors for the float paths; for the int4 paths random neutral int4
-tensors (random uint8 nibbles, small positive scales) through Int4Linear.from_neutral, an
-int8 head and an int8 embedding, as llmrun.quant.QuantTransform lays a real model out. So
+tensors (random uint8 nibbles, small positive scales) through Int4Linear.from_neutral, the
+head in the requested scheme and an int8 embedding, as llmrun.quant.QuantTransform lays a real
+model out. So
 no full-precision copy of an int4 model ever exists (an 8B int4 model needs ~5 GB, never
 the 32 GB of its fp32 form).
 
@@ -79,8 +80,9 @@ def estimate_bytes(cfg, form: str) -> int:
         size = 4 if form == "float32" else 2
         return size * (c["embedding"] + c["linear"] + c["head"])
     # int4 linears (+ scales, ~6%), int8 embedding, int8 head (a tied head is a second copy)
+    # and its int4 copy (a rescored head)
     head = c["head"] or c["embedding"]
-    return int(c["linear"] * 0.53) + c["embedding"] + head
+    return int(c["linear"] * 0.53) + c["embedding"] + head + int(head * 0.53)
 
 
 def _uniform(shape, dtype, bound: float, g: torch.Generator) -> torch.Tensor:
@@ -107,10 +109,26 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed: int = 0):
-    """(model, {"load_s", "quantize_s"}): llmrun's Transformer with random weights. For int4,
-    quantize_s is the time spent packing the neutral tensors into the kernel's layout."""
-    from llmrun.kernels import Int4Linear, Int8Linear
+def _int4_head(q8: torch.Tensor, s8: torch.Tensor, scheme: str, group_size: int, g: torch.Generator):
+    """The output head in `scheme` (llmrun.head_schemes) from its random int8 table."""
+    from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
+    from llmrun.quant import RESCORE_GROUP, RESCORE_K
+
+    N, K = q8.shape
+    if scheme == "int8":
+        return Int8Linear.from_neutral(q8, s8)
+    group = RESCORE_GROUP if scheme == "int4-rescored" else group_size
+    scan = Int4Linear.from_neutral(*_random_int4(N, K, group, g), group, K)
+    if scheme == "int4":
+        return scan
+    return RescoredLinear(scan, Int8Linear.from_neutral(q8, s8), RESCORE_K)
+
+
+def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed: int = 0, head: str = "int8"):
+    """(model, {"load_s", "quantize_s"}): llmrun's Transformer with random weights, the int4
+    paths' output head in scheme `head`. For int4, quantize_s is the time spent packing the
+    neutral tensors into the kernel's layout."""
+    from llmrun.kernels import Int4Linear, RescoredLinear
     from llmrun.memory import release_free_heap
     from llmrun.models import build_on_meta
     from llmrun.quant import Int8Embedding, TiedInt8Embedding
@@ -136,7 +154,7 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
             if name == "lm_head" and int4:
                 q, s = int8_table if cfg.tie_embeddings and int8_table is not None else _random_int8(N, K, g)
                 t = time.perf_counter()
-                _set_child(model, name, Int8Linear.from_neutral(q, s))
+                _set_child(model, name, _int4_head(q, s, head, group_size, g))
                 pack_s += time.perf_counter() - t
                 int8_table = q = s = None  # the packed head is the only copy kept
                 continue
@@ -160,7 +178,11 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
     if cfg.tie_embeddings and not int4:
         model.lm_head.weight = model.model.embed_tokens.weight
     if cfg.tie_embeddings and int4:  # one int8 table, read by the head and the embedding
-        model.model.embed_tokens = TiedInt8Embedding(model.lm_head, dtype)
+        table = model.lm_head.exact if isinstance(model.lm_head, RescoredLinear) else model.lm_head
+        if not isinstance(table, Int4Linear):
+            model.model.embed_tokens = TiedInt8Embedding(table, dtype)
+        else:
+            model.model.embed_tokens = Int8Embedding(*_random_int8(cfg.vocab_size, cfg.dim, g), dtype)
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f"synthetic model left parameters unfilled: {leftover[:3]}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from llmrun.generate import peak_rss_bytes
+from llmrun.head_schemes import DEFAULT_HEAD
 
 TG_PROMPT = 8  # tokens before the tg test's decode steps
 WARMUP_DECODE = 4  # untimed decode steps before tg
@@ -39,7 +40,7 @@ class Spec:
     tg: int = 128
     reps: int = 5
     group_size: int = 32
-    head: str = "int8"  # int4 paths: the output head's scheme
+    head: str = DEFAULT_HEAD  # int4 paths: the output head's scheme (llmrun.head_schemes)
     dtype: str = "bfloat16"  # compute dtype of the path (int4 paths: of the activations)
     quality_tokens: int = QUALITY_TOKENS
     seed: int = 0
@@ -91,7 +92,7 @@ def load_llmrun(spec: Spec):
         from llmrun.bench import synthetic
 
         cfg = synthetic.model_config(spec.synthetic)
-        model, timings = synthetic.build_llmrun(cfg, dtype, spec.int4, spec.group_size, spec.seed)
+        model, timings = synthetic.build_llmrun(cfg, dtype, spec.int4, spec.group_size, spec.seed, spec.head)
         return model, None, timings, f"{spec.synthetic} (synthetic)"
     from llmrun import quantized_format
     from llmrun.errors import LlmrunError
@@ -143,14 +144,20 @@ def mean_tg_context(spec) -> float:
 
 def stored_bytes(model, attended: float | None = None) -> dict:
     """Bytes a decode step reads: every weight tensor once, the embedding table one row (unless
-    it is also the head), and the KV cache: all of it (masked attention), or `attended` of its
-    positions on average (the decode attention kernel reads only the filled ones)."""
+    it is also the head), a rescored head's int8 table its k rows, and the KV cache: all of it
+    (masked attention), or `attended` of its positions on average (the decode attention kernel
+    reads only the filled ones)."""
+    from llmrun.kernels import RescoredLinear
+
     weights = kv = 0
     seen = set()
-    tensors = [(f"{prefix}.{name}", t) for prefix, module in model.named_modules(remove_duplicate=False)
+    rows_read = {f"{prefix}.exact": m.k / m.out_features for prefix, m in model.named_modules()
+                 if isinstance(m, RescoredLinear)}
+    tensors = [(f"{prefix}.{name}", rows_read.get(prefix, 1.0), t)
+               for prefix, module in model.named_modules(remove_duplicate=False)
                for name, t in module_tensors(module)]
     tensors.sort(key=lambda item: "embed_tokens" in item[0])  # a tied head counts in full first
-    for name, t in tensors:
+    for name, fraction, t in tensors:
         key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
         if key in seen or "rope_" in name:
             continue
@@ -161,7 +168,7 @@ def stored_bytes(model, attended: float | None = None) -> dict:
         elif "embed_tokens" in name:
             weights += nbytes // max(1, t.shape[0])  # one row (or one scale) per token
         else:
-            weights += nbytes
+            weights += int(nbytes * fraction)
     if attended is not None and getattr(model, "cache_len", 0):
         kv = int(kv * min(1.0, attended / model.cache_len))
     return {"weights_bytes": weights, "kv_bytes": kv}

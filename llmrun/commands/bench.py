@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmrun.head_schemes import DEFAULT_HEAD, HEAD_HELP, HEAD_SCHEMES
+
 
 def add_parser(sub) -> None:
     from llmrun.bench import EXTRA_PATHS, PATHS
@@ -32,8 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along K: 0 = per output channel, or 32/64/128/256 "
                    "(default: llmrun's default scheme)")
-    p.add_argument("--head", choices=["int8", "int4"], default="int8",
-                   help="int4 paths: the output head int8 per channel (default) or int4 like the layers")
+    p.add_argument("--head", choices=[h for h in HEAD_SCHEMES if h != "none"], default=DEFAULT_HEAD,
+                   help=HEAD_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of default/transformers and of the int4 paths' activations (default: "
                    "bf16 where the CPU has native bf16, else fp32, for default/transformers; llmrun's "

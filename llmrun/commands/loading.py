@@ -7,6 +7,7 @@ import sys
 
 from llmrun.engine import Engine, EngineOptions
 from llmrun.generation_types import LoadProgress, SamplingSettings
+from llmrun.head_schemes import DEFAULT_HEAD
 from llmrun.quant import DEFAULT_GROUP_SIZE
 
 # When neither the flags nor the model's generation_config.json say: llama.cpp's defaults.
@@ -50,7 +51,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         quant=args.quant or "int4",
         group_size=args.group_size if args.group_size is not None else DEFAULT_GROUP_SIZE,
         compile=not args.no_compile,
-        head=getattr(args, "head", None) or "int8",
+        head=getattr(args, "head", None) or DEFAULT_HEAD,
         compile_backend=getattr(args, "compile_backend", "aot"),
     )
 

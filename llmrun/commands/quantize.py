@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from llmrun.head_schemes import DEFAULT_HEAD, HEAD_HELP, HEAD_SCHEMES
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model to int4 and save it",
@@ -14,8 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", "-m", default=None, help="alias, repo id, HF directory or .gguf")
     p.add_argument("--group-size", type=int, default=32,
                    help="32 (default), 64, 128, 256, or 0 = per output channel")
-    p.add_argument("--head", choices=["int8", "int4", "none"], default="int8",
-                   help="output head scheme (default int8)")
+    p.add_argument("--head", choices=HEAD_SCHEMES, default=DEFAULT_HEAD, help=HEAD_HELP + "; none: unquantized")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(run=run)

@@ -6,7 +6,7 @@ use, see native.py / csrc/), "arm-kleidiai" (arm.py, torch's KleidiAI ops) and "
 """
 
 from .dispatch import BACKENDS, ENV_VAR, available_backends, default_backend
-from .modules import Int4Linear, Int8Linear
+from .modules import Int4Linear, Int8Linear, RescoredLinear
 from .reference import (
     dequantize_int4,
     int4_group_sums_reference,
@@ -22,6 +22,7 @@ __all__ = [
     "ENV_VAR",
     "Int4Linear",
     "Int8Linear",
+    "RescoredLinear",
     "available_backends",
     "default_backend",
     "dequantize_int4",

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import native
 from .dispatch import arm_module, resolve_backend
-from .reference import int4_linear_reference
+from .reference import int4_linear_reference, rescore_top_k_reference
 
 
 class _PackedLinear(torch.nn.Module):
@@ -290,3 +290,43 @@ class Int8Linear(_PackedLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
+
+
+class RescoredLinear(torch.nn.Module):
+    """A wide linear layer whose largest outputs are the ones that matter (an output head):
+    an int4 copy scores every output, then each row's `k` highest are recomputed from the int8
+    table. A call reads the int4 copy (about half the int8 table's bytes) and k int8 rows; the
+    outputs that decide greedy, top-k and top-p picks are the int8 layer's (bit for bit on x86,
+    where they come from the same quantized activations; float activations elsewhere), the rest
+    carry int4 error.
+
+    scan: Int4Linear [N, K] without bias; exact: Int8Linear [N, K] without bias; bias: [N] or
+    None, added to every output.
+    """
+
+    def __init__(self, scan: Int4Linear, exact: Int8Linear, k: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        if (scan.in_features, scan.out_features) != (exact.in_features, exact.out_features):
+            raise ValueError("scan and exact layers must have the same shape")
+        if scan.bias is not None or exact.bias is not None:
+            raise ValueError("the bias belongs to RescoredLinear, not to its layers")
+        self.scan, self.exact = scan, exact
+        self.in_features, self.out_features = exact.in_features, exact.out_features
+        self.k = min(k, self.out_features)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()  # (M, K)
+        y = self.scan(x2)  # (M, N) float32
+        if self.exact.backend.startswith("x86"):  # one pass, int8_mm's values, no (M, k, K) gather
+            a, sa = native.QUANT_ACT(x2, self.exact.w.shape[1] * 4)  # (M, Kpad) uint8, (M,)
+            y = native.RESCORE_TOP_K(y, a, sa, self.exact.w, self.exact.sc, self.k)
+        else:
+            y = rescore_top_k_reference(y, x2, self.exact.embed, self.k)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("int4mm.cpp", "int4mm_body.inc", "attention.cpp", "attention_body.inc")
+_SOURCES = ("int4mm.cpp", "int4mm_body.inc", "attention.cpp", "attention_body.inc", "rescore.cpp")
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -29,6 +29,8 @@ INT4_MM = None
 INT8_MM = None
 DECODE_ATTENTION = None
 PREFILL_ATTENTION = None
+RESCORE_TOP_K = None
+QUANT_ACT = None
 
 # isa codes of the C++ op, by backend name
 ISA_CODES = {"x86-avx512vnni": 0, "x86-avxvnni": 1, "x86-avx2": 2}
@@ -112,11 +114,13 @@ def _load() -> bool:
                               "falling back to the slow reference", stacklevel=3)
         if ok:
             _register_fakes()
-            global INT4_MM, INT8_MM, DECODE_ATTENTION, PREFILL_ATTENTION
+            global INT4_MM, INT8_MM, DECODE_ATTENTION, PREFILL_ATTENTION, RESCORE_TOP_K, QUANT_ACT
             INT4_MM = torch.ops.llmrun.int4_mm.default
             INT8_MM = torch.ops.llmrun.int8_mm.default
             DECODE_ATTENTION = torch.ops.llmrun.decode_attention.default
             PREFILL_ATTENTION = torch.ops.llmrun.prefill_attention.default
+            RESCORE_TOP_K = torch.ops.llmrun.rescore_top_k.default
+            QUANT_ACT = torch.ops.llmrun.quant_act.default
         _state["ok"] = ok
         return ok
 
@@ -137,6 +141,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llmrun::prefill_attention")
     def _(q, k, v, input_pos, scale, window):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("llmrun::rescore_top_k")
+    def _(y, a, sa, w, sc, k):
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::quant_act")
     def _(x, Kpad):

@@ -22,9 +22,12 @@ as int32. Per channel the int32 sum runs over all of K.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = [
+    "rescore_top_k_reference",
     "quantize_int4",
     "quantize_int8",
     "dequantize_int4",
@@ -174,3 +177,12 @@ def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     if return_sums:
         return y, (S, a, sa)
     return y
+
+
+def rescore_top_k_reference(y: torch.Tensor, x: torch.Tensor, rows: Callable[[torch.Tensor], torch.Tensor],
+                            k: int) -> torch.Tensor:
+    """y (M, N) float32 with each row's k largest entries replaced by x . rows(their indices):
+    rows maps (M, k) indices to (M, k, K) float32 weight rows (RescoredLinear's second pass)."""
+    idx = y.topk(min(k, y.shape[-1]), dim=-1, sorted=False).indices  # (M, k)
+    exact = torch.bmm(rows(idx), x.unsqueeze(-1)).squeeze(-1)  # (M, k)
+    return y.scatter(-1, idx, exact)
