@@ -97,10 +97,9 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
         s = best_s.clamp(-65504.0, 65504.0).half().float()
         safe = torch.where(s == 0, torch.ones_like(s), s)
         q = torch.where(s == 0, torch.zeros_like(g), (g / safe).round().clamp(-8, 7))
-        qs.append(q.reshape(w.shape[0], G * gs)[:, :K].to(torch.int8))
-        ss.append(s.reshape(w.shape[0], G))
-    q = torch.cat(qs)
-    return pack_int4(q), torch.cat(ss).contiguous()
+        qs.append(pack_int4(q.reshape(w.shape[0], G * gs)[:, :K].to(torch.int8)))  # packed per slice:
+        ss.append(s.reshape(w.shape[0], G))  # an unpacked whole (and pack_int4's int16 copy) cost 3 B/weight
+    return torch.cat(qs), torch.cat(ss).contiguous()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
