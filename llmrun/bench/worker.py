@@ -144,14 +144,14 @@ def mean_tg_context(spec) -> float:
 
 def stored_bytes(model, attended: float | None = None) -> dict:
     """Bytes a decode step reads: every weight tensor once, the embedding table one row (unless
-    it is also the head), a rescored head's int8 table its k rows, and the KV cache: all of it
+    it is also the head), a rescored head's int8 table the panels of its k rows, and the KV cache: all of it
     (masked attention), or `attended` of its positions on average (the decode attention kernel
     reads only the filled ones)."""
     from llmrun.kernels import RescoredLinear
 
     weights = kv = 0
     seen = set()
-    rows_read = {f"{prefix}.exact": m.k / m.out_features for prefix, m in model.named_modules()
+    rows_read = {f"{prefix}.exact": m.exact_fraction_read() for prefix, m in model.named_modules()
                  if isinstance(m, RescoredLinear)}
     tensors = [(f"{prefix}.{name}", rows_read.get(prefix, 1.0), t)
                for prefix, module in model.named_modules(remove_duplicate=False)

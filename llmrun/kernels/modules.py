@@ -328,5 +328,11 @@ class RescoredLinear(torch.nn.Module):
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
+    def exact_fraction_read(self) -> float:
+        """The share of the int8 table one row's call reads: on x86 a picked row's bytes are
+        spread over its 16-row panel (4 per 64-byte line), so each pick reads the whole panel."""
+        rows = 16 * self.k if self.exact.backend.startswith("x86") else self.k
+        return min(1.0, rows / self.out_features)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}"
