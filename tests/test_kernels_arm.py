@@ -247,3 +247,28 @@ def test_bad_arguments_raise():
         arm.matmul(torch.randn(2, 3, K), packed, 32, K, N)
     with pytest.raises(ValueError, match="M, K"):
         arm.matmul(torch.randn(2, K + 2), packed, 32, K, N)
+
+
+def test_rescored_head_on_the_arm_backends():
+    """RescoredLinear as the Arm path builds it (KleidiAI int4 scan, torch's int8pack table; on
+    x86 the scan is the native kernel's and the torch steps are tested all the same):
+    each row's top k outputs are x . (q8 * s8) (int8pack's bf16 activations: 1% bound), the rest
+    the scan's, and the argmax is the int8 layer's."""
+    from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear, quantize_int4, quantize_int8
+
+    gen = torch.Generator().manual_seed(9)
+    n, k = 1000, 32
+    w = torch.randn(n, K, generator=gen)
+    scan = Int4Linear.from_neutral(*quantize_int4(w, 32), 32, K)  # arm-kleidiai on Arm
+    q8, s8 = quantize_int8(w)
+    exact = Int8Linear.from_neutral(q8, s8, backend="int8pack")  # what Arm picks
+    assert scan.backend == ("arm-kleidiai" if KLEIDIAI else scan.backend) and exact.backend == "int8pack"
+    head = RescoredLinear(scan, exact, k)
+    x = _random_x(3, K, seed=4)
+    y, y4 = head(x), scan(x)
+    picked = torch.zeros(3, n, dtype=torch.bool).scatter_(-1, y4.topk(k, -1).indices, True)
+    want = x.double() @ (q8.double() * s8.double()[:, None]).T
+    assert torch.equal(y[~picked], y4[~picked])
+    err = (y.double() - want)[picked].abs()
+    assert bool((err <= 0.01 * (x.double().abs() @ (q8.double().abs() * s8.double()[:, None]).T)[picked]).all())
+    assert torch.equal(y.argmax(-1), want.argmax(-1))
