@@ -2,12 +2,13 @@
 transform returns its quantized replacement. Models never import this; kernels never see
 a model. Schemes:
   linear layers  int4 symmetric, per output channel (group_size 0) or per group along K
-  output head    int8 per channel (default); int4-rescored: an int4 g32 copy scores the
-                 vocabulary and the top RESCORE_K of each row are recomputed from the int8
-                 table (RescoredLinear); int4 with the layers' scheme; or none
+  output head    int8 per channel; int4-rescored (the CLI's default, head_schemes.DEFAULT_HEAD):
+                 an int4 g32 copy scores the vocabulary and each row's top RESCORE_K are
+                 recomputed from the int8 table (RescoredLinear); int4 with the layers' scheme;
+                 or none
   embedding      int8 per row (a table lookup: rows are dequantized as they are read)
-A tied int8 (or rescored) head and the embedding share one int8 table: the embedding reads its rows from the
-head (TiedInt8Embedding), whatever layout the head's kernel keeps."""
+A tied int8 or rescored head and the embedding share one int8 table: the embedding reads its
+rows from the head (TiedInt8Embedding), whatever layout the head's kernel keeps."""
 
 from __future__ import annotations
 
