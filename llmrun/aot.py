@@ -16,7 +16,8 @@ launches ~400 kernels; measured on SmolLM2 int4: 113 -> 173 t/s.
   module tree (types, shapes, dtypes, kernel choices), the step and the thread count (inductor
   bakes it into its loops). Weights are not in the key: another checkpoint of the same shapes
   reuses the package. Packages live in llmrun's cache dir, written atomically; a second process
-  loads one in well under a second instead of compiling.
+  loads one in well under a second instead of compiling. Building one deletes those unused
+  for STALE_DAYS (a load refreshes a package's mtime).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from llmrun.generate import PREFILL_CHUNK, Generator
 from llmrun.memory import release_free_heap
 
 FORMAT = 1  # bump when the way packages are built changes
+# A package unused for this long is deleted when another is built: a new llmrun or torch, or a
+# model no longer run, leaves its packages behind (3-4 MB each). Loading one marks it used.
+STALE_DAYS = 30
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,6 +153,15 @@ def build_package(model: torch.nn.Module, step: str, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _delete_stale(directory: Path) -> None:
+    """Delete the packages (and leftover temporary files) in `directory` unused for STALE_DAYS."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for path in directory.glob("*.pt2"):
+        with contextlib.suppress(OSError):  # another process may delete or replace it first
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+
+
 def _kv_cache(model: torch.nn.Module) -> torch.nn.Module:
     """The first layer's KV cache: a new object whenever the model's caches are re-allocated."""
     return model.model.layers[0].self_attn.kv_cache
@@ -203,6 +216,7 @@ class AotSteps:
             start = time.perf_counter()
             try:
                 bound = _Bound(path, model)
+                os.utime(path)  # used now: not stale
                 self.report(f"loaded compiled {what} in {time.perf_counter() - start:.2f} s")
                 self._bound[step, model.cache_len] = bound
                 return bound
@@ -219,6 +233,7 @@ class AotSteps:
             raise LlmrunError(f"compiling the {what} failed ({type(exc).__name__}: {first}); "
                               "run with --no-compile, or --compile-backend jit") from exc
         self.built.append(f"{step}:{model.cache_len}")
+        _delete_stale(self.directory)
         bound = _Bound(path, model)
         self.report(f"compiled the {what} in {time.perf_counter() - start:.1f} s")
         self._bound[step, model.cache_len] = bound

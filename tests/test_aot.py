@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -33,12 +34,23 @@ def test_second_process_loads_packages_instead_of_compiling():
     assert second.stdout == first.stdout and "Paris" in second.stdout
 
 
-def test_damaged_package_is_rebuilt(tiny_hf_dir, tmp_path):
+def test_damaged_package_is_rebuilt_and_stale_ones_deleted(tiny_hf_dir, tmp_path):
+    from llmrun.aot import STALE_DAYS
+
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     args = ["generate", "-m", str(tiny_hf_dir), "--raw", "-p", "The capital of", "--temperature", "0",
             "--max-new-tokens", "5", "--threads", "1"]
+    directory = tmp_path / "llmrun" / "aoti"
+    directory.mkdir(parents=True)
+    day = 86400
+    stale, recent = directory / "decode-stale.pt2", directory / "decode-recent.pt2"
+    for path, age in ((stale, STALE_DAYS + 1), (recent, STALE_DAYS - 1)):
+        path.write_bytes(b"old")
+        os.utime(path, (time.time() - age * day,) * 2)
     first = _llmrun(*args, env=env)
-    packages = sorted((tmp_path / "llmrun" / "aoti").glob("*.pt2"))
+    assert not stale.exists() and recent.exists()  # building a package deleted the stale one
+    recent.unlink()
+    packages = sorted(directory.glob("*.pt2"))
     assert [p.name.split("-")[0] for p in packages] == ["decode", "prefill"], packages
     for p in packages:
         p.write_bytes(b"PK\x03\x04 not a package")
@@ -46,6 +58,11 @@ def test_damaged_package_is_rebuilt(tiny_hf_dir, tmp_path):
     assert second.stderr.count("rebuilding the compiled") == 2, second.stderr
     assert second.stdout == first.stdout
     assert all(p.stat().st_size > 10000 for p in packages)
+    for p in packages:  # unused for long, then loaded: marked as used
+        os.utime(p, (time.time() - (STALE_DAYS + 1) * day,) * 2)
+    third = _llmrun(*args, env=env)
+    assert third.stderr.count("loaded compiled") == 2 and third.stdout == first.stdout
+    assert all(p.stat().st_mtime > time.time() - day for p in packages)
 
 
 def test_packages_use_the_models_tensors_without_copies(tiny_hf_dir):
