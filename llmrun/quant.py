@@ -49,6 +49,14 @@ class Int8Embedding(nn.Module):
         return (rows * self.scales[idx].unsqueeze(-1)).to(self.dtype)
 
 
+def tied_int8_table(head: nn.Module) -> Int8Linear | None:
+    """The int8 table a tied embedding reads from this output head: an int8 head's own, a
+    rescored head's exact layer; None for other heads."""
+    if isinstance(head, RescoredLinear):
+        return head.exact
+    return head if isinstance(head, Int8Linear) else None
+
+
 class TiedInt8Embedding(nn.Module):
     """The embedding of a model whose int8 output head is tied to it: rows come from the head's
     own table (Int8Linear.embed), so the table is stored once. The head is held as a plain

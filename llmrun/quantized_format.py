@@ -95,7 +95,7 @@ def save_quantized(model: Transformer, tokenizer, scheme: dict, out: Path, force
 
 def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = None) -> Transformer:
     from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
-    from llmrun.quant import RESCORE_GROUP, RESCORE_K, Int8Embedding, TiedInt8Embedding
+    from llmrun.quant import RESCORE_GROUP, RESCORE_K, Int8Embedding, TiedInt8Embedding, tied_int8_table
 
     meta = json.loads((directory / "config.json").read_text())["llmrun"]
     cfg = config_from_dict(meta["model_config"])
@@ -159,9 +159,8 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
         for name, module in list(modules.items()):
             if not (tied and name == "model.embed_tokens"):  # a tied embedding follows its head
                 load_module(name, module)
-        if tied and isinstance(model.lm_head, (Int8Linear, RescoredLinear)):  # one table: the head's
-            table = model.lm_head.exact if isinstance(model.lm_head, RescoredLinear) else model.lm_head
-            model.model.embed_tokens = TiedInt8Embedding(table, dtype)
+        if tied and tied_int8_table(model.lm_head) is not None:  # one table: the head's
+            model.model.embed_tokens = TiedInt8Embedding(tied_int8_table(model.lm_head), dtype)
             used.update(k for k in ("model.embed_tokens.qweight", "model.embed_tokens.scales") if k in keys)
         elif tied:
             load_module("model.embed_tokens", modules["model.embed_tokens"])

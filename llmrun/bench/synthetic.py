@@ -109,7 +109,7 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _int4_head(q8: torch.Tensor, s8: torch.Tensor, scheme: str, group_size: int, g: torch.Generator):
+def _packed_head(q8: torch.Tensor, s8: torch.Tensor, scheme: str, group_size: int, g: torch.Generator):
     """The output head in `scheme` (llmrun.head_schemes) from its random int8 table."""
     from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
     from llmrun.quant import RESCORE_GROUP, RESCORE_K
@@ -128,10 +128,10 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
     """(model, {"load_s", "quantize_s"}): llmrun's Transformer with random weights, the int4
     paths' output head in scheme `head`. For int4, quantize_s is the time spent packing the
     neutral tensors into the kernel's layout."""
-    from llmrun.kernels import Int4Linear, RescoredLinear
+    from llmrun.kernels import Int4Linear
     from llmrun.memory import release_free_heap
     from llmrun.models import build_on_meta
-    from llmrun.quant import Int8Embedding, TiedInt8Embedding
+    from llmrun.quant import Int8Embedding, TiedInt8Embedding, tied_int8_table
 
     start = time.perf_counter()
     pack_s = 0.0
@@ -154,7 +154,7 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
             if name == "lm_head" and int4:
                 q, s = int8_table if cfg.tie_embeddings and int8_table is not None else _random_int8(N, K, g)
                 t = time.perf_counter()
-                _set_child(model, name, _int4_head(q, s, head, group_size, g))
+                _set_child(model, name, _packed_head(q, s, head, group_size, g))
                 pack_s += time.perf_counter() - t
                 int8_table = q = s = None  # the packed head is the only copy kept
                 continue
@@ -178,10 +178,10 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
     if cfg.tie_embeddings and not int4:
         model.lm_head.weight = model.model.embed_tokens.weight
     if cfg.tie_embeddings and int4:  # one int8 table, read by the head and the embedding
-        table = model.lm_head.exact if isinstance(model.lm_head, RescoredLinear) else model.lm_head
-        if not isinstance(table, Int4Linear):
+        table = tied_int8_table(model.lm_head)
+        if table is not None:
             model.model.embed_tokens = TiedInt8Embedding(table, dtype)
-        else:
+        else:  # an int4 head: the embedding keeps its own int8 table
             model.model.embed_tokens = Int8Embedding(*_random_int8(cfg.vocab_size, cfg.dim, g), dtype)
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:

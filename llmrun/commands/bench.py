@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmrun.head_schemes import DEFAULT_HEAD, HEAD_HELP, HEAD_SCHEMES
+from llmrun.head_schemes import DEFAULT_HEAD, HEAD_HELP, RUN_HEAD_SCHEMES
 
 
 def add_parser(sub) -> None:
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along K: 0 = per output channel, or 32/64/128/256 "
                    "(default: llmrun's default scheme)")
-    p.add_argument("--head", choices=[h for h in HEAD_SCHEMES if h != "none"], default=DEFAULT_HEAD,
+    p.add_argument("--head", choices=RUN_HEAD_SCHEMES, default=DEFAULT_HEAD,
                    help=HEAD_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of default/transformers and of the int4 paths' activations (default: "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmrun.head_schemes import HEAD_HELP, HEAD_SCHEMES
+from llmrun.head_schemes import HEAD_HELP, RUN_HEAD_SCHEMES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="int4 packed-weight kernels or none (default: int4 where built)")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along K: 32 (default), 64, 128, 256, or 0 = per output channel")
-    p.add_argument("--head", choices=[h for h in HEAD_SCHEMES if h != "none"], default=None,
+    p.add_argument("--head", choices=RUN_HEAD_SCHEMES, default=None,
                    help=HEAD_HELP)
     p.add_argument("--no-compile", action="store_true", help="run eager, compile nothing")
     p.add_argument("--compile-backend", choices=["aot", "jit"], default="aot",

@@ -10,6 +10,11 @@ from .dispatch import arm_module, resolve_backend
 from .reference import int4_linear_reference, rescore_top_k_reference
 
 
+def _float_bias(bias: torch.Tensor | None) -> torch.nn.Parameter | None:
+    """A layer's bias as kept: a float32 copy, frozen."""
+    return None if bias is None else torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+
 class _PackedLinear(torch.nn.Module):
     """What Int4Linear and Int8Linear share: packed tensors kept as non-persistent buffers,
     and a state dict in the neutral format (qweight, scales, bias).
@@ -29,7 +34,7 @@ class _PackedLinear(torch.nn.Module):
             self.register_buffer(name, tensor, persistent=False)
 
     def _set_bias(self, bias: torch.Tensor | None) -> None:
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.bias = _float_bias(bias)
 
     def _apply(self, fn, recurse=True):
         packed = {n: self._buffers.pop(n) for n in self.PACKED if n in self._buffers}
@@ -313,7 +318,7 @@ class RescoredLinear(torch.nn.Module):
         self.scan, self.exact = scan, exact
         self.in_features, self.out_features = exact.in_features, exact.out_features
         self.k = min(k, self.out_features)
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.bias = _float_bias(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

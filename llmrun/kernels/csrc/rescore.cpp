@@ -77,8 +77,7 @@ static at::Tensor rescore_top_k(const at::Tensor& y, const at::Tensor& a, const 
         push_top(o + m * N, s * N / parts, (s + 1) * N / parts, k, heaps[s]);
       }
     };
-    if (parts > 1) at::parallel_for(0, parts, 1, scan);
-    else scan(0, 1);
+    at::parallel_for(0, parts, 1, scan);  // inline when called inside the rows' parallel_for
     std::vector<Entry> all;
     for (auto& h : heaps) all.insert(all.end(), h.begin(), h.end());
     if ((int64_t)all.size() > k) {
