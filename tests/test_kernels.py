@@ -385,7 +385,7 @@ def test_prefill_attention_matches_reference(dtype, shape):
     g = torch.Generator().manual_seed(S * D)
     k = (torch.randn(B, Hkv, S, D, generator=g) * 2).to(dtype)
     v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 3e-5 if dtype == torch.float32 else 2e-2  # fp32: sums of up to 256 products of scores ~10
     # a first chunk, a later chunk (blocks of 64 queries, the last one partial), one query at
     # the cache's end, and positions out of order
     for positions in (list(range(S - 3)), list(range(5, S)), [S - 1], [3, 0, S - 1, 2, 1]):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("int4mm.cpp", "int4mm_body.inc", "attention.cpp", "attention_body.inc", "rescore.cpp")
+_SOURCES = ("int4mm.cpp", "int4mm_body.inc", "attention.cpp", "attention_body.inc", "prefill_body.inc", "rescore.cpp")
 _lock = threading.Lock()
 _state: dict = {}
 

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -37,6 +38,21 @@ struct Args {
   int64_t v_sb, v_sh, v_ss;
   int64_t start, n;                   // attended positions [start, start + n)
   float scale, softcap;
+};
+
+struct PrefillArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;                          // (B, H, T, D) contiguous, q's dtype
+  bool bf16;                          // q, k, v and out are bf16 (else fp32)
+  int64_t B, H, T, rep, D;
+  int64_t q_sb, q_sh, q_st;           // q strides (batch, head, query), elements
+  int64_t k_sb, k_sh, k_ss;           // k strides (batch, kv head, position)
+  int64_t v_sb, v_sh, v_ss;
+  const int64_t* pos;                 // (T,) the queries' cache positions
+  float scale;
+  int64_t window;
 };
 
 static inline float bf16_to_f(uint16_t h) {
@@ -58,19 +74,62 @@ static inline uint16_t f_to_bf16(float f) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")
 #include "attention_body.inc"
+#define PF_W 16
+#define PF_QK_R 8
+#define PF_QK_C 2
+#define PF_PV_R 8
+#define PF_PV_C 3
+#include "prefill_body.inc"
 #pragma GCC pop_options
 #undef ATTN_BODY_NS
+#undef PF_W
+#undef PF_QK_R
+#undef PF_QK_C
+#undef PF_PV_R
+#undef PF_PV_C
 
 #define ATTN_BODY_NS avx2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #include "attention_body.inc"
+#define PF_W 8
+#define PF_QK_R 6
+#define PF_QK_C 2
+#define PF_PV_R 4
+#define PF_PV_C 3
+#include "prefill_body.inc"
 #pragma GCC pop_options
 #undef ATTN_BODY_NS
+#undef PF_W
+#undef PF_QK_R
+#undef PF_QK_C
+#undef PF_PV_R
+#undef PF_PV_C
 
 #define ATTN_BODY_NS baseline
 #include "attention_body.inc"
+#define PF_W 4
+#define PF_QK_R 4
+#define PF_QK_C 2
+#define PF_PV_R 4
+#define PF_PV_C 2
+#include "prefill_body.inc"
 #undef ATTN_BODY_NS
+#undef PF_W
+#undef PF_QK_R
+#undef PF_QK_C
+#undef PF_PV_R
+#undef PF_PV_C
+
+// The ISA this CPU runs: 2 AVX512, 1 AVX2 + FMA, 0 baseline
+static int attention_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+  return 0;
+}
 
 // What both ops ask of their operands: q (B, H, T, D), k and v (B, Hkv, S, D), H % Hkv == 0.
 static void check_cache_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
@@ -120,13 +179,9 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
   a.n = pos + 1 - a.start;
   a.scale = (float)scale;
   a.softcap = (float)softcap;
-  __builtin_cpu_init();
-  void (*head)(const Args&, int64_t, float*) = baseline::one_head;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    head = avx512::one_head;
-  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    head = avx2::one_head;
+  const int isa = attention_isa();
+  void (*head)(const Args&, int64_t, float*) =
+      isa == 2 ? avx512::one_head : isa == 1 ? avx2::one_head : baseline::one_head;
   const int64_t heads = q.size(0) * a.H;
   // one thread for small work: a threaded region costs more than ~64K multiply-adds
   const int64_t grain = std::max<int64_t>(1, (int64_t)(1 << 16) / std::max<int64_t>(1, a.n * a.D * 2));
@@ -137,52 +192,59 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
   return out;
 }
 
-// Attention of T queries (a prefill chunk) over a static KV cache, in blocks of PREFILL_BLOCK
-// queries: each block reads only the cache positions its queries can see, [lo, hi), with
-// hi = its last position + 1 and lo = 0 (or its first position - window + 1), and calls
-// torch's fused CPU attention on that slice with the block's causal/window mask. Masked
-// attention over the whole cache computes all T x S scores; this computes about
-// T x (T / 2 + filled positions) and none past the last position (measured on Gemma 3
-// shapes, T = 512, eager: 6.2 -> 4.5 ms per layer with a 512-slot cache, 12.4 -> 4.7 ms
-// with 1024 slots).
-//   q      (B, H, T, D)    fp32 or bf16
-//   k, v   (B, Hkv, S, D)  q's dtype; H % Hkv == 0
+// Attention of T queries (a prefill chunk) over a static KV cache (prefill_body.inc): per
+// kv head and block of queries, only the cache positions some query of the block sees are
+// read, in slices, with a running softmax; each query's scores beyond what it sees are
+// dropped before the exponential. Replaced torch's fused CPU attention called per block of
+// 64 queries with a mask (MKL sgemm on 64-wide heads): SmolLM2 shapes (9 heads, 3 kv heads,
+// D 64, T 512), 2 threads, 4.3 -> see docs/performance.md.
+//   q      (B, H, T, D)    fp32 or bf16, last dim contiguous
+//   k, v   (B, Hkv, S, D)  q's dtype, last dim contiguous; H % Hkv == 0
 //   input_pos (T,) int64   the queries' cache positions (each in [0, S))
 //   out    (B, H, T, D)
 // Query t sees position j iff j <= pos[t] and (window == 0 or j > pos[t] - window).
-static constexpr int64_t PREFILL_BLOCK = 64;
-
 static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& input_pos, double scale, int64_t window) {
   check_cache_shapes(q, k, v, "prefill_attention");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "prefill_attention: dtypes differ");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "prefill_attention: tensors must be fp32 or bf16");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "prefill_attention: k and v last dims must be contiguous");
   const int64_t T = q.size(2), S = k.size(2);
   TORCH_CHECK(input_pos.dim() == 1 && input_pos.numel() == T && input_pos.scalar_type() == at::kLong,
               "prefill_attention: input_pos must be T int64 positions");
   const at::Tensor pos_t = input_pos.contiguous();
   const int64_t* pos = pos_t.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; t++) check_position(pos[t], S, "prefill_attention");
+  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
-  const bool gqa = q.size(1) != k.size(1);
-  for (int64_t t0 = 0; t0 < T; t0 += PREFILL_BLOCK) {
-    const int64_t tb = std::min(PREFILL_BLOCK, T - t0);
-    int64_t lo = S, hi = 0;
-    for (int64_t t = t0; t < t0 + tb; t++) {
-      lo = std::min(lo, window > 0 ? std::max<int64_t>(0, pos[t] - window + 1) : 0);
-      hi = std::max(hi, pos[t] + 1);
-    }
-    at::Tensor mask = at::empty({tb, hi - lo}, at::kBool);  // (tb, L): true where attended
-    bool* m = mask.data_ptr<bool>();
-    for (int64_t i = 0; i < tb; i++) {
-      const int64_t p = pos[t0 + i];
-      for (int64_t j = lo; j < hi; j++)
-        m[i * (hi - lo) + (j - lo)] = j <= p && (window <= 0 || j > p - window);
-    }
-    at::Tensor block = at::scaled_dot_product_attention(
-        q.narrow(2, t0, tb), k.narrow(2, lo, hi - lo), v.narrow(2, lo, hi - lo), mask,
-        /*dropout_p=*/0.0, /*is_causal=*/false, scale, gqa);
-    out.narrow(2, t0, tb).copy_(block);
-  }
+  if (out.numel() == 0) return out;
+  PrefillArgs a;
+  a.q = qc.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.out = out.data_ptr();
+  a.bf16 = q.scalar_type() == at::kBFloat16;
+  a.B = q.size(0);
+  a.H = q.size(1);
+  a.T = T;
+  a.rep = q.size(1) / k.size(1);
+  a.D = q.size(3);
+  a.q_sb = qc.stride(0);
+  a.q_sh = qc.stride(1);
+  a.q_st = qc.stride(2);
+  a.k_sb = k.stride(0);
+  a.k_sh = k.stride(1);
+  a.k_ss = k.stride(2);
+  a.v_sb = v.stride(0);
+  a.v_sh = v.stride(1);
+  a.v_ss = v.stride(2);
+  a.pos = pos;
+  a.scale = (float)scale;
+  a.window = window;
+  const int isa = attention_isa();
+  if (isa == 2) avx512::prefill::run(a);
+  else if (isa == 1) avx2::prefill::run(a);
+  else baseline::prefill::run(a);
   return out;
 }
 
