@@ -343,14 +343,26 @@ def test_rescored_linear_recomputes_each_rows_top_k(name):
         torch.testing.assert_close(y, mod(x.reshape(6, K)).reshape(2, 3, N))
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                    (torch.bfloat16, torch.bfloat16)])
-@pytest.mark.parametrize("shape", [(1, 6, 2, 37, 40), (2, 4, 1, 20, 256), (1, 3, 3, 9, 8)])  # B, H, Hkv, S, D
-def test_decode_attention_matches_reference(dtypes, shape):
-    from llmrun.kernels.attention import cache_attention_available, decode_attention, decode_attention_reference
+@pytest.fixture(params=[2, 1, 0], ids=["avx512", "avx2", "baseline"])
+def attention_isa(request):
+    """Runs a test under each body of the attention ops this CPU can run (AVX512, AVX2, baseline)."""
+    from llmrun.kernels.attention import cache_attention_available
 
     if not cache_attention_available():
         pytest.skip("the native kernel is not in use on this machine")
+    if torch.ops.llmrun.set_attention_isa(request.param) != request.param:
+        torch.ops.llmrun.set_attention_isa(2)
+        pytest.skip("this CPU lacks the ISA")
+    yield request.param
+    torch.ops.llmrun.set_attention_isa(2)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                    (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("shape", [(1, 6, 2, 37, 40), (2, 4, 1, 20, 256), (1, 3, 3, 9, 8)])  # B, H, Hkv, S, D
+def test_decode_attention_matches_reference(dtypes, shape, attention_isa):
+    from llmrun.kernels.attention import decode_attention, decode_attention_reference
+
     op = decode_attention
     q_dtype, kv_dtype = dtypes
     B, H, Hkv, S, D = shape
@@ -375,20 +387,21 @@ def test_decode_attention_matches_reference(dtypes, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 6, 2, 150, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8)])  # B, H, Hkv, S, D
-def test_prefill_attention_matches_reference(dtype, shape):
-    from llmrun.kernels.attention import cache_attention_available, prefill_attention, prefill_attention_reference
+@pytest.mark.parametrize("shape", [(1, 6, 2, 170, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8), (1, 10, 2, 300, 64)])
+def test_prefill_attention_matches_reference(dtype, shape, attention_isa):  # shape: B, H, Hkv, S, D
+    from llmrun.kernels.attention import prefill_attention, prefill_attention_reference
 
-    if not cache_attention_available():
-        pytest.skip("the native kernel is not in use on this machine")
     B, H, Hkv, S, D = shape
     g = torch.Generator().manual_seed(S * D)
     k = (torch.randn(B, Hkv, S, D, generator=g) * 2).to(dtype)
     v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
     tol = 3e-5 if dtype == torch.float32 else 2e-2  # fp32: sums of up to 256 products of scores ~10
-    # a first chunk, a later chunk (blocks of 64 queries, the last one partial), one query at
-    # the cache's end, and positions out of order
-    for positions in (list(range(S - 3)), list(range(5, S)), [S - 1], [3, 0, S - 1, 2, 1]):
+    # a first chunk, a later chunk (several blocks of queries, the last one partial; several
+    # slices of positions, some seen whole by every query of a block), one query at the
+    # cache's end, two that differ in seeing the last position, a block whose first query sits
+    # one before the end of the kernel's first slice (128 positions) and positions out of order
+    for positions in (list(range(S - 3)), list(range(5, S)), [S - 1], [S - 2, S - 1], list(range(126, S)) or [0],
+                      [3, 0, S - 1, 2, 1]):
         q = torch.randn(B, H, len(positions), D, generator=g).to(dtype)
         for window in (0, 1, 7, 70):
             got = prefill_attention(q, k, v, torch.tensor(positions), 0.3, window)

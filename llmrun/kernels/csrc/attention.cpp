@@ -121,14 +121,24 @@ static inline uint16_t f_to_bf16(float f) {
 #undef PF_PV_R
 #undef PF_PV_C
 
-// The ISA this CPU runs: 2 AVX512, 1 AVX2 + FMA, 0 baseline
-static int attention_isa() {
+// The best ISA this CPU runs: 2 AVX512, 1 AVX2 + FMA, 0 baseline
+static int best_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return 2;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
   return 0;
+}
+
+static int g_isa_cap = 2;  // tests lower it to run the narrower bodies (set_attention_isa)
+
+static int attention_isa() { return std::min(best_isa(), g_isa_cap); }
+
+// Caps the ISA both ops use (tests); returns the ISA now in use.
+static int64_t set_attention_isa(int64_t cap) {
+  g_isa_cap = (int)std::clamp<int64_t>(cap, 0, 2);
+  return attention_isa();
 }
 
 // What both ops ask of their operands: q (B, H, T, D), k and v (B, Hkv, S, D), H % Hkv == 0.
@@ -255,6 +265,7 @@ TORCH_LIBRARY_FRAGMENT(llmrun, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, float scale, float softcap, "
         "int window) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, float scale, int window) -> Tensor");
+  m.def("set_attention_isa(int cap) -> int", &llmrun_attention::set_attention_isa);
 }
 
 TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
