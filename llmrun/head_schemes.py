@@ -4,7 +4,7 @@ HEAD_SCHEMES = ("int8", "int4-rescored", "int4", "none")
 RUN_HEAD_SCHEMES = HEAD_SCHEMES[:-1]  # what generate/chat/eval/bench take ("none": quantize only)
 # Default: the rescored head. Gemma 3 270M (a 262144 x 640 tied head, 168 of the 230 MB a token
 # read): decode 110 -> 168 t/s; SmolLM2-135M (49152 x 576): equal within noise (233 vs 240 t/s);
-# perplexity over 8192 tokens of alice29.txt +0.46% / +0.29%, greedy text the same (docs/eval.md).
+# perplexity over 8192 tokens of alice29.txt +0.88% / +0.94%, greedy text the same (docs/eval.md).
 DEFAULT_HEAD = "int4-rescored"
 HEAD_HELP = ("the output head's scheme with --quant int4: int4-rescored (default): an int4 copy scores "
              "the vocabulary and each row's top 256 are recomputed from the int8 table; int8 per channel; "
