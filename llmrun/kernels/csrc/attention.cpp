@@ -1,4 +1,5 @@
-// Single-query attention over the filled part of a static KV cache (decode steps).
+// Attention over the filled part of a static KV cache: decode_attention (one query, the
+// body in attention_body.inc) and prefill_attention (a chunk of queries, prefill_body.inc).
 //
 // A decode step's query sits at position p; the cache holds S >= p + 1 positions, of which
 // only [start, p] are attended (start = p - window + 1 for sliding-window layers, else 0).
@@ -11,7 +12,7 @@
 //   out    (B, H, 1, D)    q's dtype
 // scores = scale * q.k (then softcap * tanh(scores / softcap) when softcap > 0), softmax in
 // float32 with the maximum subtracted, out = sum_j p_j v_j / sum_j p_j.
-// The body is compiled three times (AVX512, AVX2+FMA, baseline) and chosen at run time.
+// Both bodies are compiled three times (AVX512, AVX2+FMA, baseline) and chosen at run time.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -20,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -209,7 +211,7 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
 // of 64 queries with a mask (MKL sgemm on narrow heads); T = 512 over a 512-slot cache,
 // 2 threads, ms per layer, torch's -> this: SmolLM2 shapes (9 heads, 3 kv heads, D 64)
 // 4.3 -> 2.0, Gemma 3 270M shapes (4 heads, 1 kv head, D 256) 5.1 -> 3.3.
-//   q      (B, H, T, D)    fp32 or bf16, last dim contiguous
+//   q      (B, H, T, D)    fp32 or bf16, any strides
 //   k, v   (B, Hkv, S, D)  q's dtype, last dim contiguous; H % Hkv == 0
 //   input_pos (T,) int64   the queries' cache positions (each in [0, S))
 //   out    (B, H, T, D)
