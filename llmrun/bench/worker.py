@@ -210,7 +210,7 @@ def run_llmrun(spec: Spec, result: dict) -> None:
 
             first, logits = _timed(prefill_once)
             if spec.compiled:
-                log(spec, f"first prefill (compiles) {first:.1f} s")
+                log(spec, f"first prefill (compiling it, if not cached) {first:.1f} s")
             samples = _repeat(spec, "pp", prefill_once)
             compile_s += max(0.0, first - min(samples)) if spec.compiled else 0.0
             result["tests"]["pp"] = {"n": spec.pp, "samples_s": samples}
