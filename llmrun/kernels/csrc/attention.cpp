@@ -28,30 +28,34 @@
 
 namespace llmrun_attention {
 
-struct Args {
+// What both ops read of their operands: q, the cache's k and v, their strides (elements)
+struct Operands {
   const void* q;
   const void* k;
   const void* v;
-  void* out;
-  bool q_bf16, kv_bf16;
-  int64_t H, rep, D;
-  int64_t q_sb, q_sh;                 // q strides (batch, head), elements
+  int64_t H, rep, D;                  // query heads, query heads per kv head, head dim
+  int64_t q_sb, q_sh;                 // q strides (batch, head)
   int64_t k_sb, k_sh, k_ss;           // k strides (batch, kv head, position)
   int64_t v_sb, v_sh, v_ss;
+};
+
+static Operands operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {q.data_ptr(), k.data_ptr(), v.data_ptr(), q.size(1), q.size(1) / k.size(1), q.size(3),
+          q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)};
+}
+
+struct Args : Operands {
+  void* out;
+  bool q_bf16, kv_bf16;
   int64_t start, n;                   // attended positions [start, start + n)
   float scale, softcap;
 };
 
-struct PrefillArgs {
-  const void* q;
-  const void* k;
-  const void* v;
+struct PrefillArgs : Operands {
   void* out;                          // (B, H, T, D) contiguous, q's dtype
   bool bf16;                          // q, k, v and out are bf16 (else fp32)
-  int64_t B, H, T, rep, D;
-  int64_t q_sb, q_sh, q_st;           // q strides (batch, head, query), elements
-  int64_t k_sb, k_sh, k_ss;           // k strides (batch, kv head, position)
-  int64_t v_sb, v_sh, v_ss;
+  int64_t B, T;
+  int64_t q_st;                       // q stride (query)
   const int64_t* pos;                 // (T,) the queries' cache positions
   float scale;
   int64_t window;
@@ -170,23 +174,10 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
   check_position(pos, S, "decode_attention");
   at::Tensor out = at::empty(q.sizes(), q.options());
   Args a;
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
+  static_cast<Operands&>(a) = operands(q, k, v);
   a.out = out.data_ptr();
   a.q_bf16 = q.scalar_type() == at::kBFloat16;
   a.kv_bf16 = k.scalar_type() == at::kBFloat16;
-  a.H = q.size(1);
-  a.rep = q.size(1) / k.size(1);
-  a.D = q.size(3);
-  a.q_sb = q.stride(0);
-  a.q_sh = q.stride(1);
-  a.k_sb = k.stride(0);
-  a.k_sh = k.stride(1);
-  a.k_ss = k.stride(2);
-  a.v_sb = v.stride(0);
-  a.v_sh = v.stride(1);
-  a.v_ss = v.stride(2);
   a.start = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
   a.n = pos + 1 - a.start;
   a.scale = (float)scale;
@@ -232,25 +223,12 @@ static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, co
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;
   PrefillArgs a;
-  a.q = qc.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
+  static_cast<Operands&>(a) = operands(qc, k, v);
   a.out = out.data_ptr();
   a.bf16 = q.scalar_type() == at::kBFloat16;
   a.B = q.size(0);
-  a.H = q.size(1);
   a.T = T;
-  a.rep = q.size(1) / k.size(1);
-  a.D = q.size(3);
-  a.q_sb = qc.stride(0);
-  a.q_sh = qc.stride(1);
   a.q_st = qc.stride(2);
-  a.k_sb = k.stride(0);
-  a.k_sh = k.stride(1);
-  a.k_ss = k.stride(2);
-  a.v_sb = v.stride(0);
-  a.v_sh = v.stride(1);
-  a.v_ss = v.stride(2);
   a.pos = pos;
   a.scale = (float)scale;
   a.window = window;
