@@ -387,7 +387,8 @@ def test_decode_attention_matches_reference(dtypes, shape, attention_isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 6, 2, 170, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8), (1, 10, 2, 300, 64)])
+@pytest.mark.parametrize("shape", [(1, 6, 2, 170, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8), (1, 10, 2, 300, 64),
+                                   (2, 16, 2, 40, 1)])
 def test_prefill_attention_matches_reference(dtype, shape, attention_isa):  # shape: B, H, Hkv, S, D
     from llmrun.kernels.attention import prefill_attention, prefill_attention_reference
 
@@ -403,11 +404,14 @@ def test_prefill_attention_matches_reference(dtype, shape, attention_isa):  # sh
     for positions in (list(range(S - 3)), list(range(5, S)), [S - 1], [S - 2, S - 1], list(range(126, S)) or [0],
                       [3, 0, S - 1, 2, 1]):
         q = torch.randn(B, H, len(positions), D, generator=g).to(dtype)
+        kg, vg = k.clone(), v.clone()  # slots past the last position hold garbage: never read
+        kg[:, :, max(positions) + 1:] = float("nan")
+        vg[:, :, max(positions) + 1:] = float("inf")
         for window in (0, 1, 7, 70):
-            got = prefill_attention(q, k, v, torch.tensor(positions), 0.3, window)
+            got = prefill_attention(q, kg, vg, torch.tensor(positions), 0.3, window)
             ref = prefill_attention_reference(q, k, v, positions, 0.3, window)
             torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
-    # slots past the last position are never read: garbage there changes nothing
+    # and garbage there changes nothing at all
     positions = torch.arange(S // 2)
     q = torch.randn(B, H, S // 2, D, generator=g).to(dtype)
     k2, v2 = k.clone(), v.clone()

@@ -1,5 +1,6 @@
 // Attention over the filled part of a static KV cache: decode_attention (one query, the
-// body in attention_body.inc) and prefill_attention (a chunk of queries, prefill_body.inc).
+// body in attention_body.inc) and prefill_attention (a chunk of queries, prefill_body.inc;
+// its operands are described above it, below).
 //
 // A decode step's query sits at position p; the cache holds S >= p + 1 positions, of which
 // only [start, p] are attended (start = p - window + 1 for sliding-window layers, else 0).
@@ -7,6 +8,7 @@
 // position from input_pos at run time and touches only the p + 1 - start that count, with
 // static tensor shapes (one compiled decode step serves every position).
 //
+// decode_attention:
 //   q      (B, H, 1, D)    fp32 or bf16
 //   k, v   (B, Hkv, S, D)  fp32 or bf16, last dim contiguous; H % Hkv == 0 (grouped queries)
 //   out    (B, H, 1, D)    q's dtype
@@ -18,6 +20,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -207,6 +210,9 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
 //   input_pos (T,) int64   the queries' cache positions (each in [0, S))
 //   out    (B, H, T, D)
 // Query t sees position j iff j <= pos[t] and (window == 0 or j > pos[t] - window).
+// Slots past the last position are never read; slots between the lowest position some query
+// sees and the last must hold finite values (as a cache filled in order does): a query's
+// weight 0 times an inf there would still be NaN.
 static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& input_pos, double scale, int64_t window) {
   check_cache_shapes(q, k, v, "prefill_attention");
@@ -216,6 +222,7 @@ static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, co
   const int64_t T = q.size(2), S = k.size(2);
   TORCH_CHECK(input_pos.dim() == 1 && input_pos.numel() == T && input_pos.scalar_type() == at::kLong,
               "prefill_attention: input_pos must be T int64 positions");
+  TORCH_CHECK(S <= INT32_MAX, "prefill_attention: a cache of over 2^31 positions");  // lanes hold int32
   const at::Tensor pos_t = input_pos.contiguous();
   const int64_t* pos = pos_t.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; t++) check_position(pos[t], S, "prefill_attention");
