@@ -159,8 +159,8 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
         for name, module in list(modules.items()):
             if not (tied and name == "model.embed_tokens"):  # a tied embedding follows its head
                 load_module(name, module)
-        if tied and tied_int8_table(model.lm_head) is not None:  # one table: the head's
-            model.model.embed_tokens = TiedInt8Embedding(tied_int8_table(model.lm_head), dtype)
+        if tied and (table := tied_int8_table(model.lm_head)) is not None:  # one table: the head's
+            model.model.embed_tokens = TiedInt8Embedding(table, dtype)
             used.update(k for k in ("model.embed_tokens.qweight", "model.embed_tokens.scales") if k in keys)
         elif tied:
             load_module("model.embed_tokens", modules["model.embed_tokens"])
