@@ -102,9 +102,9 @@ class Engine:
         else:
             model = _load_quantized_cached(resolved, tokenizer, options, report)
         if options.quant != "none":
-            from llmrun.quant import fuse_int4_projections
+            from llmrun.quant import prepare_int4_model
 
-            fuse_int4_projections(model)
+            prepare_int4_model(model)
         timings["load"] = time.perf_counter() - start
         engine = cls(model, tokenizer, options, resolved, timings)
         if options.compile:

@@ -13,7 +13,7 @@ import torch
 from llmrun.engine import Engine, EngineOptions
 from llmrun.generation_types import SamplingSettings
 
-ARGS = ["generate", "--raw", "-p", "The capital of France is", "--temperature", "0",
+ARGS = ["generate", "--raw", "-p", "The Eiffel Tower is in the city of", "--temperature", "0",
         "--max-new-tokens", "6"]
 
 

@@ -17,10 +17,12 @@ from llmrun.engine import Engine, EngineOptions
 from llmrun.generation_types import SamplingSettings
 
 GREEDY = SamplingSettings(max_new_tokens=24, temperature=0)
-# (prompt, word the int4 answer holds). Not "The capital of France is" for Gemma: its int4 top
-# tokens there (' which', ' the', ' France') lie within 0.8 logits, and noise of 1e-6 relative
-# in the attention outputs flips the greedy pick among them (measured); here the margin is 2.1.
-ANSWER = {"smollm2-135m": ("The capital of France is", "Paris"),
+# (prompt, word the int4 answer holds), prompts these int4 models answer with a margin. After
+# "The capital of France is" their top tokens lie within 0.1-0.8 logits (SmolLM2: ' Paris',
+# ' located', ' approximately'; Gemma: ' the', ' a', ' which'), and rounding-level changes in
+# attention flip the greedy pick (1e-6 relative noise did; so do bf16 products, measured). Top
+# token margins here, fp32 / bf16 attention products: SmolLM2 1.8 / 1.3, Gemma 2.1 / 3.0.
+ANSWER = {"smollm2-135m": ("The Eiffel Tower is in the city of", "Paris"),
           "gemma3-270m": ("Paris is the capital of", "France")}
 
 

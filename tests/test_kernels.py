@@ -422,6 +422,43 @@ def test_prefill_attention_matches_reference(dtype, shape, attention_isa):  # sh
         prefill_attention(q[:, :, :1], k, v, torch.tensor([S]), 0.3, 0)
 
 
+@pytest.mark.parametrize("shape", [(1, 6, 2, 170, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8), (1, 10, 2, 300, 64),
+                                   (2, 16, 2, 40, 1)])
+def test_prefill_attention_bf16_dots(shape, attention_isa):  # shape: B, H, Hkv, S, D
+    """bf16_dots against its emulation (operands and weights rounded to bf16, float64 sums): within
+    2e-4 where every query sees one slice of 128 positions, 1e-2 past it (the kernel rounds the
+    weights against a running max); exactly the fp32 op where the CPU or ISA cannot."""
+    from llmrun.kernels.attention import (bf16_dots_available, prefill_attention, prefill_attention_bf16_reference,
+                                          prefill_attention_reference)
+
+    B, H, Hkv, S, D = shape
+    g = torch.Generator().manual_seed(S * D)
+    k = torch.randn(B, Hkv, S, D, generator=g) * 2
+    v = torch.randn(B, Hkv, S, D, generator=g)
+    for positions in (list(range(S - 3)), list(range(5, S)), [S - 1], [S - 2, S - 1], list(range(126, S)) or [0],
+                      [3, 0, S - 1, 2, 1]):
+        q = torch.randn(B, H, len(positions), D, generator=g)
+        kg, vg = k.clone(), v.clone()  # slots past the last position hold garbage: never read
+        kg[:, :, max(positions) + 1:] = float("nan")
+        vg[:, :, max(positions) + 1:] = float("inf")
+        tol = 2e-4 if max(positions) < 128 else 1e-2
+        for window in (0, 1, 7, 70):
+            pos = torch.tensor(positions)
+            got = prefill_attention(q, kg, vg, pos, 0.3, window, bf16_dots=True)
+            if not bf16_dots_available():
+                assert torch.equal(got, prefill_attention(q, k, v, pos, 0.3, window))
+                continue
+            ref = prefill_attention_bf16_reference(q, k, v, positions, 0.3, window)
+            torch.testing.assert_close(got, ref, rtol=0, atol=tol)
+            if window != 1:  # and bf16 did run: fp32 sums of exact products would sit within 3e-5
+                exact = prefill_attention_reference(q, k, v, positions, 0.3, window)
+                assert (got - exact).abs().max() > 1e-4
+    # bf16 operands take the bf16 op whatever the flag
+    qb, kb, vb = (torch.randn(B, n, S, D, generator=g).bfloat16() for n in (H, Hkv, Hkv))
+    pos = torch.arange(S)
+    assert torch.equal(prefill_attention(qb, kb, vb, pos, 0.3, 0, bf16_dots=True), prefill_attention(qb, kb, vb, pos, 0.3, 0))
+
+
 @pytest.mark.parametrize("op", ["llmrun-g32", "llmrun-int8"])
 def test_kernel_bench_weight_copies_are_distinct(op):
     """The kernel bench cycles weight copies so that M=1 reads DRAM: each must own its packed

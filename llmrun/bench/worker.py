@@ -180,9 +180,9 @@ def run_llmrun(spec: Spec, result: dict) -> None:
     log(spec, "loading" + (" and quantizing" if spec.int4 else ""))
     model, tokenizer, timings, name = load_llmrun(spec)
     if spec.int4:  # as the engine runs it
-        from llmrun.quant import fuse_int4_projections
+        from llmrun.quant import prepare_int4_model
 
-        fuse_int4_projections(model)
+        prepare_int4_model(model)
     result.update(model=name, **timings)
     log(spec, f"load {timings['load_s']:.2f} s" + (f"  quantize {timings['quantize_s']:.2f} s" if spec.int4 else ""))
     gen = Generator(model, tokenizer)

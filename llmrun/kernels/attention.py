@@ -33,13 +33,43 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_po
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
-                      scale: float, window: int = 0) -> torch.Tensor:
+                      scale: float, window: int = 0, bf16_dots: bool = False) -> torch.Tensor:
     """q (B,H,T,D), k/v (B,Hkv,S,D) (q's dtype), input_pos (T,) int64 -> (B,H,T,D): query t
-    attends over positions [max(0, pos[t] - window + 1), pos[t]] (window 0: from 0). Needs
-    cache_attention_available()."""
+    attends over positions [max(0, pos[t] - window + 1), pos[t]] (window 0: from 0). bf16_dots:
+    fp32 operands multiplied in bf16 pairs, summed in fp32, where the CPU has AVX512-BF16
+    (`bf16_dots_available()`); elsewhere the flag is ignored. Needs cache_attention_available()."""
     from . import native
 
-    return native.PREFILL_ATTENTION(q, k, v, input_pos, scale, window)
+    return native.PREFILL_ATTENTION(q, k, v, input_pos, scale, window, bf16_dots)
+
+
+def bf16_dots_available() -> bool:
+    """Whether prefill_attention's bf16_dots takes effect here (AVX512-BF16, the AVX512 body)."""
+    from . import native
+
+    return native.built() and torch.ops.llmrun.prefill_bf16_dots_available()
+
+
+def prefill_attention_bf16_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int],
+                                     scale: float, window: int = 0) -> torch.Tensor:
+    """prefill_attention with bf16_dots, emulated (tests): q * scale (fp32), k, v and each
+    query's weights exp(s - max) (fp32) rounded to bf16; products summed in float64 and divided
+    by the unrounded weights' sum. The kernel rounds weights against a running max: rows that
+    see more than one slice of 128 positions differ from this by their rounding."""
+    rep = q.shape[1] // k.shape[1]
+
+    def bf16(x: torch.Tensor) -> torch.Tensor:
+        return x.float().to(torch.bfloat16).double()
+
+    qs = bf16(q.float() * torch.tensor(scale, dtype=torch.float32))
+    kk, vv = bf16(k).repeat_interleave(rep, dim=1), bf16(v).repeat_interleave(rep, dim=1)  # (B, H, S, D)
+    outs = []
+    for t, pos in enumerate(positions):
+        start = max(0, pos - window + 1) if window > 0 else 0
+        scores = qs[:, :, t:t + 1] @ kk[:, :, start:pos + 1].transpose(-1, -2)  # (B, H, 1, n)
+        e = torch.exp(scores - scores.amax(-1, keepdim=True))
+        outs.append((bf16(e) @ vv[:, :, start:pos + 1]) / e.sum(-1, keepdim=True))
+    return torch.cat(outs, dim=2).to(q.dtype)
 
 
 def prefill_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: list[int],

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("int4mm.cpp", "int4mm_body.inc", "attention.cpp", "attention_body.inc", "prefill_body.inc", "rescore.cpp")
+_SOURCES = ("int4mm.cpp", "int4mm_body.inc", "attention.cpp", "attention_body.inc", "prefill_body.inc",
+            "prefill_bf16.inc", "rescore.cpp")
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -139,7 +140,7 @@ def _register_fakes() -> None:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::prefill_attention")
-    def _(q, k, v, input_pos, scale, window):
+    def _(q, k, v, input_pos, scale, window, bf16_dots=False):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::rescore_top_k")

@@ -97,6 +97,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.window = 0  # sliding-window length of this layer (0: attends to every position)
         self.cache_kernels = False  # attention through kernels.{decode,prefill}_attention (set with the cache)
+        self.bf16_dots = False  # prefill attention may multiply in bf16 (use_bf16_attention_products)
         # Optional single module computing [q | k | v] in one call (see fuse_projections)
         self.qkv_proj: nn.Module | None = None
         self.qkv_splits = (q_dim, kv_dim, kv_dim)
@@ -119,7 +120,7 @@ class Attention(nn.Module):
         if use_cache and T == 1 and self.cache_kernels:  # reads the filled cache positions only
             out = decode_attention(q, k, v, input_pos, self.scale, self.softcap or 0.0, self.window)
         elif use_cache and self.softcap is None and self.cache_kernels:  # the same, per block of queries
-            out = prefill_attention(q, k, v, input_pos, self.scale, self.window)
+            out = prefill_attention(q, k, v, input_pos, self.scale, self.window, self.bf16_dots)
         elif self.softcap is None and T > 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                  enable_gqa=self.n_heads != self.n_kv_heads)
@@ -227,6 +228,15 @@ def fuse_projections(model: nn.Module, fuse) -> None:
             if fused is not None:
                 module.gate_up_proj = fused
                 del module.gate_proj, module.up_proj
+
+
+def use_bf16_attention_products(model: nn.Module, on: bool = True) -> None:
+    """Let the prefill attention kernel multiply fp32 q, k, p and v in bf16 (fp32 sums) where the
+    CPU has AVX512-BF16: what a model whose linear layers already multiply int8 activations can
+    afford (see kernels/csrc/prefill_bf16.inc for the cost and the error)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.bf16_dots = on
 
 
 class Transformer(nn.Module):

@@ -62,6 +62,7 @@ struct PrefillArgs : Operands {
   const int64_t* pos;                 // (T,) the queries' cache positions
   float scale;
   int64_t window;
+  bool bf16_dots;                     // bf16 products, fp32 sums (prefill_bf16.inc)
 };
 
 static inline float bf16_to_f(uint16_t h) {
@@ -89,6 +90,7 @@ static inline uint16_t f_to_bf16(float f) {
 #define PF_PV_R 8
 #define PF_PV_C 3
 #include "prefill_body.inc"
+#include "prefill_bf16.inc"
 #pragma GCC pop_options
 #undef ATTN_BODY_NS
 #undef PF_W
@@ -140,9 +142,17 @@ static int best_isa() {
   return 0;
 }
 
+static bool has_avx512bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+}
+
 static int g_isa_cap = 2;  // tests lower it to run the narrower bodies (set_attention_isa)
 
 static int attention_isa() { return std::min(best_isa(), g_isa_cap); }
+
+// Whether prefill_attention's bf16_dots takes effect (the AVX512 body on an AVX512-BF16 CPU)
+static bool prefill_bf16_dots_available() { return attention_isa() == 2 && has_avx512bf16(); }
 
 // Caps the ISA both ops use (tests); returns the ISA now in use.
 static int64_t set_attention_isa(int64_t cap) {
@@ -214,7 +224,7 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
 // sees and the last must hold finite values (as a cache filled in order does): a query's
 // weight 0 times an inf there would still be NaN.
 static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& input_pos, double scale, int64_t window) {
+                                    const at::Tensor& input_pos, double scale, int64_t window, bool bf16_dots) {
   check_cache_shapes(q, k, v, "prefill_attention");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "prefill_attention: dtypes differ");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "prefill_attention: tensors must be fp32 or bf16");
@@ -240,7 +250,8 @@ static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, co
   a.scale = (float)scale;
   a.window = window;
   const int isa = attention_isa();
-  if (isa == 2) avx512::prefill::run(a);
+  if (bf16_dots && !a.bf16 && prefill_bf16_dots_available()) avx512::prefill::run_bf16(a);
+  else if (isa == 2) avx512::prefill::run(a);
   else if (isa == 1) avx2::prefill::run(a);
   else baseline::prefill::run(a);
   return out;
@@ -251,8 +262,10 @@ static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, co
 TORCH_LIBRARY_FRAGMENT(llmrun, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, float scale, float softcap, "
         "int window) -> Tensor");
-  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, float scale, int window) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, float scale, int window, "
+        "bool bf16_dots=False) -> Tensor");
   m.def("set_attention_isa(int cap) -> int", &llmrun_attention::set_attention_isa);
+  m.def("prefill_bf16_dots_available() -> bool", &llmrun_attention::prefill_bf16_dots_available);
 }
 
 TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
