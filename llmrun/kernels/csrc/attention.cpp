@@ -62,7 +62,6 @@ struct PrefillArgs : Operands {
   const int64_t* pos;                 // (T,) the queries' cache positions
   float scale;
   int64_t window;
-  bool bf16_dots;                     // bf16 products, fp32 sums (prefill_bf16.inc)
 };
 
 static inline float bf16_to_f(uint16_t h) {
@@ -220,6 +219,8 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
 //   input_pos (T,) int64   the queries' cache positions (each in [0, S))
 //   out    (B, H, T, D)
 // Query t sees position j iff j <= pos[t] and (window == 0 or j > pos[t] - window).
+// bf16_dots: fp32 operands multiplied in bf16 with fp32 sums (prefill_bf16.inc) where
+// prefill_bf16_dots_available(); otherwise ignored.
 // Slots past the last position are never read; slots between the lowest position some query
 // sees and the last must hold finite values (as a cache filled in order does): a query's
 // weight 0 times an inf there would still be NaN.
