@@ -15,7 +15,7 @@ import torch
 from llmrun.errors import LlmrunError
 from llmrun.generation_types import ChatMessage, GenerationChunk, LoadProgress, SamplingSettings
 from llmrun.generate import Generator
-from llmrun.head_schemes import DEFAULT_HEAD
+from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_WEIGHTS, WEIGHT_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_BACKENDS = ("aot", "jit")
@@ -29,12 +29,14 @@ class EngineOptions:
     quant: str = "none"  # none | int4
     group_size: int = 32  # int4: 0 = per output channel; see quant.DEFAULT_GROUP_SIZE
     head: str = DEFAULT_HEAD  # int4: the output head's scheme (llmrun.head_schemes)
+    weights: str = DEFAULT_WEIGHTS  # int4: a GGUF's quantized tensors as-shipped, or re-rounded to int4
     compile: bool = False
     compile_backend: str = "aot"  # aot: AOTInductor packages (llmrun.aot); jit: torch.compile
 
 
 class Engine:
-    def __init__(self, model, tokenizer, options: EngineOptions, resolved, timings: dict):
+    def __init__(self, model, tokenizer, options: EngineOptions, resolved, timings: dict,
+                 shipped_formats: tuple[str, ...] = ()):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.resolved = resolved
         source = resolved.source
@@ -42,6 +44,7 @@ class Engine:
         self.source = source
         self.name = source
         self.timings = timings  # stage -> seconds (download, load, quantize, compile)
+        self.shipped_formats = shipped_formats  # GGUF block formats that run as shipped, most bytes first
         self.generator = Generator(model, tokenizer)
 
     @property
@@ -54,8 +57,11 @@ class Engine:
 
     @property
     def quant_label(self) -> str:
+        """Which weights ran: the dtype, the int4 scheme, or a GGUF's formats as shipped."""
         if self.options.quant == "none":
             return self.options.dtype
+        if self.shipped_formats:
+            return f"as shipped ({', '.join(self.shipped_formats)})"
         gs = self.options.group_size
         return f"int4 {'per-channel' if gs == 0 else f'g{gs}'}"
 
@@ -76,6 +82,8 @@ class Engine:
                               f"{', '.join(COMPILE_BACKENDS)}")
         if options.dtype not in DTYPES:
             raise LlmrunError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+        if options.weights not in WEIGHT_MODES:
+            raise LlmrunError(f"weights {options.weights!r} is not one of {', '.join(WEIGHT_MODES)}")
         report = progress or (lambda p: None)
         timings = {}
         start = time.perf_counter()
@@ -91,22 +99,24 @@ class Engine:
             tokenizer = Tokenizer.from_gguf(resolved.path)
         else:
             tokenizer = Tokenizer.from_hf_dir(resolved.path)
+        formats: tuple[str, ...] = ()
         if quantized_format.is_quantized_dir(resolved.path):
             model = quantized_format.load_quantized(resolved.path, DTYPES[options.dtype])
             scheme = quantized_format.read_scheme(resolved.path)
             options.quant, options.group_size = scheme["quant"], int(scheme["group_size"])
+            formats = tuple(scheme.get("shipped_formats", ()))
         elif options.quant == "none":
             model = load_model(
                 open_checkpoint(resolved.path, resolved.kind), DTYPES[options.dtype], None,
                 lambda _, done, total: report(LoadProgress("load", done, total)))
         else:
-            model = _load_quantized_cached(resolved, tokenizer, options, report)
+            model, formats = _load_quantized_cached(resolved, tokenizer, options, report)
         if options.quant != "none":
             from llmrun.quant import prepare_int4_model
 
             prepare_int4_model(model)
         timings["load"] = time.perf_counter() - start
-        engine = cls(model, tokenizer, options, resolved, timings)
+        engine = cls(model, tokenizer, options, resolved, timings, formats)
         if options.compile:
             start = time.perf_counter()
             compile_steps(engine.generator, options.compile_backend,
@@ -178,26 +188,34 @@ def default_threads() -> int:
 def _load_quantized_cached(resolved, tokenizer, options: EngineOptions, report):
     """Quantize on first use and keep the result (neutral format) in llmrun's cache, keyed by
     the source file's identity and the scheme; later loads read the cache. A corrupt cache
-    entry is rebuilt."""
+    entry is rebuilt. Returns the model and the GGUF formats that run as shipped."""
     from llmrun import quantized_format
     from llmrun.loader import load_model, open_checkpoint
     from llmrun.quant import make_transform
+    from llmrun.weights import gguf_file
 
     dtype = DTYPES[options.dtype]
-    cache = quantized_format.cache_path(resolved.path, options.quant, options.group_size, options.head)
+    as_shipped = options.weights == "as-shipped" and resolved.kind == "gguf"
+    cache = quantized_format.cache_path(resolved.path, options.quant, options.group_size, options.head,
+                                        "as-shipped" if as_shipped else "int4")
     if quantized_format.is_quantized_dir(cache):
         report(LoadProgress("load", message=f"loading quantized model from {cache}"))
         try:
-            return quantized_format.load_quantized(cache, dtype)
+            model = quantized_format.load_quantized(cache, dtype)
+            return model, tuple(quantized_format.read_scheme(cache).get("shipped_formats", ()))
         except LlmrunError as exc:
             report(LoadProgress("load", message=f"rebuilding the quantized cache ({exc})"))
     transform = make_transform(options.quant, options.group_size, options.head)
-    model = load_model(open_checkpoint(resolved.path, resolved.kind), dtype, transform,
+    ckpt = open_checkpoint(resolved.path, resolved.kind, keep_blocks=as_shipped)
+    formats = tuple(gguf_file.shipped_types(gguf_file.open_reader(resolved.path))) if as_shipped else ()
+    model = load_model(ckpt, dtype, transform,
                        lambda _, done, total: report(LoadProgress("quantize", done, total)))
     scheme = {"quant": options.quant, "group_size": options.group_size, "head": transform.head,
+              "weights": "as-shipped" if as_shipped else "int4", "shipped_formats": list(formats),
               "source": str(resolved.path)}
     try:
         quantized_format.save_quantized(model, tokenizer, scheme, cache, force=True)
     except OSError as exc:  # a cache that cannot be written costs only speed next time
         report(LoadProgress("quantize", message=f"could not cache the quantized model ({exc})"))
-    return model
+    return model, formats
+

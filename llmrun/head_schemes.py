@@ -1,4 +1,4 @@
-"""The output head's quantization schemes (torch-free: the CLI's parsers read them)."""
+"""The weight modes and output head schemes (torch-free: the CLI's parsers read them)."""
 
 HEAD_SCHEMES = ("int8", "int4-rescored", "int4", "none")
 RUN_HEAD_SCHEMES = HEAD_SCHEMES[:-1]  # what generate/chat/eval/bench take ("none": quantize only)
@@ -9,3 +9,12 @@ DEFAULT_HEAD = "int4-rescored"
 HEAD_HELP = ("the output head's scheme with --quant int4: int4-rescored (default): an int4 copy scores "
              "the vocabulary and each row's top 256 are recomputed from the int8 table; int8 per channel; "
              "int4 like the layers")
+
+# What a quantized checkpoint's weights become with --quant int4. as-shipped (default): a GGUF
+# file's Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q6_K/Q8_0 tensors run with their own codes and scales,
+# bit-exact (float tensors take the int4 scheme); int4: every layer re-rounded to llmrun's int4
+# (smaller and faster, lossy: SmolLM2 perplexity +26%, Gemma 3 270M +47%, docs/eval.md).
+WEIGHT_MODES = ("as-shipped", "int4")
+DEFAULT_WEIGHTS = "as-shipped"
+WEIGHTS_HELP = ("as-shipped (default): a GGUF's quantized tensors run exactly as stored; int4: re-round "
+                "every layer to int4 (smaller, faster, lossy)")

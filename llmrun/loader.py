@@ -13,11 +13,14 @@ import torch
 from torch import nn
 
 from llmrun.errors import LlmrunError
+from llmrun.kernels.blocks import BlockWeight
 from llmrun.memory import release_free_heap
 from llmrun.models import ModelConfig, Transformer, build_on_meta
 
-# (qualified module name, loaded module) -> module to use instead (e.g. a quantized linear)
-ModuleTransform = Callable[[str, nn.Module], nn.Module]
+# (qualified module name, loaded module, its block-quantized weights by leaf name) -> module to
+# use instead (e.g. a quantized linear). A leaf whose weight arrived block-quantized (a GGUF
+# tensor kept as shipped) is a meta tensor in the loaded module: the transform builds from the blocks.
+ModuleTransform = Callable[[str, nn.Module, dict[str, BlockWeight]], nn.Module]
 # (stage, done, total)
 ProgressFn = Callable[[str, int, int], None]
 
@@ -34,13 +37,15 @@ class Checkpoint:
     path: Path
 
 
-def open_checkpoint(path: Path, kind: str) -> Checkpoint:
+def open_checkpoint(path: Path, kind: str, keep_blocks: bool = False) -> Checkpoint:
+    """keep_blocks: GGUF tensors of the block formats llmrun runs as shipped arrive as
+    BlockWeight (exact codes and scales) instead of dequantized float32."""
     if kind == "gguf":
         from llmrun.weights import gguf_file
 
         reader = gguf_file.open_reader(path)
         cfg = gguf_file.read_config(reader)
-        return Checkpoint(cfg, gguf_file.tensor_stream(reader, cfg, path),
+        return Checkpoint(cfg, gguf_file.tensor_stream(reader, cfg, path, keep_blocks),
                           len(reader.tensors), path)
     from llmrun.weights import safetensors_dir
 
@@ -77,6 +82,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
     modules = dict(model.named_modules())
     pending = {name: sum(1 for _ in mod.parameters(recurse=False)) for name, mod in modules.items()}
     seen: set[str] = set()
+    blocks: dict[str, dict[str, BlockWeight]] = {}  # module name -> leaf -> block weights
     for i, (raw_name, tensor) in enumerate(ckpt.tensors, 1):
         if progress:
             progress("load", i, ckpt.n_tensors)
@@ -89,11 +95,16 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise LlmrunError(f"{ckpt.path}: tensor {raw_name!r} has shape {tuple(tensor.shape)}, "
                               f"config.json implies {tuple(expected[name].shape)}")
-        if not (tensor.is_floating_point()):
-            raise LlmrunError(f"{ckpt.path}: tensor {raw_name!r} has dtype {tensor.dtype}; "
-                              "expected floating point weights")
         module_name, _, leaf = name.rpartition(".")
         module = modules[module_name]
+        if isinstance(tensor, BlockWeight) and transform is None:
+            tensor = tensor.dequantize()
+        if isinstance(tensor, BlockWeight):
+            blocks.setdefault(module_name, {})[leaf] = tensor
+            tensor = torch.empty(tensor.shape, device="meta")
+        elif not tensor.is_floating_point():
+            raise LlmrunError(f"{ckpt.path}: tensor {raw_name!r} has dtype {tensor.dtype}; "
+                              "expected floating point weights")
         module._parameters[leaf] = nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=False)
         seen.add(name)
         pending[module_name] -= 1
@@ -102,9 +113,14 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
             model.lm_head.weight = module.weight
             seen.add("lm_head.weight")
             if transform is not None:
-                _replace(model, modules, "lm_head", transform("lm_head", model.lm_head))
+                _replace(model, modules, "lm_head", transform("lm_head", model.lm_head, blocks.get(module_name, {})))
         if pending[module_name] == 0 and transform is not None:
-            if _replace(model, modules, module_name, transform(module_name, module)):
+            own = blocks.pop(module_name, {})
+            replaced = _replace(model, modules, module_name, transform(module_name, module, own))
+            if own and not replaced:
+                raise LlmrunError(f"{ckpt.path}: {module_name} holds block-quantized weights that "
+                                  "the quantization scheme cannot take")
+            if replaced:
                 release_free_heap()  # the float weights and packing intermediates just freed
     missing = sorted(set(expected) - seen)
     if missing:

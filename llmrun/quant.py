@@ -1,14 +1,16 @@
 """Quantization as a module swap: as the loader completes each nn.Linear / nn.Embedding, the
 transform returns its quantized replacement. Models never import this; kernels never see
 a model. Schemes:
-  linear layers  int4 symmetric, per output channel (group_size 0) or per group along K
-  output head    int8 per channel; int4-rescored (the CLI's default, head_schemes.DEFAULT_HEAD):
-                 an int4 g32 copy scores the vocabulary and each row's top RESCORE_K are
-                 recomputed from the int8 table (RescoredLinear); int4 with the layers' scheme;
-                 or none
-  embedding      int8 per row (a table lookup: rows are dequantized as they are read)
-A tied int8 or rescored head and the embedding share one int8 table: the embedding reads its
-rows from the head (TiedInt8Embedding), whatever layout the head's kernel keeps."""
+  as shipped     weights that arrive block-quantized (a GGUF file's Q4_0 ... Q8_0 tensors) run
+                 with their own codes, scales and offsets (BlockLinear, BlockEmbedding)
+  linear layers  float weights: int4 symmetric, per output channel (group_size 0) or per group
+  output head    its exact table (the file's as shipped, else int8 per channel); int4-rescored
+                 (the CLI's default, head_schemes.DEFAULT_HEAD): an int4 g32 copy scores the
+                 vocabulary and each row's top RESCORE_K are recomputed from the exact table
+                 (RescoredLinear); int4 with the layers' scheme; or none
+  embedding      as shipped, else int8 per row (rows are dequantized as they are read)
+A tied head and the embedding share one exact table: the embedding reads its rows from the
+head (TiedEmbedding), whatever layout the head's kernel keeps."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from torch import nn
 from llmrun.errors import LlmrunError
 from llmrun.head_schemes import HEAD_SCHEMES
 from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear, quantize_int4, quantize_int8
+from llmrun.kernels.block_linear import BlockLinear
+from llmrun.kernels.blocks import BlockWeight
 from llmrun.memory import release_free_heap
 
 GROUP_SIZES = (0, 32, 64, 128, 256)
@@ -49,20 +53,20 @@ class Int8Embedding(nn.Module):
         return (rows * self.scales[idx].unsqueeze(-1)).to(self.dtype)
 
 
-def tied_int8_table(head: nn.Module) -> Int8Linear | None:
-    """The int8 table a tied embedding reads from this output head: an int8 head's own, a
-    rescored head's exact layer; None for other heads."""
+def tied_table(head: nn.Module) -> nn.Module | None:
+    """The table a tied embedding reads from this output head: an int8 or as-shipped head's
+    own, a rescored head's exact layer; None for other heads."""
     if isinstance(head, RescoredLinear):
         return head.exact
-    return head if isinstance(head, Int8Linear) else None
+    return head if isinstance(head, (Int8Linear, BlockLinear)) else None
 
 
-class TiedInt8Embedding(nn.Module):
-    """The embedding of a model whose int8 output head is tied to it: rows come from the head's
-    own table (Int8Linear.embed), so the table is stored once. The head is held as a plain
-    reference, not a submodule: it stays registered once, as the model's lm_head."""
+class TiedEmbedding(nn.Module):
+    """The embedding of a model whose output head is tied to it: rows come from the head's own
+    table (Int8Linear.embed, BlockLinear.embed), so the table is stored once. The head is held
+    as a plain reference, not a submodule: it stays registered once, as the model's lm_head."""
 
-    def __init__(self, head: Int8Linear, dtype: torch.dtype):
+    def __init__(self, head: nn.Module, dtype: torch.dtype):
         super().__init__()
         self._head = (head,)
         self.dtype = dtype
@@ -72,8 +76,35 @@ class TiedInt8Embedding(nn.Module):
         return self._head[0].embed(idx, self.dtype)  # (..., dim)
 
 
+class BlockEmbedding(nn.Module):
+    """An embedding table kept as shipped (block-quantized): rows are dequantized exactly as
+    they are read."""
+
+    def __init__(self, bw: BlockWeight, dtype: torch.dtype):
+        super().__init__()
+        self.table = BlockLinear.from_blocks(bw, backend="reference")  # neutral rows, no panels
+        self.dtype = dtype
+        self.embedding_dim = bw.in_features
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table.embed(idx, self.dtype)  # (..., dim)
+
+
+def int4_of(weight: torch.Tensor, blocks: BlockWeight | None, group_size: int):
+    """quantize_int4 of a float weight, or of block weights dequantized 4096 rows at a time
+    (no float copy of a whole table)."""
+    if blocks is None:
+        return quantize_int4(weight.detach(), group_size)
+    parts = [quantize_int4(blocks.rows(n0, n0 + 4096).dequantize(), group_size)
+             for n0 in range(0, blocks.out_features, 4096)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 class QuantTransform:
-    """Callable (module name, loaded module) -> module, for llmrun.loader.load_model."""
+    """Callable (module name, loaded module, its block weights) -> module, for
+    llmrun.loader.load_model. Weights that arrive block-quantized (a GGUF file's, as shipped)
+    run as they are (BlockLinear, BlockEmbedding, the head's exact table); float weights take
+    the int4 scheme."""
 
     def __init__(self, group_size: int = 0, head: str = "int8", embedding: bool = True,
                  backend: str | None = None):
@@ -84,7 +115,7 @@ class QuantTransform:
             raise LlmrunError(f"head scheme {head!r} is not one of {', '.join(HEAD_SCHEMES)}")
         self.group_size, self.head, self.embedding, self.backend = group_size, head, embedding, backend
         self._int8_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._int8_heads: dict[int, Int8Linear] = {}  # weight id -> int8 head (tied embeddings)
+        self._tables: dict[int, nn.Module] = {}  # weight id -> the head's exact table (tied embeddings)
 
     def _int8(self, weight: torch.Tensor):
         key = id(weight)  # tied head and embedding are the same Parameter: quantize once
@@ -92,33 +123,55 @@ class QuantTransform:
             self._int8_cache[key] = quantize_int8(weight.detach())
         return self._int8_cache[key]
 
-    def __call__(self, name: str, module: nn.Module) -> nn.Module:
+    def __call__(self, name: str, module: nn.Module, blocks: dict[str, BlockWeight] | None = None) -> nn.Module:
+        bw = (blocks or {}).get("weight")
         if isinstance(module, nn.Embedding):
-            if not self.embedding:
-                return module
-            head = self._int8_heads.pop(id(module.weight), None)  # the loader transforms a tied head first
-            if head is not None:
-                self._int8_cache.pop(id(module.weight), None)
-                return TiedInt8Embedding(head, module.weight.dtype)
-            q, s = self._int8(module.weight)
-            return Int8Embedding(q, s, module.weight.dtype)
+            return self._embedding(module, bw)
         if not isinstance(module, nn.Linear):
             return module
         bias = module.bias.detach() if module.bias is not None else None
         if name.endswith("lm_head") and self.head != "int4":
-            if self.head == "none":
-                return module
-            q, s = self._int8(module.weight)
-            exact = Int8Linear.from_neutral(q, s, bias=None if self.head == "int4-rescored" else bias)
-            self._int8_heads[id(module.weight)] = exact
-            if self.head == "int8":
-                return exact
-            qweight, scales = quantize_int4(module.weight.detach(), RESCORE_GROUP)
-            scan = Int4Linear.from_neutral(qweight, scales, RESCORE_GROUP, module.in_features, backend=self.backend)
-            return RescoredLinear(scan, exact, RESCORE_K, bias)
-        qweight, scales = quantize_int4(module.weight.detach(), self.group_size)
+            return self._head(module, bw, bias)
+        if bw is not None and not name.endswith("lm_head"):
+            return BlockLinear.from_blocks(bw, bias=bias, backend=self.backend)
+        qweight, scales = int4_of(module.weight, bw, self.group_size)
         return Int4Linear.from_neutral(qweight, scales, self.group_size, module.in_features,
                                        bias=bias, backend=self.backend)
+
+    def _embedding(self, module: nn.Embedding, bw: BlockWeight | None) -> nn.Module:
+        head = self._tables.pop(id(module.weight), None)  # the loader transforms a tied head first
+        if head is not None:
+            self._int8_cache.pop(id(module.weight), None)
+            return TiedEmbedding(head, module.weight.dtype)
+        if bw is not None:
+            return BlockEmbedding(bw, module.weight.dtype)
+        if not self.embedding:
+            return module
+        q, s = self._int8(module.weight)
+        return Int8Embedding(q, s, module.weight.dtype)
+
+    def _head(self, module: nn.Linear, bw: BlockWeight | None, bias: torch.Tensor | None) -> nn.Module:
+        """The output head: its exact table (the file's as shipped, else int8), rescored by an
+        int4 scan, or (head "none") float."""
+        if self.head == "none":
+            if bw is None:
+                return module
+            head = nn.Linear(module.in_features, module.out_features, bias=bias is not None)
+            head.weight = nn.Parameter(bw.dequantize(), requires_grad=False)
+            if bias is not None:
+                head.bias = nn.Parameter(bias.float(), requires_grad=False)
+            return head
+        own_bias = None if self.head == "int4-rescored" else bias
+        if bw is not None:
+            exact = BlockLinear.from_blocks(bw, bias=own_bias, backend=self.backend)
+        else:
+            exact = Int8Linear.from_neutral(*self._int8(module.weight), bias=own_bias)
+        self._tables[id(module.weight)] = exact
+        if self.head == "int8":
+            return exact
+        qweight, scales = int4_of(module.weight, bw, RESCORE_GROUP)
+        scan = Int4Linear.from_neutral(qweight, scales, RESCORE_GROUP, module.in_features, backend=self.backend)
+        return RescoredLinear(scan, exact, RESCORE_K, bias)
 
 
 def make_transform(quant: str, group_size: int, head: str = "int8") -> QuantTransform:
@@ -136,14 +189,26 @@ def prepare_int4_model(model: nn.Module) -> None:
     17.716, int4 (8192) 26.546 -> 26.386 (docs/performance.md)."""
     from llmrun.models.layers import fuse_projections, use_bf16_attention_products
 
-    fuse_projections(model, fuse_int4)
+    fuse_projections(model, fuse_quantized)
     release_free_heap()  # the unfused layers' packed tensors
     use_bf16_attention_products(model)
 
 
-def fuse_int4(modules: list[nn.Module]) -> nn.Module | None:
-    """One Int4Linear for several that read the same input (for models.layers.fuse_projections)."""
+def fuse_quantized(modules: list[nn.Module]) -> nn.Module | None:
+    """One layer for several that read the same input (for models.layers.fuse_projections):
+    int4 layers stack their panels; block-quantized layers (and grouped int4 ones among them,
+    which are 4-bit symmetric blocks) are re-expressed in one common block form, exactly."""
     if all(isinstance(m, Int4Linear) for m in modules):
         release_free_heap()  # the layers fused before this one (an 8B model holds ~2 GB of them)
         return Int4Linear.concat(modules)
+    if any(isinstance(m, BlockLinear) for m in modules) and all(
+            isinstance(m, BlockLinear) or (isinstance(m, Int4Linear) and m.group_size > 0) for m in modules):
+        release_free_heap()
+        return BlockLinear.concat([m if isinstance(m, BlockLinear) else _as_blocks(m) for m in modules])
     return None
+
+
+def _as_blocks(layer: Int4Linear) -> BlockLinear:
+    qweight, scales = layer.neutral()
+    bw = BlockWeight(qweight, 4, layer.group_size, scales, None, layer.in_features)
+    return BlockLinear.from_blocks(bw, bias=layer.bias, backend=layer.backend)

@@ -2,8 +2,11 @@
   config.json         {"llmrun": {"format": ..., "model_config": ModelConfig fields}}
   model.safetensors   neutral packed tensors: X.qweight uint8 [N, ceil(K/2)] + X.scales
                       float32 [N, n_groups] for int4 layers, X.qweight int8 [N, K] + X.scales
-                      [N] for int8 ones, plain float tensors for the rest; the scheme is in
-                      the safetensors metadata too
+                      [N] for int8 ones; block-quantized layers (a GGUF's formats as shipped,
+                      llmrun.kernels.blocks) as X.codes uint8 + X.scales float32 [N, G] (+
+                      X.offsets float32 [N, G] when asymmetric) + X.layout int32 [code bits,
+                      group size]; plain float tensors for the rest; the scheme is in the
+                      safetensors metadata too
   tokenizer files     as Hugging Face writes them
 The machine-specific kernel layout is made at load time, never saved."""
 
@@ -25,7 +28,11 @@ from llmrun.errors import LlmrunError
 from llmrun.memory import release_free_heap
 from llmrun.models import ModelConfig, RopeSpec, Transformer, build_on_meta
 
-FORMAT = "llmrun-quantized-v1"
+# v2: block-quantized layers. A v1 directory holds a subset of v2's tensors and reads as v2;
+# cache entries are keyed by the format (cache_path), so a cache written by an older llmrun is
+# never read, but rebuilt.
+FORMAT = "llmrun-quantized-v2"
+READABLE_FORMATS = ("llmrun-quantized-v1", FORMAT)
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -52,7 +59,7 @@ def is_quantized_dir(directory: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("llmrun", {}).get("format") == FORMAT
+        return json.loads(path.read_text()).get("llmrun", {}).get("format") in READABLE_FORMATS
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -95,7 +102,9 @@ def save_quantized(model: Transformer, tokenizer, scheme: dict, out: Path, force
 
 def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = None) -> Transformer:
     from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
-    from llmrun.quant import RESCORE_GROUP, RESCORE_K, Int8Embedding, TiedInt8Embedding, tied_int8_table
+    from llmrun.kernels.block_linear import BlockLinear
+    from llmrun.kernels.blocks import BlockWeight
+    from llmrun.quant import RESCORE_GROUP, RESCORE_K, BlockEmbedding, Int8Embedding, TiedEmbedding, tied_table
 
     meta = json.loads((directory / "config.json").read_text())["llmrun"]
     cfg = config_from_dict(meta["model_config"])
@@ -114,10 +123,22 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
             used.add(key)
             return f.get_tensor(key)
 
+        def blocks(source: str, K: int) -> BlockWeight:
+            bits, group = (int(v) for v in take(f"{source}.layout"))
+            offsets = take(f"{source}.offsets") if f"{source}.offsets" in keys else None
+            try:
+                return BlockWeight(take(f"{source}.codes"), bits, group, take(f"{source}.scales"), offsets, K)
+            except ValueError as exc:
+                raise LlmrunError(f"{file}: {source} is not a valid block-quantized layer ({exc})") from None
+
         def quantized(name: str, module: nn.Module, source: str, with_bias: bool = True,
                       group: int | None = None):
-            q, s = take(f"{source}.qweight"), take(f"{source}.scales")
             bias = take(f"{name}.bias") if with_bias and f"{name}.bias" in keys else None
+            if isinstance(module, nn.Embedding) and f"{source}.table.layout" in keys:
+                return BlockEmbedding(blocks(f"{source}.table", module.embedding_dim), dtype)
+            if f"{source}.layout" in keys:
+                return BlockLinear.from_blocks(blocks(source, module.in_features), bias=bias, backend=backend)
+            q, s = take(f"{source}.qweight"), take(f"{source}.scales")
             if isinstance(module, nn.Embedding):
                 return Int8Embedding(q, s, dtype)
             if q.dtype == torch.int8:
@@ -138,9 +159,10 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
                 model.lm_head = rescored(module)
                 return
             source = name
-            if name == "lm_head" and cfg.tie_embeddings and "lm_head.qweight" not in keys:
+            if name == "lm_head" and cfg.tie_embeddings and not {"lm_head.qweight", "lm_head.layout"} & keys:
                 source = "model.embed_tokens"
-            if f"{source}.qweight" in keys and isinstance(module, (nn.Linear, nn.Embedding)):
+            stored = any(f"{source}.{leaf}" in keys for leaf in ("qweight", "layout", "table.layout"))
+            if stored and isinstance(module, (nn.Linear, nn.Embedding)):
                 new = quantized(name, module, source)
                 parent, _, child = name.rpartition(".")
                 setattr(modules[parent] if parent else model, child, new)
@@ -159,9 +181,9 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
         for name, module in list(modules.items()):
             if not (tied and name == "model.embed_tokens"):  # a tied embedding follows its head
                 load_module(name, module)
-        if tied and (table := tied_int8_table(model.lm_head)) is not None:  # one table: the head's
-            model.model.embed_tokens = TiedInt8Embedding(table, dtype)
-            used.update(k for k in ("model.embed_tokens.qweight", "model.embed_tokens.scales") if k in keys)
+        if tied and (table := tied_table(model.lm_head)) is not None:  # one table: the head's
+            model.model.embed_tokens = TiedEmbedding(table, dtype)
+            used.update(k for k in keys if k.startswith("model.embed_tokens."))
         elif tied:
             load_module("model.embed_tokens", modules["model.embed_tokens"])
             if isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.is_meta:
@@ -177,7 +199,7 @@ def read_scheme(directory: Path) -> dict:
     return json.loads((directory / "config.json").read_text())["llmrun"]["scheme"]
 
 
-def cache_path(source: Path, quant: str, group_size: int, head: str = "int8") -> Path:
+def cache_path(source: Path, quant: str, group_size: int, head: str = "int8", weights: str = "int4") -> Path:
     """Where the quantized form of `source` is cached: keyed by the source's path, size and
     mtime (so a changed file is quantized again), the scheme and this format's version."""
     import hashlib
@@ -185,8 +207,9 @@ def cache_path(source: Path, quant: str, group_size: int, head: str = "int8") ->
     from llmrun.shipped import llmrun_cache_dir
 
     files = [source] if source.is_file() else sorted(source.glob("*.safetensors"))
-    ident = [str(source.resolve()), FORMAT, quant, str(group_size)] + ([] if head == "int8" else [head])
+    ident = [str(source.resolve()), FORMAT, quant, str(group_size), weights] + ([] if head == "int8" else [head])
     ident += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
-    scheme = f"{quant}-g{group_size}" + ("" if head == "int8" else f"-head{head}")
+    scheme = ("as-shipped" if weights == "as-shipped" else f"{quant}-g{group_size}") + (
+        "" if head == "int8" else f"-head{head}")
     return llmrun_cache_dir() / "quantized" / f"{source.name}-{scheme}-{key}"

@@ -146,7 +146,7 @@ def test_greedy_match_and_summary():
 @pytest.mark.parametrize("int4,head", [(False, None), (True, "int8"), (True, "int4-rescored"), (True, "int4")])
 def test_synthetic_builder_true_shapes_and_forward(int4, head):
     from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
-    from llmrun.quant import Int8Embedding, TiedInt8Embedding
+    from llmrun.quant import Int8Embedding, TiedEmbedding
 
     cfg = synthetic.model_config("tiny")
     model, timings = synthetic.build_llmrun(cfg, torch.bfloat16, int4, group_size=0, head=head or "int8")
@@ -159,7 +159,7 @@ def test_synthetic_builder_true_shapes_and_forward(int4, head):
         if table is None:
             assert isinstance(model.model.embed_tokens, Int8Embedding)
         else:  # tied: the embedding reads the head's int8 table
-            assert isinstance(model.model.embed_tokens, TiedInt8Embedding) and model.model.embed_tokens._head[0] is table
+            assert isinstance(model.model.embed_tokens, TiedEmbedding) and model.model.embed_tokens._head[0] is table
         assert timings["quantize_s"] > 0
     else:
         assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as the real model

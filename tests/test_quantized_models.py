@@ -103,7 +103,7 @@ def test_saved_directory_loads_back(quantized, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from llmrun.quant import TiedInt8Embedding
+    from llmrun.quant import TiedEmbedding
     from llmrun.quantized_format import load_quantized, save_quantized
     from llmrun.tokenizer import Tokenizer
 
@@ -119,7 +119,7 @@ def test_saved_directory_loads_back(quantized, tmp_path):
         torch.testing.assert_close(loaded(ids), model(ids))
     # the tied int8 table exists once: in memory (the embedding reads the head's rows) and on disk
     for m in (model, loaded):
-        assert isinstance(m.model.embed_tokens, TiedInt8Embedding) and m.model.embed_tokens._head[0] is m.lm_head
+        assert isinstance(m.model.embed_tokens, TiedEmbedding) and m.model.embed_tokens._head[0] is m.lm_head
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert "lm_head.qweight" in f.keys() and not any(k.startswith("model.embed_tokens") for k in f.keys())
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -131,7 +131,7 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
     from llmrun.kernels import Int4Linear
     from llmrun.memory import release_free_heap
     from llmrun.models import build_on_meta
-    from llmrun.quant import Int8Embedding, TiedInt8Embedding, tied_int8_table
+    from llmrun.quant import Int8Embedding, TiedEmbedding, tied_table
 
     start = time.perf_counter()
     pack_s = 0.0
@@ -178,9 +178,9 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
     if cfg.tie_embeddings and not int4:
         model.lm_head.weight = model.model.embed_tokens.weight
     if cfg.tie_embeddings and int4:  # one int8 table, read by the head and the embedding
-        table = tied_int8_table(model.lm_head)
+        table = tied_table(model.lm_head)
         if table is not None:
-            model.model.embed_tokens = TiedInt8Embedding(table, dtype)
+            model.model.embed_tokens = TiedEmbedding(table, dtype)
         else:  # an int4 head: the embedding keeps its own int8 table
             model.model.embed_tokens = Int8Embedding(*_random_int8(cfg.vocab_size, cfg.dim, g), dtype)
     leftover = [n for n, p in model.named_parameters() if p.is_meta]

@@ -77,10 +77,10 @@ class _TimedTransform:
     def __init__(self, inner):
         self.inner, self.seconds = inner, 0.0
 
-    def __call__(self, name, module):
+    def __call__(self, name, module, blocks=None):
         start = time.perf_counter()
         try:
-            return self.inner(name, module)
+            return self.inner(name, module, blocks)
         finally:
             self.seconds += time.perf_counter() - start
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmrun.head_schemes import HEAD_HELP, RUN_HEAD_SCHEMES
+from llmrun.head_schemes import HEAD_HELP, RUN_HEAD_SCHEMES, WEIGHT_MODES, WEIGHTS_HELP
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="int4 group size along K: 32 (default), 64, 128, 256, or 0 = per output channel")
     p.add_argument("--head", choices=RUN_HEAD_SCHEMES, default=None,
                    help=HEAD_HELP)
+    p.add_argument("--weights", choices=WEIGHT_MODES, default=None, help=WEIGHTS_HELP)
     p.add_argument("--no-compile", action="store_true", help="run eager, compile nothing")
     p.add_argument("--compile-backend", choices=["aot", "jit"], default="aot",
                    help="aot: AOTInductor packages cached per model shape (default; fastest, "

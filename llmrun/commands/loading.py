@@ -7,7 +7,7 @@ import sys
 
 from llmrun.engine import Engine, EngineOptions
 from llmrun.generation_types import LoadProgress, SamplingSettings
-from llmrun.head_schemes import DEFAULT_HEAD
+from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_WEIGHTS
 from llmrun.quant import DEFAULT_GROUP_SIZE
 
 # When neither the flags nor the model's generation_config.json say: llama.cpp's defaults.
@@ -52,6 +52,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         group_size=args.group_size if args.group_size is not None else DEFAULT_GROUP_SIZE,
         compile=not args.no_compile,
         head=getattr(args, "head", None) or DEFAULT_HEAD,
+        weights=getattr(args, "weights", None) or DEFAULT_WEIGHTS,
         compile_backend=getattr(args, "compile_backend", "aot"),
     )
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmrun.head_schemes import DEFAULT_HEAD, HEAD_HELP, HEAD_SCHEMES
+from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_WEIGHTS, HEAD_HELP, HEAD_SCHEMES, WEIGHT_MODES, WEIGHTS_HELP
 
 
 def add_parser(sub) -> None:
@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--group-size", type=int, default=32,
                    help="32 (default), 64, 128, 256, or 0 = per output channel")
     p.add_argument("--head", choices=HEAD_SCHEMES, default=DEFAULT_HEAD, help=HEAD_HELP + "; none: unquantized")
+    p.add_argument("--weights", choices=WEIGHT_MODES, default=DEFAULT_WEIGHTS, help=WEIGHTS_HELP)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(run=run)
@@ -45,15 +46,25 @@ def run(args: argparse.Namespace) -> int:
     progress = StderrProgress()
     start = time.perf_counter()
     try:
-        model = load_model(open_checkpoint(resolved.path, resolved.kind), torch.float32, transform,
+        as_shipped = args.weights == "as-shipped" and resolved.kind == "gguf"
+        model = load_model(open_checkpoint(resolved.path, resolved.kind, keep_blocks=as_shipped), torch.float32,
+                           transform,
                            lambda _, done, total: progress(LoadProgress("quantize", done, total)))
     finally:
         progress.close()
     quantize_s = time.perf_counter() - start
     scheme = {"quant": "int4", "group_size": args.group_size, "head": args.head,
+              "weights": "as-shipped" if as_shipped else "int4",
+              "shipped_formats": _shipped_formats(resolved.path) if as_shipped else [],
               "source": resolved.source + ":" + str(resolved.path)}
     save_quantized(model, tokenizer, scheme, args.out, force=args.force)
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
     print(f"llmrun: quantized {resolved.source} in {quantize_s:.1f} s -> {args.out} ({size:.0f} MiB)",
           file=sys.stderr)
     return 0
+
+
+def _shipped_formats(path: Path) -> list[str]:
+    from llmrun.weights import gguf_file
+
+    return gguf_file.shipped_types(gguf_file.open_reader(path))

@@ -305,8 +305,8 @@ class RescoredLinear(torch.nn.Module):
     where they come from the same quantized activations; float activations elsewhere), the rest
     carry int4 error.
 
-    scan: Int4Linear [N, K] without bias; exact: Int8Linear [N, K] without bias; bias: [N] or
-    None, added to every output.
+    scan: Int4Linear [N, K] without bias; exact: a layer [N, K] without bias that has
+    embed(ids) (Int8Linear, BlockLinear); bias: [N] or None, added to every output.
     """
 
     def __init__(self, scan: Int4Linear, exact: Int8Linear, k: int, bias: torch.Tensor | None = None):
@@ -316,6 +316,9 @@ class RescoredLinear(torch.nn.Module):
         if scan.bias is not None or exact.bias is not None:
             raise ValueError("the bias belongs to RescoredLinear, not to its layers")
         self.scan, self.exact = scan, exact
+        # x86 int8 tables rescore in one native pass; other tables (the int8 reference, a
+        # GGUF file's own table) through their embed() rows
+        self._native = isinstance(exact, Int8Linear) and exact.backend.startswith("x86")
         self.in_features, self.out_features = exact.in_features, exact.out_features
         self.k = min(k, self.out_features)
         self.bias = _float_bias(bias)
@@ -324,7 +327,7 @@ class RescoredLinear(torch.nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()  # (M, K)
         y = self.scan(x2)  # (M, N) float32
-        if self.exact.backend.startswith("x86"):  # one pass, int8_mm's values, no (M, k, K) gather
+        if self._native:  # one pass, int8_mm's values, no (M, k, K) gather
             a, sa = native.QUANT_ACT(x2, self.exact.w.shape[1] * 4)  # (M, Kpad) uint8, (M,)
             y = native.RESCORE_TOP_K(y, a, sa, self.exact.w, self.exact.sc, self.k)
         else:
@@ -336,7 +339,7 @@ class RescoredLinear(torch.nn.Module):
     def exact_fraction_read(self) -> float:
         """The share of the int8 table one row's call reads: on x86 a picked row's bytes are
         spread over its 16-row panel (4 per 64-byte line), so each pick reads the whole panel."""
-        rows = 16 * self.k if self.exact.backend.startswith("x86") else self.k
+        rows = 16 * self.k if getattr(self.exact, "_isa", None) is not None else self.k
         return min(1.0, rows / self.out_features)
 
     def extra_repr(self) -> str:

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("int4mm.cpp", "int4mm_body.inc", "attention.cpp", "attention_body.inc", "prefill_body.inc",
-            "prefill_bf16.inc", "rescore.cpp")
+_SOURCES = ("int4mm.cpp", "int4mm_body.inc", "blockmm.cpp", "blockmm.h", "blockmm_body.inc", "attention.cpp",
+            "attention_body.inc", "prefill_body.inc", "prefill_bf16.inc", "rescore.cpp")
 _lock = threading.Lock()
 _state: dict = {}
 
 # the ops' overloads, bound once the extension is loaded (saves a lookup per call)
 INT4_MM = None
 INT8_MM = None
+BLOCK_MM = None
 DECODE_ATTENTION = None
 PREFILL_ATTENTION = None
 RESCORE_TOP_K = None
@@ -115,9 +116,10 @@ def _load() -> bool:
                               "falling back to the slow reference", stacklevel=3)
         if ok:
             _register_fakes()
-            global INT4_MM, INT8_MM, DECODE_ATTENTION, PREFILL_ATTENTION, RESCORE_TOP_K, QUANT_ACT
+            global INT4_MM, INT8_MM, BLOCK_MM, DECODE_ATTENTION, PREFILL_ATTENTION, RESCORE_TOP_K, QUANT_ACT
             INT4_MM = torch.ops.llmrun.int4_mm.default
             INT8_MM = torch.ops.llmrun.int8_mm.default
+            BLOCK_MM = torch.ops.llmrun.block_mm.default
             DECODE_ATTENTION = torch.ops.llmrun.decode_attention.default
             PREFILL_ATTENTION = torch.ops.llmrun.prefill_attention.default
             RESCORE_TOP_K = torch.ops.llmrun.rescore_top_k.default
@@ -133,6 +135,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("llmrun::int8_mm")
     def _(x, w, sc, corr, K, N, isa):
+        return x.new_empty((x.shape[0], N))
+
+    @torch.library.register_fake("llmrun::block_mm")
+    def _(x, w, sc, of, bits, group_size, K, N, isa):
         return x.new_empty((x.shape[0], N))
 
     @torch.library.register_fake("llmrun::decode_attention")
@@ -256,6 +262,64 @@ def unpack_int8(w: torch.Tensor, sc: torch.Tensor, K: int, N: int):
     NP, K4, _ = w.shape
     q = w.view(torch.int8).view(NP, K4, 16, 4).permute(0, 2, 1, 3).reshape(NP * 16, K4 * 4)[:N, :K].contiguous()
     return q, sc.reshape(-1)[:N].contiguous()
+
+
+def pack_blocks(bw):
+    """BlockWeight -> (w uint8 [NP, Kpad/kpl, 64], sc fp16|fp32 [NP, G, 16], of same or empty):
+    the layout of csrc/blockmm_body.inc, kpl = k per 64-byte line (8 for 4-bit codes, 4 for
+    8-bit). K is padded to whole groups (codes of padding are the zero code: the kernel's
+    activations are 0 there), N to whole panels. Scales and offsets are kept as fp16 when
+    both are exactly fp16 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else fp32 (the K-quants' products)."""
+    N, K, gs = bw.out_features, bw.in_features, bw.group_size
+    kpl = 8 if bw.bits == 4 else 4
+    if gs % kpl:
+        raise ValueError(f"the x86 kernel needs groups of a multiple of {kpl} for {bw.bits}-bit codes")
+    G = -(-K // gs)
+    Kpad, NP = G * gs, -(-N // 16)
+    w = torch.empty((NP, Kpad // kpl, 64), dtype=torch.uint8)
+    for p in range(0, NP, 256):  # 4096 rows at a time: bounded temporaries
+        u = bw.rows(16 * p, 16 * (p + 256)).unpacked_codes()
+        n = -(-u.shape[0] // 16)
+        u = torch.nn.functional.pad(u, (0, Kpad - K, 0, 16 * n - u.shape[0]), value=bw.zero)
+        if bw.bits == 4:  # [16n, Kpad] -> n, line, column, (j, nibble half)
+            nib = u.view(n, 16, Kpad // 8, 2, 4).permute(0, 2, 1, 4, 3)
+            w[p:p + n] = (nib[..., 0] | (nib[..., 1] << 4)).reshape(n, Kpad // 8, 64)
+        else:
+            w[p:p + n] = u.view(n, 16, Kpad // 4, 4).permute(0, 2, 1, 3).reshape(n, Kpad // 4, 64)
+    tables = [bw.scales] + ([] if bw.offsets is None else [bw.offsets])
+    tables = [torch.nn.functional.pad(t, (0, 0, 0, NP * 16 - N)) for t in tables]
+    exact16 = all(bool(torch.isfinite(t.half()).all()) and torch.equal(t.half().float(), t) for t in tables)
+    tables = [(t.half() if exact16 else t).view(NP, 16, G).permute(0, 2, 1).contiguous() for t in tables]
+    of = tables[1] if len(tables) > 1 else torch.empty(0, dtype=tables[0].dtype)
+    return w, tables[0], of
+
+
+def _codes_from_lines(lines: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """Rows' 64-byte-line bytes [n, L, 4] (one column each) -> neutral codes [n, ceil(K/2) | K]."""
+    n, L, _ = lines.shape
+    if bits == 8:
+        return lines.reshape(n, L * 4)[:, :K].contiguous()
+    u = torch.cat([lines & 0xF, lines >> 4], -1).reshape(n, L * 8)  # k = 8l + j, 8l + 4 + j
+    u = u[:, :2 * ((K + 1) // 2)]
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_blocks(w, sc, of, bits: int, group_size: int, K: int, N: int):
+    """Inverse of pack_blocks -> BlockWeight."""
+    from .blocks import BlockWeight
+
+    codes, scales, offsets = block_rows(w, sc, of, bits, K, torch.arange(N))
+    return BlockWeight(codes, bits, group_size, scales, offsets, K)
+
+
+def block_rows(w, sc, of, bits: int, K: int, ids: torch.Tensor):
+    """Rows `ids` (1-D) of a packed block weight as neutral (codes, scales, offsets | None):
+    also a tied embedding's lookup, so plain tensor ops only (traced into compiled steps)."""
+    NP, L, _ = w.shape
+    panels, cols = ids // 16, ids % 16
+    codes = _codes_from_lines(w.view(NP, L, 16, 4)[panels, :, cols, :], bits, K)
+    scales = sc[panels, :, cols].float()  # [n, G]
+    return codes, scales, of[panels, :, cols].float() if of.numel() else None
 
 
 def int4_mm(x2d: torch.Tensor, w, sc, corr, group_size: int, K: int, N: int, isa: int) -> torch.Tensor:

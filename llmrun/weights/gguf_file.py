@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from llmrun.errors import LlmrunError
+from llmrun.kernels.blocks import BlockWeight
 from llmrun.models import ModelConfig, RopeSpec, family_for_gguf_arch
 from llmrun.models.gemma import family_deltas
+from llmrun.weights import gguf_blocks
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
                    "Q4_K", "Q5_K", "Q6_K"}
@@ -137,10 +139,11 @@ def hf_name(gguf_name: str, family_name: str) -> str | None:
     raise LlmrunError(f"GGUF tensor {gguf_name!r} is not part of a {family_name} model")
 
 
-def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def _unpermute_qk(w: torch.Tensor | BlockWeight, n_heads: int) -> torch.Tensor | BlockWeight:
     """Undo llama.cpp's convert permutation (HF rotate-half rows -> interleaved pairs)."""
     rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    order = torch.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).transpose(1, 2).reshape(-1)
+    return w.permute_rows(order) if isinstance(w, BlockWeight) else w[order]
 
 
 def dequantize(t) -> torch.Tensor:
@@ -157,7 +160,26 @@ def dequantize(t) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data).reshape(shape))
 
 
-def tensor_stream(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def read_tensor(t, keep_blocks: bool) -> torch.Tensor | BlockWeight:
+    """A GGUF tensor as float32, or (keep_blocks, a 2-D tensor of a block format llmrun runs as
+    shipped) as its exact codes and scales."""
+    shape = [int(d) for d in reversed(t.shape.tolist())]
+    if keep_blocks and len(shape) == 2 and t.tensor_type.name in gguf_blocks.SHIPPED_TYPES:
+        return gguf_blocks.decode(t.data, t.tensor_type.name, (shape[0], shape[1]))
+    return dequantize(t)
+
+
+def shipped_types(reader) -> list[str]:
+    """The block formats of the file's 2-D tensors that run as shipped, most bytes first."""
+    size: dict[str, int] = {}
+    for t in reader.tensors:
+        if len(t.shape) == 2 and t.tensor_type.name in gguf_blocks.SHIPPED_TYPES:
+            size[t.tensor_type.name] = size.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    return sorted(size, key=size.get, reverse=True)
+
+
+def tensor_stream(reader, cfg: ModelConfig, path: Path,
+                  keep_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
     family = family_for_gguf_arch(_field(reader, "general.architecture"))
     norm_shift = 1.0 if cfg.norm_plus_one else 0.0  # llama.cpp stores Gemma's (1 + w)
     for t in reader.tensors:
@@ -165,7 +187,7 @@ def tensor_stream(reader, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, t
         if name is None:
             continue
         try:
-            w = dequantize(t)
+            w = read_tensor(t, keep_blocks)
         except LlmrunError:
             raise
         except Exception as exc:  # numpy/gguf raise many types on malformed data

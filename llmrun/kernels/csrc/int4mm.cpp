@@ -17,6 +17,8 @@
 #include <cstring>
 #include <utility>
 
+#include "blockmm.h"
+
 namespace llmrun_kernels {
 
 struct RunArgs {
@@ -82,6 +84,13 @@ namespace avx512 {
 #define RMAX 6
 #define CMAX 4
 #include "int4mm_body.inc"
+#define U4LO(w) _mm512_and_si512((w), _mm512_set1_epi8(0x0F))
+#define U4HI(w) _mm512_and_si512(_mm512_srli_epi16((w), 4), _mm512_set1_epi8(0x0F))
+#define DOT8(acc, w, a) _mm512_dpbusd_epi32((acc), (w), (a))
+#include "blockmm_body.inc"
+#undef U4LO
+#undef U4HI
+#undef DOT8
 #undef TGT
 #undef VPP
 #undef VI
@@ -134,6 +143,8 @@ namespace avx512 {
 #define STOREF(p, v) _mm256_storeu_ps((p), (v))
 #define RMAX 3
 #define CMAX 1
+#define U4LO(w) _mm256_and_si256((w), _mm256_set1_epi8(0x0F))
+#define U4HI(w) _mm256_and_si256(_mm256_srli_epi16((w), 4), _mm256_set1_epi8(0x0F))
 
 // ---------------------------------------------------------------- AVX-VNNI (ymm, VEX)
 namespace avxvnni {
@@ -145,6 +156,9 @@ namespace avxvnni {
 #define WSCALE 16
 #define WSHIFT 4
 #include "int4mm_body.inc"
+#define DOT8(acc, w, a) DOT(acc, w, a)
+#include "blockmm_body.inc"
+#undef DOT8
 #undef TGT
 #undef DOT
 #undef DOT2
@@ -156,6 +170,9 @@ namespace avxvnni_evex {
 #define DOT(acc, a, x) _mm256_dpbusd_epi32((acc), (a), (x))
 #define DOT2(acc, a0, x0, a1, x1) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32((acc), (a0), (x0)), (a1), (x1))
 #include "int4mm_body.inc"
+#define DOT8(acc, w, a) DOT(acc, w, a)
+#include "blockmm_body.inc"
+#undef DOT8
 #undef TGT
 #undef DOT
 #undef DOT2
@@ -181,6 +198,13 @@ namespace avx2 {
 #define WSCALE 1
 #define WSHIFT 0
 #include "int4mm_body.inc"
+// 8-bit codes as 16 * high nibble + low nibble: a 255 x 127 pair would saturate vpmaddubsw
+#define DOT8(acc, w, a)                                                                        \
+  _mm256_add_epi32(_mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16(U4LO(w), (a)), \
+                                                             _mm256_set1_epi16(1))),          \
+                   _mm256_madd_epi16(_mm256_maddubs_epi16(U4HI(w), (a)), _mm256_set1_epi16(16)))
+#include "blockmm_body.inc"
+#undef DOT8
 }  // namespace avx2
 
 // ------------------------------------------------------------- activation quantization
@@ -240,7 +264,7 @@ __attribute__((target("avx2,fma,f16c"))) static void quant_row(const T* x, int64
   for (; k < Kpad; k++) a[k] = 128;
 }
 
-static void quantize_activations(const at::Tensor& x, int64_t Kpad, uint8_t* a, float* sa) {
+void quantize_activations(const at::Tensor& x, int64_t Kpad, uint8_t* a, float* sa) {
   const int64_t M = x.size(0), K = x.size(1);
   auto body = [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; m++) {
@@ -254,7 +278,7 @@ static void quantize_activations(const at::Tensor& x, int64_t Kpad, uint8_t* a, 
 }
 
 // ------------------------------------------------------------------------- ISA support
-static int64_t isa_support() {
+int64_t isa_support() {
   __builtin_cpu_init();
   int64_t m = 0;
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

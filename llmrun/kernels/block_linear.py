@@ -1,0 +1,149 @@
+"""BlockLinear: a linear layer over block-quantized weights (blocks.py: GGUF's formats as
+shipped, asymmetric int4), and the integer-exact reference it is tested against."""
+
+from __future__ import annotations
+
+import torch
+
+from . import native
+from .blocks import BlockWeight, concat_rows, dequantize_codes
+from .dispatch import resolve_backend
+from .modules import _PackedLinear
+from .reference import quantize_activations
+
+
+def block_linear_reference(x: torch.Tensor, bw: BlockWeight) -> torch.Tensor:
+    """x [M, K] -> float32 [M, N]: the activations quantized as the kernels quantize them
+    (quantize_activations), each group's integer sums S = sum a u and A = sum a formed
+    exactly, then s_a * sum_g (s S + o A), or s_a * sum_g s (S - zero A), in float64."""
+    a, sa = quantize_activations(x)
+    K, gs, G = bw.in_features, bw.group_size, bw.scales.shape[1]
+    pad = G * gs - K
+    ag = torch.nn.functional.pad(a.double(), (0, pad)).view(-1, G, gs)  # (M, G, gs)
+    ug = torch.nn.functional.pad(bw.unpacked_codes().double(), (0, pad)).view(-1, G, gs)  # (N, G, gs)
+    S = torch.einsum("mgk,ngk->mng", ag, ug)  # exact: integers far below 2^53
+    A = ag.sum(-1)[:, None, :]  # (M, 1, G)
+    s = bw.scales.double()[None]
+    if bw.offsets is None:
+        y = (s * (S - bw.zero * A)).sum(-1)
+    else:
+        y = (s * S + bw.offsets.double()[None] * A).sum(-1)
+    return (y * sa.double()[:, None]).float()
+
+
+class BlockLinear(_PackedLinear):
+    """y = x @ W^T (+ bias) with W block-quantized (BlockWeight) and x quantized per row to int8
+    on the fly; forward keeps x's dtype (fp32 or bf16). x86 keeps only its packed panels (the
+    neutral tensors are re-derived from them exactly); other backends keep the neutral tensors
+    and run block_linear_reference.
+
+    State dict: codes, scales, offsets (asymmetric only), layout int32 [bits, group_size], bias.
+    Fusion: BlockLinear.concat(layers) with out_splits, as Int4Linear.concat.
+    """
+
+    PACKED = _PackedLinear.PACKED + ("of", "codes", "offsets")
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, backend: str):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.backend = bits, group_size, backend
+        self.out_splits: list[int] = [out_features]
+        self.bias: torch.nn.Parameter | None = None
+        self._isa: int | None = None
+
+    @classmethod
+    def from_blocks(cls, bw: BlockWeight, bias: torch.Tensor | None = None,
+                    backend: str | None = None) -> "BlockLinear":
+        name = resolve_backend(backend)
+        if not (name.startswith("x86") and bw.group_size % (8 if bw.bits == 4 else 4) == 0):
+            name = "reference"  # arm-kleidiai takes symmetric int4 only (docs/aarch64.md)
+        m = cls(bw.in_features, bw.out_features, bw.bits, bw.group_size, name)
+        m._set_blocks(bw)
+        m._set_bias(bias)
+        return m
+
+    def _set_blocks(self, bw: BlockWeight) -> None:
+        if self.backend.startswith("x86"):
+            w, sc, of = native.pack_blocks(bw)
+            self._keep(w=w, sc=sc, of=of)
+            self._isa = native.ISA_CODES[self.backend]
+        else:
+            offsets = bw.offsets if bw.offsets is not None else torch.empty(0)
+            self._keep(codes=bw.codes.contiguous(), scales=bw.scales.contiguous(), offsets=offsets)
+            self._isa = None
+
+    def blocks(self) -> BlockWeight:
+        """The neutral weights, exactly as given."""
+        if self._isa is not None:
+            return native.unpack_blocks(self.w, self.sc, self.of, self.bits, self.group_size, self.in_features,
+                                        self.out_features)
+        offsets = self.offsets if self.offsets.numel() else None
+        return BlockWeight(self.codes, self.bits, self.group_size, self.scales, offsets, self.in_features)
+
+    @classmethod
+    def concat(cls, layers: list["BlockLinear"], backend: str | None = None) -> "BlockLinear":
+        """One layer computing all `layers` (same input size) in one call; layers of different
+        formats are re-expressed in their common form first (BlockWeight.widened: exact)."""
+        if not layers:
+            raise ValueError("concat needs at least one layer")
+        biases = [l.bias if l.bias is not None else torch.zeros(l.out_features) for l in layers]
+        bias = torch.cat(biases) if any(l.bias is not None for l in layers) else None
+        m = cls.from_blocks(concat_rows([l.blocks() for l in layers]), bias, backend or layers[0].backend)
+        m.out_splits = [l.out_features for l in layers]
+        return m
+
+    # ---------------------------------------------------------------- state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        bw = self.blocks()
+        destination[prefix + "codes"] = bw.codes
+        destination[prefix + "scales"] = bw.scales
+        if bw.offsets is not None:
+            destination[prefix + "offsets"] = bw.offsets
+        destination[prefix + "layout"] = torch.tensor([self.bits, self.group_size], dtype=torch.int32)
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = ("codes", "scales", "layout")
+        missing_keys.extend(prefix + k for k in keys if prefix + k not in state_dict)
+        if all(prefix + k in state_dict for k in keys):
+            self.bits, self.group_size = (int(v) for v in state_dict[prefix + "layout"])
+            offsets = state_dict.get(prefix + "offsets")
+            self._set_blocks(BlockWeight(state_dict[prefix + "codes"].contiguous(), self.bits, self.group_size,
+                                         state_dict[prefix + "scales"].float().contiguous(),
+                                         None if offsets is None else offsets.float().contiguous(),
+                                         self.in_features))
+        if prefix + "bias" in state_dict:
+            self._set_bias(state_dict[prefix + "bias"])
+
+    # ---------------------------------------------------------------- use
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `ids` of W, dequantized exactly ([...] -> [..., K]): a tied embedding reads the
+        head's table instead of keeping a second copy."""
+        flat = ids.reshape(-1).long()
+        if self._isa is not None:
+            codes, scales, offsets = native.block_rows(self.w, self.sc, self.of, self.bits, self.in_features, flat)
+        else:
+            codes, scales = self.codes[flat], self.scales[flat]
+            offsets = self.offsets[flat] if self.offsets.numel() else None
+        rows = dequantize_codes(codes, self.bits, self.group_size, scales, offsets, self.in_features)
+        return rows.to(dtype).reshape(*ids.shape, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K, N = self.in_features, self.out_features
+        x2 = x.reshape(-1, K)
+        if x2.dtype not in (torch.float32, torch.bfloat16):
+            x2 = x2.float()
+        if self._isa is not None:
+            y = native.BLOCK_MM(x2, self.w, self.sc, self.of, self.bits, self.group_size, K, N, self._isa)
+        else:
+            y = block_linear_reference(x2, self.blocks()).to(x2.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], N).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "asymmetric" if (self.of if self._isa is not None else self.offsets).numel() else "symmetric"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, {kind}, backend={self.backend}")

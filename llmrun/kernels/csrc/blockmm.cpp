@@ -1,0 +1,119 @@
+// llmrun::block_mm: block-quantized weights x int8 activations (the kernel bodies and the
+// layout: blockmm_body.inc, compiled per ISA in int4mm.cpp). Activations are quantized per row
+// as for int4_mm (the same float operations), stored signed, with their sum per group.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+
+#include "blockmm.h"
+
+namespace llmrun_kernels {
+
+// a (signed int8 [M][Kpad], 0 past K), sa [M] and asum [M][G] = sum of a over each group
+static void quantize_grouped(const at::Tensor& x, int64_t Kpad, int64_t group, int8_t* a, float* sa, int32_t* asum) {
+  uint8_t* au = reinterpret_cast<uint8_t*>(a);
+  quantize_activations(x, Kpad, au, sa);  // a + 128
+  const int64_t M = x.size(0), G = Kpad / group;
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; m++)
+      for (int64_t g = 0; g < G; g++) {
+        uint8_t* row = au + m * Kpad + g * group;
+        int32_t s = 0;
+        for (int64_t k = 0; k < group; k++) {
+          row[k] ^= 0x80;  // a + 128 -> a as two's complement
+          s += (int8_t)row[k];
+        }
+        asum[m * G + g] = s;
+      }
+  };
+  if (M * Kpad >= (1 << 16)) at::parallel_for(0, M, 1, body); else body(0, M);
+}
+
+static at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& of,
+                           int64_t bits, int64_t group_size, int64_t K, int64_t N, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "block_mm: x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "block_mm: x must be fp32 or bf16");
+  TORCH_CHECK(bits == 4 || bits == 8, "block_mm: code bits must be 4 or 8");
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.scalar_type() == at::kByte && w.is_contiguous(), "block_mm: bad packed weight");
+  const int64_t kpl = bits == 4 ? 8 : 4;  // k per 64-byte line
+  const int64_t NP = w.size(0), Kpad = w.size(1) * kpl;
+  TORCH_CHECK(group_size > 0 && group_size % kpl == 0 && Kpad % group_size == 0, "block_mm: group size / padding mismatch");
+  const int64_t G = Kpad / group_size;
+  TORCH_CHECK(sc.dim() == 3 && sc.size(0) == NP && sc.size(1) == G && sc.size(2) == 16 && sc.is_contiguous(),
+              "block_mm: bad packed scales");
+  TORCH_CHECK(sc.scalar_type() == at::kHalf || sc.scalar_type() == at::kFloat, "block_mm: scales must be fp16 or fp32");
+  const bool asym = of.numel() > 0;
+  TORCH_CHECK(!asym || (of.sizes() == sc.sizes() && of.scalar_type() == sc.scalar_type() && of.is_contiguous()),
+              "block_mm: offsets must match the scales");
+  TORCH_CHECK(N <= NP * 16 && K <= Kpad, "block_mm: N or K larger than the packed weight");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  at::Tensor a = at::empty({M, Kpad}, x.options().dtype(at::kChar));
+  at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor asum = at::empty({M, G}, x.options().dtype(at::kInt));
+  quantize_grouped(xc, Kpad, group_size, a.data_ptr<int8_t>(), sa.data_ptr<float>(), asum.data_ptr<int32_t>());
+
+  BlockArgs p;
+  p.a = a.data_ptr<int8_t>();
+  p.sa = sa.data_ptr<float>();
+  p.asum = asum.data_ptr<int32_t>();
+  p.w = w.data_ptr<uint8_t>();
+  p.wps = w.size(1) * 64;
+  p.sc = sc.data_ptr();
+  p.of = asym ? of.data_ptr() : nullptr;
+  p.f16 = sc.scalar_type() == at::kHalf;
+  p.M = M;
+  p.N = N;
+  p.Kpad = Kpad;
+  p.G = (int)G;
+  p.lpg = (int)(group_size / kpl);
+  p.bits = (int)bits;
+  p.out = out.data_ptr();
+  p.out_f32 = x.scalar_type() == at::kFloat;
+  p.pf = M <= 3 ? 0 : 4096;  // as int4_mm: GEMV leaves streaming to the hardware prefetcher
+
+  const int64_t sup = isa_support();
+  using RunFn = void (*)(const BlockArgs&, int64_t, int64_t, int, int);
+  RunFn fn;
+  int rmax, cmax;
+  if (isa == 0) {
+    TORCH_CHECK(sup & 1, "block_mm: this CPU lacks AVX512-VNNI");
+    fn = avx512::block_run_panels; rmax = 4; cmax = 3;
+  } else if (isa == 1) {
+    TORCH_CHECK(sup & 6, "block_mm: this CPU lacks AVX-VNNI");
+    fn = (sup & 2) ? avxvnni::block_run_panels : avxvnni_evex::block_run_panels; rmax = 3; cmax = 1;
+  } else {
+    TORCH_CHECK(sup & 8, "block_mm: this CPU lacks AVX2");
+    fn = avx2::block_run_panels; rmax = 3; cmax = 1;
+  }
+  // GEMV (M <= 3) takes all rows at once and streams two panels only when panels are long
+  // (the reason: int4_mm); GEMM balances its row tiles (M = 8 runs as 4 + 4)
+  int rt, ct;
+  if (M <= 3) {
+    rt = (int)M;
+    ct = (p.wps >= (16 << 10)) ? std::min(cmax, 2) : 1;
+  } else {
+    const int64_t ntiles = (M + rmax - 1) / rmax;
+    rt = (int)((M + ntiles - 1) / ntiles);
+    ct = cmax;
+  }
+  const int64_t nblk = (NP + ct - 1) / ct;
+  auto body = [&](int64_t b, int64_t e) { fn(p, b * ct, std::min(NP, e * ct), rt, ct); };
+  if (M * NP * Kpad < ((int64_t)1 << 15) || nblk == 1) body(0, nblk);
+  else at::parallel_for(0, nblk, 1, body);
+  return out;
+}
+
+}  // namespace llmrun_kernels
+
+TORCH_LIBRARY_FRAGMENT(llmrun, m) {
+  m.def("block_mm(Tensor x, Tensor w, Tensor sc, Tensor of, int bits, int group_size, int K, int N, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
+  m.impl("block_mm", &llmrun_kernels::block_mm);
+}
