@@ -3,6 +3,8 @@ shipped, asymmetric int4), and the integer-exact reference it is tested against.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import native
@@ -55,8 +57,12 @@ class BlockLinear(_PackedLinear):
     def from_blocks(cls, bw: BlockWeight, bias: torch.Tensor | None = None,
                     backend: str | None = None) -> "BlockLinear":
         name = resolve_backend(backend)
+        if name == "arm-kleidiai":
+            warnings.warn("llmrun: KleidiAI takes symmetric int4 only: this model's block-quantized layers "
+                          "(a GGUF's formats as shipped) run on the slow reference; --weights int4 runs "
+                          "them on KleidiAI", stacklevel=2)
         if not (name.startswith("x86") and bw.group_size % (8 if bw.bits == 4 else 4) == 0):
-            name = "reference"  # arm-kleidiai takes symmetric int4 only (docs/aarch64.md)
+            name = "reference"
         m = cls(bw.in_features, bw.out_features, bw.bits, bw.group_size, name)
         m._set_blocks(bw)
         m._set_bias(bias)
