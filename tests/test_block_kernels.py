@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from llmrun.kernels import available_backends
-from llmrun.kernels.block_linear import BlockLinear, block_linear_reference
+from llmrun.kernels import native
+from llmrun.kernels.block_linear import BlockLinear, block_linear_reference, quantize_activations_grouped
 from llmrun.kernels.blocks import BlockWeight, concat_rows
-from llmrun.kernels.reference import quantize_activations
 
 BACKENDS = ["x86-avx512vnni", "x86-avxvnni", "x86-avx2", "reference"]
 MS = [1, 2, 3, 4, 5, 7, 8, 17, 64]
@@ -45,17 +45,18 @@ def random_blocks(N: int, K: int, bits: int, gs: int, asym: bool, seed: int, uni
 
 def exact_and_tolerance(x: torch.Tensor, bw: BlockWeight):
     """The float64 result of the exact integer sums, and a bound on the kernel's float32
-    rounding: per group one cvt and one or two FMAs, so (2G + 4) ulps of the magnitudes' sum."""
-    exact = block_linear_reference(x.float(), bw).double()  # formed in float64 (one final rounding)
-    a, sa = quantize_activations(x)
-    mag = block_linear_reference(x.float().abs(), BlockWeight(bw.codes, bw.bits, bw.group_size, bw.scales.abs(),
-                                                           None if bw.offsets is None else bw.offsets.abs(),
-                                                           bw.in_features)).double().abs()
-    # symmetric blocks subtract zero * A: its magnitude too
-    mag = mag + (bw.zero if bw.offsets is None else 0) * sa.double()[:, None] * (
-        a.double().abs() @ bw.scales.double().abs().repeat_interleave(bw.group_size, 1)[:, :bw.in_features].T)
+    rounding: per group one cvt, a product of scales and one or two FMAs, so (3G + 4) ulps of
+    the sum of the terms' magnitudes (with |x|, |s| and |o| the reference sums exactly those)."""
+    exact = block_linear_reference(x.float(), bw).double()
+    absolute = BlockWeight(bw.codes, bw.bits, bw.group_size, bw.scales.abs(),
+                           None if bw.offsets is None else bw.offsets.abs(), bw.in_features)
+    mag = block_linear_reference(x.float().abs(), absolute).double()
+    if bw.offsets is None:  # symmetric blocks subtract zero * A: its magnitude too
+        a, sa = quantize_activations_grouped(x.float().abs(), bw.group_size)
+        A = a.double().view(a.shape[0], -1, bw.group_size).sum(-1) * sa.double()  # (M, G)
+        mag = mag + 2 * bw.zero * A @ bw.scales.double().abs().T
     G = bw.scales.shape[1]
-    return exact, (2 * G + 4) * 2.0 ** -24 * mag + 2.0 ** -24 * exact.abs()
+    return exact, (3 * G + 4) * 2.0 ** -24 * mag + 2.0 ** -24 * exact.abs()
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"b{f[0]}g{f[1]}{'a' if f[2] else 's'}")
@@ -80,15 +81,18 @@ def test_block_linear_matches_exact_sums(backend, fmt, dtype):
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"b{f[0]}g{f[1]}{'a' if f[2] else 's'}")
 def test_block_linear_bitexact_with_integer_scales(backend, fmt):
-    """Scales 1 and integer offsets keep every float step exact: the output must be s_a times
-    the exact integer result, bit for bit, so any error in an integer sum shows."""
+    """Scales 1 and integer offsets keep every float step exact up to the activation scales
+    (x = integers / 127 makes each group's s_a 1/127 or the group's max / 127): the output must
+    equal the exact result to float32 rounding, so any error in an integer sum shows (one unit
+    of a group sum moves the output by s_a, far more than that rounding)."""
     bits, gs, asym = fmt
     N, K = 37, 96
     bw = random_blocks(N, K, bits, gs, asym, seed=7, unit=True)
     mod = BlockLinear.from_blocks(bw, backend=backend)
     g = torch.Generator().manual_seed(1)
     for M in MS:
-        x = torch.randn(M, K, generator=g)
+        x = torch.randint(-127, 128, (M, K), generator=g).float()
+        x[:, ::gs] = 127  # every group's absmax 127: s_a = 1, a = x, all exact in float32
         assert torch.equal(mod(x), block_linear_reference(x, bw)), (backend, M)
 
 
@@ -157,3 +161,26 @@ def test_widened_forms_are_exact():
             if gs % to_gs or (asym and not to_asym):
                 continue
             assert torch.equal(bw.widened(to_bits, to_gs, to_asym).dequantize(), bw.dequantize())
+
+
+def test_activation_quantization_is_bit_exact():
+    """block_mm's grouped activation quantization is the reference's, bit for bit: a weight row
+    of unit scales whose only nonzero weight (code 129 in 8-bit symmetric: 1) sits at input k
+    gives y = s_a,g * a[k], so both the codes and the scales show."""
+    native.supported_isas()
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(9, 203, generator=g) * 5).to(dtype)
+        x[3] = 0  # zero row
+        x[4, 32:64] = 0  # zero group
+        x[5, 7] = 300.0  # an outlier in one group
+        a, sa = quantize_activations_grouped(x, 32)
+        assert sa.shape == (9, 7) and bool((a[:, 203:] == 0).all())
+        assert sa[5, 0] > 10 * sa[5, 1]  # the outlier costs its own group's precision only
+        for k in (0, 40, 202):  # weight row e_k: y = s_a,g * a[k]
+            codes = torch.full((1, 203), 128, dtype=torch.uint8)
+            codes[0, k] = 129
+            bw = BlockWeight(codes, 8, 32, torch.ones(1, 7), None, 203)
+            for backend in [b for b in BACKENDS if b in available_backends()]:
+                y = BlockLinear.from_blocks(bw, backend=backend)(x)
+                assert torch.equal(y[:, 0], (sa[:, k // 32] * a[:, k].float()).to(dtype)), (backend, dtype, k)

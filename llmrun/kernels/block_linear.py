@@ -11,26 +11,37 @@ from . import native
 from .blocks import BlockWeight, concat_rows, dequantize_codes
 from .dispatch import resolve_backend
 from .modules import _PackedLinear
-from .reference import quantize_activations
+
+
+def quantize_activations_grouped(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (a int8 [M, G * group_size], zero past K; s_a float32 [M, G]): symmetric int8
+    per row and group of inputs, exactly the float32 operations of block_mm (blockmm.cpp)."""
+    M, K = x.shape
+    G = -(-K // group_size)
+    xg = torch.nn.functional.pad(x.float(), (0, G * group_size - K)).view(M, G, group_size)
+    amax = xg.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / torch.where(amax > 0, amax, torch.ones_like(amax)),
+                      torch.zeros_like(amax))
+    a = (xg * inv).round().clamp(-127, 127).to(torch.int8)
+    return a.view(M, G * group_size), (amax / 127.0).view(M, G)
 
 
 def block_linear_reference(x: torch.Tensor, bw: BlockWeight) -> torch.Tensor:
     """x [M, K] -> float32 [M, N]: the activations quantized as the kernels quantize them
-    (quantize_activations), each group's integer sums S = sum a u and A = sum a formed
-    exactly, then s_a * sum_g (s S + o A), or s_a * sum_g s (S - zero A), in float64."""
-    a, sa = quantize_activations(x)
+    (quantize_activations_grouped), each group's integer sums S = sum a u and A = sum a formed
+    exactly, then sum_g s_a,g (s S + o A), or sum_g s_a,g s (S - zero A), in float64."""
     K, gs, G = bw.in_features, bw.group_size, bw.scales.shape[1]
-    pad = G * gs - K
-    ag = torch.nn.functional.pad(a.double(), (0, pad)).view(-1, G, gs)  # (M, G, gs)
-    ug = torch.nn.functional.pad(bw.unpacked_codes().double(), (0, pad)).view(-1, G, gs)  # (N, G, gs)
+    a, sa = quantize_activations_grouped(x, gs)
+    ag = a.double().view(-1, G, gs)  # (M, G, gs)
+    ug = torch.nn.functional.pad(bw.unpacked_codes().double(), (0, G * gs - K)).view(-1, G, gs)  # (N, G, gs)
     S = torch.einsum("mgk,ngk->mng", ag, ug)  # exact: integers far below 2^53
     A = ag.sum(-1)[:, None, :]  # (M, 1, G)
     s = bw.scales.double()[None]
     if bw.offsets is None:
-        y = (s * (S - bw.zero * A)).sum(-1)
+        y = s * (S - bw.zero * A)
     else:
-        y = (s * S + bw.offsets.double()[None] * A).sum(-1)
-    return (y * sa.double()[:, None]).float()
+        y = s * S + bw.offsets.double()[None] * A
+    return (y * sa.double()[:, None, :]).sum(-1).float()
 
 
 class BlockLinear(_PackedLinear):

@@ -1,34 +1,51 @@
 // llmrun::block_mm: block-quantized weights x int8 activations (the kernel bodies and the
-// layout: blockmm_body.inc, compiled per ISA in int4mm.cpp). Activations are quantized per row
-// as for int4_mm (the same float operations), stored signed, with their sum per group.
+// layout: blockmm_body.inc, compiled per ISA in int4mm.cpp). Activations are quantized with a
+// scale per row and weight group (llama.cpp's Q8_0 activations do the same per 32): an outlier
+// channel then costs only its group's precision, not its row's.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "blockmm.h"
 
 namespace llmrun_kernels {
 
-// a (signed int8 [M][Kpad], 0 past K), sa [M] and asum [M][G] = sum of a over each group
-static void quantize_grouped(const at::Tensor& x, int64_t Kpad, int64_t group, int8_t* a, float* sa, int32_t* asum) {
-  uint8_t* au = reinterpret_cast<uint8_t*>(a);
-  quantize_activations(x, Kpad, au, sa);  // a + 128
-  const int64_t M = x.size(0), G = Kpad / group;
+// One group of one row, symmetric: inv = 127 / absmax (float32 division), a = round_half_even(
+// x * inv) (float32 multiply), s_a = absmax / 127; an all-zero group gives a = 0, s_a = 0.
+// llmrun.kernels.block_linear.quantize_activations_grouped does the identical float operations.
+template <typename T>
+static void quant_group(const T* x, int64_t n, int8_t* a, float* sa, int32_t* asum) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < n; k++) amax = std::max(amax, std::fabs(static_cast<float>(x[k])));
+  const float inv = amax > 0.f ? 127.0f / amax : 0.0f;
+  int32_t s = 0;
+  for (int64_t k = 0; k < n; k++) {
+    const float q = std::min(127.f, std::max(-127.f, std::nearbyint(static_cast<float>(x[k]) * inv)));
+    a[k] = (int8_t)q;
+    s += (int32_t)q;
+  }
+  *sa = amax / 127.0f;
+  *asum = s;
+}
+
+// a (int8 [M][Kpad], 0 past K), sa and asum [M][G]: each row's groups of `group` inputs
+template <typename T>
+static void quantize_grouped(const T* x, int64_t M, int64_t K, int64_t Kpad, int64_t group, int8_t* a, float* sa,
+                             int32_t* asum) {
+  const int64_t G = Kpad / group;
   auto body = [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; m++)
+    for (int64_t m = b; m < e; m++) {
+      std::fill(a + m * Kpad + K, a + (m + 1) * Kpad, (int8_t)0);
       for (int64_t g = 0; g < G; g++) {
-        uint8_t* row = au + m * Kpad + g * group;
-        int32_t s = 0;
-        for (int64_t k = 0; k < group; k++) {
-          row[k] ^= 0x80;  // a + 128 -> a as two's complement
-          s += (int8_t)row[k];
-        }
-        asum[m * G + g] = s;
+        const int64_t k0 = g * group, n = std::max<int64_t>(0, std::min(group, K - k0));
+        quant_group(x + m * K + k0, n, a + m * Kpad + k0, sa + m * G + g, asum + m * G + g);
       }
+    }
   };
-  if (M * Kpad >= (1 << 16)) at::parallel_for(0, M, 1, body); else body(0, M);
+  if (M * K >= (1 << 16)) at::parallel_for(0, M, 1, body); else body(0, M);
 }
 
 static at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& of,
@@ -53,9 +70,14 @@ static at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, const at::T
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   at::Tensor a = at::empty({M, Kpad}, x.options().dtype(at::kChar));
-  at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor sa = at::empty({M, G}, x.options().dtype(at::kFloat));
   at::Tensor asum = at::empty({M, G}, x.options().dtype(at::kInt));
-  quantize_grouped(xc, Kpad, group_size, a.data_ptr<int8_t>(), sa.data_ptr<float>(), asum.data_ptr<int32_t>());
+  if (x.scalar_type() == at::kFloat)
+    quantize_grouped(xc.data_ptr<float>(), M, K, Kpad, group_size, a.data_ptr<int8_t>(), sa.data_ptr<float>(),
+                     asum.data_ptr<int32_t>());
+  else
+    quantize_grouped(xc.data_ptr<at::BFloat16>(), M, K, Kpad, group_size, a.data_ptr<int8_t>(), sa.data_ptr<float>(),
+                     asum.data_ptr<int32_t>());
 
   BlockArgs p;
   p.a = a.data_ptr<int8_t>();

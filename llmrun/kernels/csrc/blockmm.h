@@ -9,7 +9,7 @@ namespace llmrun_kernels {
 // One block_mm call (see blockmm_body.inc for the math and the layout).
 struct BlockArgs {
   const int8_t* a;      // quantized activations [M][Kpad] (0 past K)
-  const float* sa;      // activation scales [M]
+  const float* sa;      // activation scales per group [M][G]
   const int32_t* asum;  // activation sums per group [M][G]
   const uint8_t* w;     // packed panels
   int64_t wps;          // bytes per panel
@@ -27,7 +27,7 @@ struct BlockArgs {
 struct BlockTile {
   const int8_t* a;      // activation row 0 of the tile
   int64_t lda;
-  const float* sa;
+  const float* sa;      // row 0's group scales
   const int32_t* asum;  // row 0's group sums
   const uint8_t* w;     // panel 0 of the tile
   int64_t wps;
@@ -46,9 +46,7 @@ namespace avxvnni { void block_run_panels(const BlockArgs& p, int64_t p_begin, i
 namespace avxvnni_evex { void block_run_panels(const BlockArgs& p, int64_t p_begin, int64_t p_end, int rt, int ct); }
 namespace avx2 { void block_run_panels(const BlockArgs& p, int64_t p_begin, int64_t p_end, int rt, int ct); }
 
-// int4mm.cpp: per-row symmetric int8 activations stored as a + 128 (padding 128), and the
-// CPU's ISA bits (1 zmm VNNI, 2 ymm VNNI VEX, 4 ymm VNNI EVEX, 8 AVX2)
-void quantize_activations(const at::Tensor& x, int64_t Kpad, uint8_t* a, float* sa);
+// int4mm.cpp: the CPU's ISA bits (1 zmm VNNI, 2 ymm VNNI VEX, 4 ymm VNNI EVEX, 8 AVX2)
 int64_t isa_support();
 
 }  // namespace llmrun_kernels

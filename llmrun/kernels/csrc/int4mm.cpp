@@ -264,7 +264,7 @@ __attribute__((target("avx2,fma,f16c"))) static void quant_row(const T* x, int64
   for (; k < Kpad; k++) a[k] = 128;
 }
 
-void quantize_activations(const at::Tensor& x, int64_t Kpad, uint8_t* a, float* sa) {
+static void quantize_activations(const at::Tensor& x, int64_t Kpad, uint8_t* a, float* sa) {
   const int64_t M = x.size(0), K = x.size(1);
   auto body = [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; m++) {
