@@ -94,7 +94,9 @@ class Generator:
             generator = torch.Generator().manual_seed(settings.seed)
         eos = set() if ignore_eos else set(self.tokenizer.eos_ids)
         stats = GenerationStats(prompt_tokens=n_prompt)
-        decoder = self.tokenizer.stream_decoder(prompt_ids[-4:])  # context keeps a leading space
+        # control tokens are not text: a model that emits one goes on, but nothing is printed
+        # for it (as llama.cpp and transformers' skip_special_tokens); context keeps a leading space
+        decoder = self.tokenizer.stream_decoder(prompt_ids[-4:], skip_special_tokens=True)
         seen = torch.tensor(prompt_ids, dtype=torch.long)
 
         start = time.perf_counter()

@@ -123,6 +123,18 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
 _LLAMA3_FAMILY = frozenset(_PRE_GROUPS[0][0]) - {"glm4", "chatglm-bpe", "dbrx", "smaug-bpe"}
 
 
+def _family_control_tokens(arch: str, tokens: list[str], types: list[int]) -> list[int]:
+    """Token types with the user-defined tokens that the model family knows to be control
+    tokens (models.<family>.GGUF_CONTROL_TOKENS) typed control."""
+    from llmrun.models import family_for_gguf_arch
+
+    try:
+        control = family_for_gguf_arch(arch).GGUF_CONTROL_TOKENS
+    except LlmrunError:  # an architecture llmrun does not run: its file's types as they are
+        return list(types)
+    return [TOKEN_CONTROL if t == TOKEN_USER_DEFINED and tok in control else t for tok, t in zip(tokens, types)]
+
+
 @dataclass
 class GGUFVocab:
     """The `tokenizer.*` metadata of one GGUF file, read once."""
@@ -315,6 +327,7 @@ def read_gguf_vocab(reader_or_path) -> GGUFVocab:
         v = get(key)
         return None if v is None else bool(v)
 
+    types = _family_control_tokens(str(get("general.architecture") or ""), tokens, types)
     vocab = GGUFVocab(
         source=source,
         architecture=str(get("general.architecture") or ""),

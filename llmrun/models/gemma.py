@@ -15,6 +15,9 @@ from llmrun.models.hf_config import common_fields, layer_types
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 GGUF_ARCHS = ("gemma", "gemma2", "gemma3")
 GGUF_PERMUTES_QK = False
+# Gemma 3's image placeholders are special tokens in its Hugging Face tokenizer, but converted
+# GGUF files type them user-defined (text): they are control tokens here, never printed.
+GGUF_CONTROL_TOKENS = frozenset({"<start_of_image>", "<end_of_image>", "<image_soft_token>"})
 
 
 def _family(model_type: str) -> str:

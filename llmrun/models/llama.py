@@ -9,6 +9,7 @@ MODEL_TYPES = ("llama", "mistral")
 GGUF_ARCHS = ("llama",)
 # llama.cpp permutes q/k rows for its interleaved rope; weights from GGUF must be un-permuted.
 GGUF_PERMUTES_QK = True
+GGUF_CONTROL_TOKENS: frozenset[str] = frozenset()  # user-defined tokens that are control tokens
 
 
 def config_from_hf(d: dict) -> ModelConfig:
