@@ -237,3 +237,20 @@ def test_bytes_read_per_token_count_a_tied_head_once_and_the_kv_cache_read():
     rows = size(exact) * model.lm_head.exact_fraction_read()
     assert rows == size(exact) * (128 if model.lm_head.exact.backend.startswith("x86") else 8) / 512
     assert abs(worker.stored_bytes(model)["weights_bytes"] - (size(scan) + rows + layers + size(model.model.norm))) < 4
+
+
+def test_as_shipped_path_beside_int4():
+    """`--paths eager-int4,eager-shipped` on a GGUF: one table with the file's weights as shipped
+    beside llmrun's int4 re-rounding, each labelled; on a synthetic model the shipped path fails
+    in one line (it has no file)."""
+    proc = _bench("--model", "smollm2-135m", "-p", "8", "-n", "4", "-r", "1", "-o", "json", "--threads", "1",
+                  "--paths", "default,eager-int4,eager-shipped", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    shipped, int4 = report["paths"]["eager-shipped"], report["paths"]["eager-int4"]
+    assert shipped["weights"].startswith("as shipped+") and int4["weights"].startswith("int4-g32+")
+    assert shipped["quantize_s"] > 0 and shipped["tests"]["tg"]["n"] == 4
+    row = next(r for r in report["rows"] if r["path"] == "eager-shipped" and r["test"] == "tg4")
+    assert row["tps_mean"] > 0 and row["greedy_match"][1] == 16
+    proc = _bench("--synthetic", "tiny", "-p", "8", "-n", "4", "-r", "1", "--paths", "eager-shipped")
+    assert proc.returncode != 0 and "synthetic models have none" in proc.stderr

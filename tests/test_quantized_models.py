@@ -146,11 +146,15 @@ def test_int4_head_option_has_its_own_cache_entry(smollm2_path, tmp_path, monkey
     from llmrun.kernels import Int4Linear
     from llmrun.quantized_format import cache_path
 
-    assert cache_path(smollm2_path, "int4", 32, "int4") != cache_path(smollm2_path, "int4", 32)
+    shipped = "as-shipped"  # the engine's default weights for a GGUF file
+    assert cache_path(smollm2_path, "int4", 32, "int4", shipped) != cache_path(smollm2_path, "int4", 32,
+                                                                               weights=shipped)
+    assert cache_path(smollm2_path, "int4", 32, weights="int4") != cache_path(smollm2_path, "int4", 32,
+                                                                              weights=shipped)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     engine = Engine.load(EngineOptions(model="smollm2-135m", quant="int4", head="int4"))
     assert isinstance(engine.model.lm_head, Int4Linear)
-    assert cache_path(smollm2_path, "int4", 32, "int4").is_dir()
+    assert cache_path(smollm2_path, "int4", 32, "int4", shipped).is_dir()
     # not "The capital of France is": with an int4 head its top two (' ', ' Paris') lie within
     # 0.2 logits, flipped by rounding noise; here ' Paris' leads by 1.1
     ids = engine.tokenizer.encode("The Eiffel Tower is in the city of")

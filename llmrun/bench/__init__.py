@@ -12,5 +12,11 @@ transformers, one model, one thread count.
 
 PATHS = ("default", "eager-int4", "compiled-bf16", "compiled-int4", "transformers")
 # selectable with --paths, not run by default: llmrun's int4 path through torch.compile instead
-# of AOTInductor packages (the two compile backends side by side)
-EXTRA_PATHS = ("jit-int4",)
+# of AOTInductor packages (the two compile backends side by side), and a GGUF file's weights as
+# shipped (exact block formats; the int4 paths re-round them) eager and compiled
+EXTRA_PATHS = ("jit-int4", "eager-shipped", "compiled-shipped")
+
+
+def is_quantized(path: str) -> bool:
+    """Whether the path runs llmrun's quantized layers (int4, or a GGUF's blocks as shipped)."""
+    return path.endswith(("int4", "shipped"))

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from llmrun.bench import EXTRA_PATHS, PATHS, machine
+from llmrun.bench import EXTRA_PATHS, PATHS, is_quantized, machine
 from llmrun.bench.worker import SHORT, Spec
 from llmrun.errors import LlmrunError
 from llmrun.head_schemes import DEFAULT_HEAD
@@ -82,7 +82,7 @@ def path_dtype(path: str, opts: BenchOptions) -> str:
         return "bfloat16"
     if opts.dtype:
         return opts.dtype
-    if path.endswith("int4"):
+    if is_quantized(path):
         from llmrun.engine import EngineOptions
 
         return EngineOptions().dtype
@@ -96,7 +96,7 @@ def memory_note(path: str, dtype: str, opts: BenchOptions) -> str | None:
     from llmrun.bench.synthetic import estimate_bytes, model_config
 
     cfg = model_config(opts.synthetic)
-    need = estimate_bytes(cfg, "int4" if path.endswith("int4") else dtype)
+    need = estimate_bytes(cfg, "int4" if is_quantized(path) else dtype)
     avail = machine.mem_available_bytes()
     if avail is not None and need + MEMORY_MARGIN > avail:
         return (f"skipped: {SHORT.get(dtype, dtype)} weights need ~{need / 2**30:.1f} GiB, "
@@ -169,7 +169,7 @@ def run_bench(opts: BenchOptions, log=None) -> dict:
                 log(f"{path}: FAILED: {res['error']}")
                 continue
             stages = [f"load {res['load_s']:.2f} s"]
-            if path.endswith("int4"):
+            if is_quantized(path):
                 stages.append(f"quantize {res['quantize_s']:.2f} s")
             if res.get("compile_s") is not None:
                 stages.append(f"compile {res['compile_s']:.1f} s")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmrun.bench import is_quantized
 from llmrun.generate import peak_rss_bytes
 from llmrun.head_schemes import DEFAULT_HEAD
 
@@ -32,7 +33,7 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 @dataclass
 class Spec:
-    path: str  # default | eager-int4 | compiled-bf16 | compiled-int4 | transformers
+    path: str  # llmrun.bench.PATHS + EXTRA_PATHS
     model: str | None = None  # as --model; None: the shipped default
     synthetic: str | None = None  # a llmrun.bench.synthetic name instead of a checkpoint
     threads: int = 1
@@ -46,8 +47,12 @@ class Spec:
     seed: int = 0
 
     @property
-    def int4(self) -> bool:
-        return self.path.endswith("int4")
+    def quantized(self) -> bool:
+        return is_quantized(self.path)
+
+    @property
+    def as_shipped(self) -> bool:
+        return self.path.endswith("shipped")
 
     @property
     def backend(self) -> str | None:
@@ -64,10 +69,11 @@ def log(spec: Spec, msg: str) -> None:
 
 
 def weights_label(spec: Spec) -> str:
-    if not spec.int4:
+    if not spec.quantized:
         return SHORT[spec.dtype]
     gs = "pc" if spec.group_size == 0 else f"g{spec.group_size}"
-    return f"int4-{gs}+{spec.head} head ({SHORT[spec.dtype]} act)"
+    layers = "as shipped" if spec.as_shipped else f"int4-{gs}"
+    return f"{layers}+{spec.head} head ({SHORT[spec.dtype]} act)"
 
 
 # ------------------------------------------------------------------ llmrun paths
@@ -87,15 +93,18 @@ class _TimedTransform:
 
 def load_llmrun(spec: Spec):
     """(model, tokenizer or None, timings, model name)."""
+    from llmrun.errors import LlmrunError
+
     dtype = DTYPES[spec.dtype]
     if spec.synthetic:
         from llmrun.bench import synthetic
 
+        if spec.as_shipped:
+            raise LlmrunError(f"{spec.path} runs a GGUF file's weights as shipped; synthetic models have none")
         cfg = synthetic.model_config(spec.synthetic)
-        model, timings = synthetic.build_llmrun(cfg, dtype, spec.int4, spec.group_size, spec.seed, spec.head)
+        model, timings = synthetic.build_llmrun(cfg, dtype, spec.quantized, spec.group_size, spec.seed, spec.head)
         return model, None, timings, f"{spec.synthetic} (synthetic)"
     from llmrun import quantized_format
-    from llmrun.errors import LlmrunError
     from llmrun.hub import resolve_model
     from llmrun.loader import load_model, open_checkpoint
     from llmrun.tokenizer import Tokenizer
@@ -105,18 +114,20 @@ def load_llmrun(spec: Spec):
     tokenizer = Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf" else \
         Tokenizer.from_hf_dir(resolved.path)
     if quantized_format.is_quantized_dir(resolved.path):
-        if not spec.int4:
+        if not spec.quantized:
             raise LlmrunError("the model is stored quantized: it has no float weights for this path")
         model = quantized_format.load_quantized(resolved.path, dtype)
         scheme = quantized_format.read_scheme(resolved.path)  # the table shows what was loaded
         spec.group_size, spec.head = int(scheme["group_size"]), scheme.get("head", "int8")
         return model, tokenizer, {"load_s": time.perf_counter() - start, "quantize_s": 0.0}, model_name(resolved)
     transform = None
-    if spec.int4:
+    if spec.quantized:
         from llmrun.quant import QuantTransform
 
         transform = _TimedTransform(QuantTransform(spec.group_size, head=spec.head))
-    model = load_model(open_checkpoint(resolved.path, resolved.kind), dtype, transform)
+    if spec.as_shipped and resolved.kind != "gguf":
+        raise LlmrunError(f"{spec.path} runs a GGUF file's weights as shipped; {resolved.path} is not one")
+    model = load_model(open_checkpoint(resolved.path, resolved.kind, keep_blocks=spec.as_shipped), dtype, transform)
     total = time.perf_counter() - start
     quantize_s = transform.seconds if transform else 0.0
     return model, tokenizer, {"load_s": total - quantize_s, "quantize_s": quantize_s}, model_name(resolved)
@@ -177,14 +188,14 @@ def stored_bytes(model, attended: float | None = None) -> dict:
 def run_llmrun(spec: Spec, result: dict) -> None:
     from llmrun.generate import PREFILL_CHUNK, Generator
 
-    log(spec, "loading" + (" and quantizing" if spec.int4 else ""))
+    log(spec, "loading" + (" and quantizing" if spec.quantized else ""))
     model, tokenizer, timings, name = load_llmrun(spec)
-    if spec.int4:  # as the engine runs it
+    if spec.quantized:  # as the engine runs it
         from llmrun.quant import prepare_int4_model
 
         prepare_int4_model(model)
     result.update(model=name, **timings)
-    log(spec, f"load {timings['load_s']:.2f} s" + (f"  quantize {timings['quantize_s']:.2f} s" if spec.int4 else ""))
+    log(spec, f"load {timings['load_s']:.2f} s" + (f"  quantize {timings['quantize_s']:.2f} s" if spec.quantized else ""))
     gen = Generator(model, tokenizer)
     if spec.compiled:
         from llmrun.engine import compile_steps
