@@ -104,6 +104,7 @@ class Engine:
             model = quantized_format.load_quantized(resolved.path, DTYPES[options.dtype])
             scheme = quantized_format.read_scheme(resolved.path)
             options.quant, options.group_size = scheme["quant"], int(scheme["group_size"])
+            options.weights = scheme.get("weights", "int4")  # v1 directories: int4
             formats = tuple(scheme.get("shipped_formats", ()))
         elif options.quant == "none":
             model = load_model(

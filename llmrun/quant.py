@@ -156,10 +156,11 @@ class QuantTransform:
         if self.head == "none":
             if bw is None:
                 return module
-            head = nn.Linear(module.in_features, module.out_features, bias=bias is not None)
-            head.weight = nn.Parameter(bw.dequantize(), requires_grad=False)
+            dtype = module.weight.dtype
+            head = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+            head.weight = nn.Parameter(bw.dequantize().to(dtype), requires_grad=False)
             if bias is not None:
-                head.bias = nn.Parameter(bias.float(), requires_grad=False)
+                head.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
             return head
         own_bias = None if self.head == "int4-rescored" else bias
         if bw is not None:
@@ -196,19 +197,14 @@ def prepare_int4_model(model: nn.Module) -> None:
 
 def fuse_quantized(modules: list[nn.Module]) -> nn.Module | None:
     """One layer for several that read the same input (for models.layers.fuse_projections):
-    int4 layers stack their panels; block-quantized layers (and grouped int4 ones among them,
-    which are 4-bit symmetric blocks) are re-expressed in one common block form, exactly."""
+    int4 layers stack their panels; block-quantized layers of one code width and group size
+    fuse into one (symmetric parts take explicit offsets: the same weights). Others stay apart:
+    widening 4-bit codes to 8 bits, or groups of 32 to 16, would double the bytes each token
+    reads (llama.cpp's Q4_K_M: Q4_K q/k beside a Q6_K v)."""
     if all(isinstance(m, Int4Linear) for m in modules):
         release_free_heap()  # the layers fused before this one (an 8B model holds ~2 GB of them)
         return Int4Linear.concat(modules)
-    if any(isinstance(m, BlockLinear) for m in modules) and all(
-            isinstance(m, BlockLinear) or (isinstance(m, Int4Linear) and m.group_size > 0) for m in modules):
+    if all(isinstance(m, BlockLinear) for m in modules) and len({(m.bits, m.group_size) for m in modules}) == 1:
         release_free_heap()
-        return BlockLinear.concat([m if isinstance(m, BlockLinear) else _as_blocks(m) for m in modules])
+        return BlockLinear.concat(modules)
     return None
-
-
-def _as_blocks(layer: Int4Linear) -> BlockLinear:
-    qweight, scales = layer.neutral()
-    bw = BlockWeight(qweight, 4, layer.group_size, scales, None, layer.in_features)
-    return BlockLinear.from_blocks(bw, bias=layer.bias, backend=layer.backend)

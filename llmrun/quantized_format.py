@@ -124,12 +124,16 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
             return f.get_tensor(key)
 
         def blocks(source: str, K: int) -> BlockWeight:
-            bits, group = (int(v) for v in take(f"{source}.layout"))
-            offsets = take(f"{source}.offsets") if f"{source}.offsets" in keys else None
             try:
-                return BlockWeight(take(f"{source}.codes"), bits, group, take(f"{source}.scales"), offsets, K)
-            except ValueError as exc:
-                raise LlmrunError(f"{file}: {source} is not a valid block-quantized layer ({exc})") from None
+                layout = take(f"{source}.layout").reshape(-1).tolist()
+                if len(layout) != 2:
+                    raise ValueError(f"layout {layout} is not [code bits, group size]")
+                offsets = take(f"{source}.offsets") if f"{source}.offsets" in keys else None
+                return BlockWeight(take(f"{source}.codes"), int(layout[0]), int(layout[1]), take(f"{source}.scales"),
+                                   offsets, K)
+            except Exception as exc:  # noqa: BLE001 - missing or malformed tensors: one clear line
+                raise LlmrunError(f"{file}: {source} is not a valid block-quantized layer "
+                                  f"({type(exc).__name__}: {exc}); quantize again") from None
 
         def quantized(name: str, module: nn.Module, source: str, with_bias: bool = True,
                       group: int | None = None):

@@ -184,3 +184,22 @@ def test_activation_quantization_is_bit_exact():
             for backend in [b for b in BACKENDS if b in available_backends()]:
                 y = BlockLinear.from_blocks(bw, backend=backend)(x)
                 assert torch.equal(y[:, 0], (sa[:, k // 32] * a[:, k].float()).to(dtype)), (backend, dtype, k)
+
+
+def test_fusion_keeps_each_layers_bytes():
+    """fuse_quantized fuses block layers of one code width and group size (symmetric beside
+    asymmetric: explicit offsets, the same weights) and leaves other mixes apart rather than
+    widening them (4-bit to 8-bit codes would double the bytes read)."""
+    from llmrun.quant import fuse_quantized
+
+    q5_0 = BlockLinear.from_blocks(random_blocks(32, 96, 8, 32, False, seed=1))
+    q8_0 = BlockLinear.from_blocks(random_blocks(16, 96, 8, 32, False, seed=2))
+    q5_1 = BlockLinear.from_blocks(random_blocks(16, 96, 8, 32, True, seed=3))
+    q4_k = BlockLinear.from_blocks(random_blocks(32, 96, 4, 32, True, seed=4))
+    q6_k = BlockLinear.from_blocks(random_blocks(16, 96, 8, 16, False, seed=5))
+    fused = fuse_quantized([q5_0, q8_0, q5_1])
+    assert isinstance(fused, BlockLinear) and (fused.bits, fused.group_size) == (8, 32)
+    assert torch.equal(fused.blocks().dequantize(),
+                       torch.cat([m.blocks().dequantize() for m in (q5_0, q8_0, q5_1)]))
+    assert fuse_quantized([q4_k, q4_k, q6_k]) is None
+    assert fuse_quantized([q5_0, q6_k]) is None

@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
         "decode steps) for each path, each in its own process, synthetic tokens, warm-up excluded. "
         "Paths: default (eager, unquantized, bf16 where the CPU has native bf16 else fp32), "
         "eager-int4, compiled-bf16, compiled-int4 (llmrun: AOTInductor packages), transformers; "
-        "on request: jit-int4 (llmrun's int4 through torch.compile instead).")
+        "on request: jit-int4 (llmrun's int4 through torch.compile instead), eager-shipped and "
+        "compiled-shipped (a GGUF file's weights as shipped, not re-rounded to int4).")
     p.add_argument("--model", "-m", default=None,
                    help="alias, repo id, local HF directory or .gguf (default: the shipped SmolLM2-135M)")
     p.add_argument("--synthetic", default=None, metavar="NAME",

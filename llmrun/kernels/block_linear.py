@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from . import native
-from .blocks import BlockWeight, concat_rows, dequantize_codes
+from .blocks import BlockWeight, concat_rows, dequantize_codes, unpack_codes
 from .dispatch import resolve_backend
 from .modules import _PackedLinear
 
@@ -29,24 +29,28 @@ def quantize_activations_grouped(x: torch.Tensor, group_size: int) -> tuple[torc
 def block_linear_reference(x: torch.Tensor, bw: BlockWeight) -> torch.Tensor:
     """x [M, K] -> float32 [M, N]: the activations quantized as the kernels quantize them
     (quantize_activations_grouped), each group's integer sums S = sum a u and A = sum a formed
-    exactly, then sum_g s_a,g (s S + o A), or sum_g s_a,g s (S - zero A), in float64."""
+    exactly, then sum_g s_a,g (s S + o A), or sum_g s_a,g s (S - zero A), in float64. One
+    group at a time: temporaries of [M, N] and [N, group], whatever the layer's size."""
     K, gs, G = bw.in_features, bw.group_size, bw.scales.shape[1]
     a, sa = quantize_activations_grouped(x, gs)
-    ag = a.double().view(-1, G, gs)  # (M, G, gs)
-    ug = torch.nn.functional.pad(bw.unpacked_codes().double(), (0, G * gs - K)).view(-1, G, gs)  # (N, G, gs)
-    S = torch.einsum("mgk,ngk->mng", ag, ug)  # exact: integers far below 2^53
-    A = ag.sum(-1)[:, None, :]  # (M, 1, G)
-    s = bw.scales.double()[None]
-    if bw.offsets is None:
-        y = s * (S - bw.zero * A)
-    else:
-        y = s * S + bw.offsets.double()[None] * A
-    return (y * sa.double()[:, None, :]).sum(-1).float()
+    u = torch.nn.functional.pad(unpack_codes(bw.codes, bw.bits, K), (0, G * gs - K), value=bw.zero)  # (N, G*gs)
+    y = torch.zeros(x.shape[0], bw.out_features, dtype=torch.float64)
+    for g in range(G):
+        ag = a[:, g * gs:(g + 1) * gs].double()  # (M, gs)
+        S = ag @ u[:, g * gs:(g + 1) * gs].double().T  # (M, N), exact: integers far below 2^53
+        A = ag.sum(-1, keepdim=True)  # (M, 1)
+        s = bw.scales[:, g].double()
+        if bw.offsets is None:
+            part = (S - bw.zero * A) * s
+        else:
+            part = S * s + A * bw.offsets[:, g].double()
+        y += part * sa[:, g:g + 1].double()
+    return y.float()
 
 
 class BlockLinear(_PackedLinear):
-    """y = x @ W^T (+ bias) with W block-quantized (BlockWeight) and x quantized per row to int8
-    on the fly; forward keeps x's dtype (fp32 or bf16). x86 keeps only its packed panels (the
+    """y = x @ W^T (+ bias) with W block-quantized (BlockWeight) and x quantized to int8 on the
+    fly, one scale per row and weight group; forward keeps x's dtype (fp32 or bf16). x86 keeps only its packed panels (the
     neutral tensors are re-derived from them exactly); other backends keep the neutral tensors
     and run block_linear_reference.
 
@@ -100,7 +104,8 @@ class BlockLinear(_PackedLinear):
     @classmethod
     def concat(cls, layers: list["BlockLinear"], backend: str | None = None) -> "BlockLinear":
         """One layer computing all `layers` (same input size) in one call; layers of different
-        formats are re-expressed in their common form first (BlockWeight.widened: exact)."""
+        formats are re-expressed in their common form first (BlockWeight.widened: the same
+        weights; with smaller groups the activations' groups shrink too)."""
         if not layers:
             raise ValueError("concat needs at least one layer")
         biases = [l.bias if l.bias is not None else torch.zeros(l.out_features) for l in layers]

@@ -45,6 +45,8 @@ class BlockWeight:
         if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != (N, width):
             raise ValueError(f"codes must be uint8 [{N}, {width}] for {self.bits}-bit codes, "
                              f"got {self.codes.dtype} {tuple(self.codes.shape)}")
+        if self.bits == 4 and K % 2 and bool(((self.codes[:, -1] >> 4) != 8).any()):
+            raise ValueError("4-bit codes of an odd K must pad the last high nibble with 8 (the zero code)")
         G = -(-K // self.group_size)
         for name in ("scales", "offsets"):
             t = getattr(self, name)

@@ -109,6 +109,7 @@ static at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, const at::T
     TORCH_CHECK(sup & 6, "block_mm: this CPU lacks AVX-VNNI");
     fn = (sup & 2) ? avxvnni::block_run_panels : avxvnni_evex::block_run_panels; rmax = 3; cmax = 1;
   } else {
+    TORCH_CHECK(isa == 2, "block_mm: unknown isa ", isa);
     TORCH_CHECK(sup & 8, "block_mm: this CPU lacks AVX2");
     fn = avx2::block_run_panels; rmax = 3; cmax = 1;
   }
