@@ -203,3 +203,28 @@ def test_fusion_keeps_each_layers_bytes():
                        torch.cat([m.blocks().dequantize() for m in (q5_0, q8_0, q5_1)]))
     assert fuse_quantized([q4_k, q4_k, q6_k]) is None
     assert fuse_quantized([q5_0, q6_k]) is None
+
+
+@pytest.mark.parametrize("fmt", [(8, 32, False), (4, 32, True), (8, 16, True)], ids=["q8_0", "q4_1", "g16a"])
+def test_rescored_head_over_a_block_table(fmt):
+    """RescoredLinear with a block table (a GGUF's tied Q8_0 head) rescores natively on x86:
+    the picked outputs are the table's rows against the float activations (as the reference's
+    embed() rows give them), the rest the scan's."""
+    from llmrun.kernels import Int4Linear, RescoredLinear, quantize_int4
+
+    bits, gs, asym = fmt
+    N, K = 300, 96
+    bw = random_blocks(N, K, bits, gs, asym, seed=13)
+    scan = Int4Linear.from_neutral(*quantize_int4(bw.dequantize(), 32), 32, K)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(14))
+    outs = {}
+    for backend in [b for b in BACKENDS if b in available_backends()]:
+        head = RescoredLinear(scan, BlockLinear.from_blocks(bw, backend=backend), k=20)
+        assert head._native == backend.startswith("x86")
+        outs[backend] = head(x)
+    ref = outs.pop("reference")
+    picked = ref != scan(x)
+    assert int(picked.sum()) == 3 * 20
+    for backend, y in outs.items():
+        assert torch.equal(y[~picked], ref[~picked]), backend
+        torch.testing.assert_close(y[picked], ref[picked], rtol=1e-5, atol=1e-5)

@@ -316,9 +316,9 @@ class RescoredLinear(torch.nn.Module):
         if scan.bias is not None or exact.bias is not None:
             raise ValueError("the bias belongs to RescoredLinear, not to its layers")
         self.scan, self.exact = scan, exact
-        # x86 int8 tables rescore in one native pass; other tables (the int8 reference, a
-        # GGUF file's own table) through their embed() rows
-        self._native = isinstance(exact, Int8Linear) and exact.backend.startswith("x86")
+        # x86 tables (int8, or block-quantized: a GGUF file's own) rescore in one native pass;
+        # the reference's through their embed() rows
+        self._native = getattr(exact, "_isa", None) is not None
         self.in_features, self.out_features = exact.in_features, exact.out_features
         self.k = min(k, self.out_features)
         self.bias = _float_bias(bias)
@@ -327,9 +327,12 @@ class RescoredLinear(torch.nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()  # (M, K)
         y = self.scan(x2)  # (M, N) float32
-        if self._native:  # one pass, int8_mm's values, no (M, k, K) gather
+        if self._native and isinstance(self.exact, Int8Linear):  # one pass, int8_mm's values
             a, sa = native.QUANT_ACT(x2, self.exact.w.shape[1] * 4)  # (M, Kpad) uint8, (M,)
             y = native.RESCORE_TOP_K(y, a, sa, self.exact.w, self.exact.sc, self.k)
+        elif self._native:  # a block table's picked rows against the float activations
+            e = self.exact
+            y = native.RESCORE_TOP_K_BLOCKS(y, x2, e.w, e.sc, e.of, e.bits, e.group_size, self.k)
         else:
             y = rescore_top_k_reference(y, x2, self.exact.embed, self.k)
         if self.bias is not None:

@@ -32,6 +32,7 @@ BLOCK_MM = None
 DECODE_ATTENTION = None
 PREFILL_ATTENTION = None
 RESCORE_TOP_K = None
+RESCORE_TOP_K_BLOCKS = None
 QUANT_ACT = None
 
 # isa codes of the C++ op, by backend name
@@ -117,12 +118,14 @@ def _load() -> bool:
         if ok:
             _register_fakes()
             global INT4_MM, INT8_MM, BLOCK_MM, DECODE_ATTENTION, PREFILL_ATTENTION, RESCORE_TOP_K, QUANT_ACT
+            global RESCORE_TOP_K_BLOCKS
             INT4_MM = torch.ops.llmrun.int4_mm.default
             INT8_MM = torch.ops.llmrun.int8_mm.default
             BLOCK_MM = torch.ops.llmrun.block_mm.default
             DECODE_ATTENTION = torch.ops.llmrun.decode_attention.default
             PREFILL_ATTENTION = torch.ops.llmrun.prefill_attention.default
             RESCORE_TOP_K = torch.ops.llmrun.rescore_top_k.default
+            RESCORE_TOP_K_BLOCKS = torch.ops.llmrun.rescore_top_k_blocks.default
             QUANT_ACT = torch.ops.llmrun.quant_act.default
         _state["ok"] = ok
         return ok
@@ -151,6 +154,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("llmrun::rescore_top_k")
     def _(y, a, sa, w, sc, k):
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("llmrun::rescore_top_k_blocks")
+    def _(y, x, w, sc, of, bits, group_size, k):
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::quant_act")
