@@ -219,4 +219,3 @@ def _load_quantized_cached(resolved, tokenizer, options: EngineOptions, report):
     except OSError as exc:  # a cache that cannot be written costs only speed next time
         report(LoadProgress("quantize", message=f"could not cache the quantized model ({exc})"))
     return model, formats
-
