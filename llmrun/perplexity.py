@@ -24,7 +24,7 @@ float32, and the negative log-likelihoods are summed in float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,37 +104,37 @@ def windows(n_tokens: int, context: int, stride: int, bos: bool = False) -> list
     return out
 
 
-def window_nll(model, ids: torch.Tensor, window: Window, bos_id: int | None = None,
-               head_chunk: int | None = None) -> float:
-    """Sum of the NLLs (float64) of the window's targets. ids: (N,) the whole token stream;
-    bos_id: put in front of the window."""
+def window_input(ids: torch.Tensor, window: Window, bos_id: int | None = None) -> torch.Tensor:
+    """The window's input ids (L,): its slice of the stream, after BOS where the model uses one."""
     idx = ids[window.begin:window.end]
     if bos_id is not None:
         idx = torch.cat([torch.tensor([bos_id], dtype=idx.dtype), idx])
-    hidden = model.hidden(idx.unsqueeze(0))[0]  # (L, dim)
+    return idx
+
+
+def score_window(logits_of: Callable[[int, int], torch.Tensor], ids: torch.Tensor, window: Window,
+                 bos_id: int | None, vocab: int, head_chunk: int | None = None) -> float:
+    """Sum of the NLLs (float64) of the window's targets, given logits_of(p0, p1): the float32
+    logits (p1 - p0, vocab) of the window's input positions p0..p1-1."""
     # Position p predicts token p+1: targets first_target..end-1 come from the positions before.
     lo = window.first_target - window.begin - (0 if bos_id is not None else 1)
-    hidden = hidden[lo:lo + window.targets]  # (targets, dim)
     targets = ids[window.first_target:window.end]
-    vocab = model.config.vocab_size
     chunk = head_chunk or max(1, HEAD_CHUNK_ELEMENTS // vocab)
     total = torch.zeros((), dtype=torch.float64)
     for s in range(0, targets.shape[0], chunk):
-        logprobs = torch.log_softmax(model.head(hidden[s:s + chunk]), dim=-1)  # (c, V) f32
-        picked = logprobs.gather(-1, targets[s:s + chunk, None])  # (c, 1)
-        total -= picked.double().sum()
+        part = targets[s:s + chunk]
+        logprobs = torch.log_softmax(logits_of(lo + s, lo + s + part.shape[0]), dim=-1)  # (c, V) f32
+        total -= logprobs.gather(-1, part[:, None]).double().sum()
     return float(total)
 
 
-def iter_perplexity(model, ids: list[int] | torch.Tensor, context: int, stride: int,
-                    bos_id: int | None = None, head_chunk: int | None = None
-                    ) -> Iterator[tuple[Window, float]]:
-    """(window, its NLL sum) for each window, in order."""
-    ids_t = torch.as_tensor(ids, dtype=torch.long)
-    spans = windows(int(ids_t.shape[0]), context, stride, bos=bos_id is not None)
-    with torch.inference_mode():
-        for w in spans:
-            yield w, window_nll(model, ids_t, w, bos_id, head_chunk)
+def window_nll(model, ids: torch.Tensor, window: Window, bos_id: int | None = None,
+               head_chunk: int | None = None) -> float:
+    """Sum of the NLLs (float64) of the window's targets under a llmrun model. ids: (N,) the
+    whole token stream; bos_id: put in front of the window."""
+    hidden = model.hidden(window_input(ids, window, bos_id).unsqueeze(0))[0]  # (L, dim)
+    return score_window(lambda p0, p1: model.head(hidden[p0:p1]), ids, window, bos_id,
+                        model.config.vocab_size, head_chunk)
 
 
 def perplexity(model, ids: list[int] | torch.Tensor, context: int, stride: int | None = None,
@@ -143,15 +143,27 @@ def perplexity(model, ids: list[int] | torch.Tensor, context: int, stride: int |
     """Perplexity of the token stream `ids` under `model` (a llmrun Transformer without KV
     caches), windows of `context` positions `stride` apart (default context // 2). With
     bos_id, `ids` is the text without BOS and every window starts with BOS."""
+    with torch.inference_mode():
+        return perplexity_of(lambda t, w: window_nll(model, t, w, bos_id, head_chunk), ids, context, stride,
+                             bos_id, on_window)
+
+
+def perplexity_of(nll: Callable[[torch.Tensor, Window], float], ids: list[int] | torch.Tensor, context: int,
+                  stride: int | None = None, bos_id: int | None = None,
+                  on_window: Callable[[Window, float], None] | None = None) -> PerplexityResult:
+    """perplexity() for any runtime: nll(ids (N,), window) -> the window's NLL sum (e.g. from
+    score_window over another runtime's logits), over exactly the same windows."""
     stride = check_window(context, stride, bos_id is not None)
-    tokens, nll, n = 0, 0.0, 0
-    for w, w_nll in iter_perplexity(model, ids, context, stride, bos_id, head_chunk):
-        tokens, nll, n = tokens + w.targets, nll + w_nll, n + 1
+    ids_t = torch.as_tensor(ids, dtype=torch.long)
+    tokens, total, n = 0, 0.0, 0
+    for w in windows(int(ids_t.shape[0]), context, stride, bos=bos_id is not None):
+        w_nll = nll(ids_t, w)
+        tokens, total, n = tokens + w.targets, total + w_nll, n + 1
         if on_window:
             on_window(w, w_nll)
-    if not math.isfinite(nll):
+    if not math.isfinite(total):
         raise LlmrunError("the model gave a non-finite log-likelihood (NaN/inf logits)")
-    return PerplexityResult(tokens=tokens, nll=nll, windows=n, context=context, stride=stride,
+    return PerplexityResult(tokens=tokens, nll=total, windows=n, context=context, stride=stride,
                             bos_per_window=bos_id is not None)
 
 

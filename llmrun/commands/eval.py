@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from llmrun.commands.common import add_model_args
+from llmrun.peers.llama_cpp import FORMATS as LLAMA_CPP_FORMATS
 
 DEFAULT_CONTEXT_CAP = 1024
 BUILTIN_TEXT = "alice29.txt"  # llmrun/data/: Alice's Adventures in Wonderland (see docs/eval.md)
@@ -30,6 +31,10 @@ def add_parser(sub) -> None:
                    help="tokens between window starts (default: half the window)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="score at most this many tokens (from the start of the text)")
+    p.add_argument("--llama-cpp", nargs="?", const="as-shipped", default=None, choices=LLAMA_CPP_FORMATS,
+                   metavar="FORMAT",
+                   help="also score the same windows with llama.cpp (llama-cpp-python) on the same GGUF: "
+                        "as-shipped (default), or q4_0 (llama.cpp's own requantization of the file)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(run=run)
 
@@ -73,6 +78,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise LlmrunError(f"--stride {args.stride} must be >= 1")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise LlmrunError(f"--max-tokens {args.max_tokens} must be >= 1")
+    if args.llama_cpp:
+        from llmrun.peers import llama_cpp
+
+        llama_cpp.require()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     eval_s = time.perf_counter() - start
+    peer = _llama_cpp(args, engine, ids, context, stride, bos_id, result) if args.llama_cpp else None
 
     report = {
         "model": engine.source,
@@ -143,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         "eval_s": round(eval_s, 3),
         "tokens_per_s": round(result.tokens / eval_s, 2) if eval_s > 0 else None,
     }
+    if peer:
+        report["llama_cpp"] = peer
     if args.json:
         print(json.dumps(report))
     else:
@@ -154,4 +166,42 @@ def run(args: argparse.Namespace) -> int:
               f"ppl       {result.ppl:.4f}  (mean nll {result.mean_nll:.4f} nats)\n"
               f"time      {eval_s:.1f} s ({report['tokens_per_s']} tok/s), "
               f"load {engine.timings.get('load', 0.0):.1f} s")
+        if peer:
+            print(f"llama.cpp {peer['ppl']:.4f}  (mean nll {peer['nll']:.4f} nats; {peer['format']}: {peer['file']}, "
+                  f"llama-cpp-python {peer['version']}, {peer['eval_s']:.1f} s)\n"
+                  f"ratio     llmrun / llama.cpp = {result.ppl / peer['ppl']:.4f}")
     return 0
+
+
+def _llama_cpp(args, engine, ids, context, stride, bos_id, ours) -> dict:
+    """llama.cpp's perplexity of the same windows of the same token ids, on the engine's GGUF
+    file (as shipped) or llama.cpp's Q4_0 requantization of it."""
+    import math
+
+    from tqdm import tqdm
+
+    from llmrun.errors import LlmrunError
+    from llmrun.peers import llama_cpp
+
+    if engine.resolved.kind != "gguf":
+        raise LlmrunError(f"--llama-cpp compares on a GGUF file; {engine.source} is not one")
+    bar = tqdm(total=ours.tokens, desc="llama.cpp", unit="tok", file=sys.stderr, leave=False,
+               dynamic_ncols=True, disable=None)
+    scored = [0, 0.0]
+
+    def on_window(window, nll):
+        scored[0] += window.targets
+        scored[1] += nll
+        bar.update(window.targets)
+        bar.set_postfix(ppl=f"{math.exp(scored[1] / scored[0]):.3f}")
+
+    start = time.perf_counter()
+    try:
+        result, path = llama_cpp.perplexity(engine.resolved.path, args.llama_cpp, ids, context, stride, bos_id,
+                                            engine.threads, on_window,
+                                            lambda msg: print(f"llmrun: {msg}", file=sys.stderr, flush=True))
+    finally:
+        bar.close()
+    return {"format": args.llama_cpp, "file": str(path), "version": llama_cpp.version(),
+            "tokens": result.tokens, "windows": result.windows, "nll": round(result.mean_nll, 6),
+            "ppl": round(result.ppl, 4), "eval_s": round(time.perf_counter() - start, 3)}

@@ -1,0 +1,91 @@
+"""Float weights into block formats (blocks.py): asymmetric int4, a scale and an offset per group.
+
+The search is ggml's make_qkx2_quants (what llama.cpp's Q4_K uses), vectorized over groups:
+for each group of x, with importance weights w = rms(x) + |x|, the range [min(x, 0), max(x)]
+is cut into 15 + d steps for d in -1.0, -0.9, ..., 1.0; each candidate's codes get the
+w-weighted least-squares scale and offset (offset <= 0, so the grid always reaches 0), and the
+candidate with the smallest w-weighted squared error wins. Scales and offsets are rounded to
+float16-representable values (stored float32), as Q4_1 stores them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blocks import BlockWeight
+
+_NMAX = 15
+_STEPS = tuple(-1.0 + 0.1 * i for i in range(21))
+
+
+def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in 0..15 -> [N, ceil(K/2)], even k low; an odd K's pad nibble is 8."""
+    if u.shape[1] % 2:
+        u = torch.cat([u, torch.full((u.shape[0], 1), 8, dtype=torch.uint8)], 1)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def _search(g: torch.Tensor):
+    """g float32 [R, G, gs] -> (codes [R, G, gs] in 0..15, scale [R, G, 1], offset [R, G, 1])."""
+    w = (g * g).mean(-1, keepdim=True).sqrt() + g.abs()
+    lo = g.amin(-1, keepdim=True).clamp_max(0.0)
+    hi = g.amax(-1, keepdim=True)
+    span = hi - lo
+    flat = span == 0
+    span = torch.where(flat, torch.ones_like(span), span)
+    sum_w, sum_x = w.sum(-1, keepdim=True), (w * g).sum(-1, keepdim=True)
+
+    codes = ((g - lo) * (_NMAX / span)).round().clamp(0, _NMAX)
+    scale, offset = span / _NMAX, lo
+    best = (w * (scale * codes + offset - g) ** 2).sum(-1, keepdim=True)
+    for step in _STEPS:
+        cand = ((g - lo) * ((_NMAX + step) / span)).round().clamp(0, _NMAX)
+        sum_l, sum_l2 = (w * cand).sum(-1, keepdim=True), (w * cand * cand).sum(-1, keepdim=True)
+        sum_xl = (w * cand * g).sum(-1, keepdim=True)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        safe_det = torch.where(ok, det, torch.ones_like(det))
+        s = (sum_w * sum_xl - sum_x * sum_l) / safe_det
+        o = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
+        positive = o > 0  # the grid must reach 0: refit the scale with the offset pinned there
+        s = torch.where(positive, sum_xl / sum_l2.clamp_min(1e-30), s)
+        o = torch.where(positive, torch.zeros_like(o), o)
+        err = (w * (s * cand + o - g) ** 2).sum(-1, keepdim=True)
+        better = ok & (err < best)
+        best = torch.where(better, err, best)
+        codes = torch.where(better, cand, codes)
+        scale = torch.where(better, s, scale)
+        offset = torch.where(better, o, offset)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    codes = torch.where(flat, torch.zeros_like(codes), codes)
+    return codes, scale, offset
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(-65504.0, 65504.0).half().float()
+
+
+def quantize_int4_asymmetric(weight: torch.Tensor, group_size: int) -> BlockWeight:
+    """A float weight [N, K] as 4-bit codes with a scale and an offset per group of
+    `group_size` inputs (W ~= s * u + o). A partial last group is searched over its real
+    elements only. Temporaries are bounded to ~16 MiB of float32 per slice of rows."""
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_int4_asymmetric expects a 2-D weight, got shape {tuple(weight.shape)}")
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    N, K = weight.shape
+    G = -(-K // group_size)
+    codes, scales, offsets = [], [], []
+    rows = max(1, (1 << 22) // (G * group_size))
+    for n0 in range(0, N, rows):
+        w = weight[n0:n0 + rows].float()
+        full, rest = divmod(K, group_size)
+        parts = [_search(w[:, :full * group_size].reshape(w.shape[0], full, group_size))] if full else []
+        if rest:
+            parts.append(_search(w[:, full * group_size:].reshape(w.shape[0], 1, rest)))
+        u = torch.cat([p[0].reshape(w.shape[0], -1) for p in parts], 1)  # (rows, K)
+        scales.append(_fp16(torch.cat([p[1][..., 0] for p in parts], 1)))
+        offsets.append(_fp16(torch.cat([p[2][..., 0] for p in parts], 1)))
+        codes.append(_pack_nibbles(u.to(torch.uint8)))
+    return BlockWeight(torch.cat(codes), 4, group_size, torch.cat(scales).contiguous(),
+                       torch.cat(offsets).contiguous(), K)
