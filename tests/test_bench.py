@@ -62,7 +62,8 @@ def test_every_path_end_to_end_json(all_paths_report):
     for key in META_FIELDS:
         assert key in report["meta"], key
     assert report["meta"]["isa"] and report["meta"]["torch"] == torch.__version__
-    assert set(report["paths"]) == set(PATHS)
+    paths = [p for p in PATHS if p != "llama.cpp"]  # llama.cpp runs GGUF files: not this HF directory
+    assert set(report["paths"]) == set(paths)
     for path, res in report["paths"].items():
         assert res.get("error") is None, (path, res.get("error"))
         for key in PATH_FIELDS:
@@ -80,7 +81,7 @@ def test_every_path_end_to_end_json(all_paths_report):
             from llmrun.engine import EngineOptions
 
             assert res["dtype"] == EngineOptions().dtype and res["weights"].startswith("int4-")
-    assert [(r["path"], r["test"]) for r in report["rows"]] == [(p, t) for p in PATHS for t in ("pp16", "tg8")]
+    assert [(r["path"], r["test"]) for r in report["rows"]] == [(p, t) for p in paths for t in ("pp16", "tg8")]
     for row in report["rows"]:
         for key in ROW_FIELDS:
             assert key in row, key
@@ -254,3 +255,31 @@ def test_as_shipped_path_beside_int4():
     assert row["tps_mean"] > 0 and row["greedy_match"][1] == 16
     proc = _bench("--synthetic", "tiny", "-p", "8", "-n", "4", "-r", "1", "--paths", "eager-shipped")
     assert proc.returncode != 0 and "synthetic models have none" in proc.stderr
+
+
+def test_llama_cpp_path_asked_for_on_what_it_cannot_run_is_a_skipped_row():
+    proc = _bench("--synthetic", "tiny", "-p", "8", "-n", "4", "-r", "1", "-o", "json", "--paths", "llama.cpp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)["paths"]["llama.cpp"]
+    assert res["skipped"] in ("skipped: llama.cpp runs GGUF files only",
+                              "skipped: llama_cpp is not installed (pip install 'llmrun[llama-cpp]')")
+
+
+@pytest.mark.skipif(not __import__("llmrun.peers.llama_cpp", fromlist=["x"]).available(),
+                    reason="llama-cpp-python is not installed (pip install 'llmrun[llama-cpp]')")
+def test_llama_cpp_paths_beside_llmrun_on_the_same_file():
+    """llama.cpp on the shipped GGUF as shipped and requantized to Q4_0, in the same table as
+    llmrun's as-shipped path; the same greedy tokens as llmrun as shipped (same weights)."""
+    proc = _bench("--model", "smollm2-135m", "-p", "8", "-n", "4", "-r", "1", "-o", "json", "--threads", "1",
+                  "--paths", "eager-shipped,llama.cpp,llama.cpp-q4_0", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    ours, peer, q4_0 = (report["paths"][p] for p in ("eager-shipped", "llama.cpp", "llama.cpp-q4_0"))
+    assert peer["weights"] == "llama.cpp as-shipped" and peer["llama_cpp_file"].endswith("Q4_1.gguf")
+    assert q4_0["weights"] == "llama.cpp q4_0" and "q4_0" in q4_0["llama_cpp_file"]
+    assert q4_0["weights_bytes"] < peer["weights_bytes"]  # Q4_0 is 4.5 bits a weight, Q4_1 5
+    for res in (peer, q4_0):
+        assert res["tests"]["pp"]["n"] == 8 and res["tests"]["tg"]["n"] == 4 and len(res["greedy_tokens"]) == 16
+    assert peer["greedy_tokens"][:8] == ours["greedy_tokens"][:8]
+    rows = [r for r in report["rows"] if r["path"].startswith("llama.cpp")]
+    assert len(rows) == 4 and all(r["tps_mean"] > 0 for r in rows)

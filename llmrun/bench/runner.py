@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from llmrun.bench import EXTRA_PATHS, PATHS, is_quantized, machine
+from llmrun.bench import EXTRA_PATHS, PATHS, PEER_MODULES, is_quantized, machine
 from llmrun.bench.worker import SHORT, Spec
 from llmrun.errors import LlmrunError
 from llmrun.head_schemes import DEFAULT_HEAD
@@ -104,6 +104,21 @@ def memory_note(path: str, dtype: str, opts: BenchOptions) -> str | None:
     return None
 
 
+def peer_missing(path: str, opts: BenchOptions) -> str | None:
+    """Why a peer path cannot run here (its package, or a model it cannot read), or None."""
+    module = PEER_MODULES.get(path)
+    if module is None:
+        return None
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed" + (" (pip install 'llmrun[llama-cpp]')" if module == "llama_cpp" else "")
+    if module == "llama_cpp":
+        from llmrun.hub import resolve_model
+
+        if opts.synthetic or resolve_model(opts.model).kind != "gguf":
+            return "llama.cpp runs GGUF files only"
+    return None
+
+
 def run_path(spec: Spec, workdir: str) -> dict:
     """Run one path in a subprocess; its progress streams to our stderr."""
     spec_file = os.path.join(workdir, f"{spec.path}.spec.json")
@@ -135,8 +150,8 @@ def run_bench(opts: BenchOptions, log=None) -> dict:
     log = log or (lambda msg: print(f"llmrun bench: {msg}", file=sys.stderr, flush=True))
     validate(opts)
     threads = opts.threads or len(os.sched_getaffinity(0))
-    have_tf = importlib.util.find_spec("transformers") is not None
-    paths = [p for p in opts.paths if p != "transformers" or have_tf or opts.paths != PATHS]
+    missing = {p: why for p in opts.paths if (why := peer_missing(p, opts))}
+    paths = [p for p in opts.paths if p not in missing or opts.paths != PATHS]  # asked for: a skipped row
     meta = machine.machine_info()
     meta.update(threads=threads, load_average_start=machine.load_average(),
                 started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -151,8 +166,8 @@ def run_bench(opts: BenchOptions, log=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="llmrun-bench-") as workdir:
         for path in paths:
             dtype = path_dtype(path, opts)
-            if path == "transformers" and not have_tf:
-                results[path] = {"path": path, "skipped": "skipped: transformers is not installed"}
+            if path in missing:
+                results[path] = {"path": path, "skipped": f"skipped: {missing[path]}"}
                 log(f"{path}: {results[path]['skipped']}")
                 continue
             note = memory_note(path, dtype, opts)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from llmrun.bench import is_quantized
+from llmrun.bench.llama_cpp_path import FORMAT_OF_PATH, run_llama_cpp
 from llmrun.generate import peak_rss_bytes
 from llmrun.head_schemes import DEFAULT_HEAD
 
@@ -403,6 +404,9 @@ def run(spec: Spec) -> dict:
               "tests": {}, "greedy_tokens": None, "pp_argmax": None, "error": None}
     if spec.path == "transformers":
         run_transformers(spec, result)
+    elif spec.path in FORMAT_OF_PATH:
+        run_llama_cpp(spec, result, lambda msg: log(spec, msg), lambda test, fn, setup=None: _repeat(spec, test, fn, setup),
+                      _timed, TG_PROMPT, WARMUP_DECODE, QUALITY_PROMPT)
     else:
         run_llmrun(spec, result)
         result["weights"] = weights_label(spec)  # a quantized directory brings its own scheme
