@@ -15,7 +15,7 @@ import torch
 from llmrun.errors import LlmrunError
 from llmrun.generation_types import ChatMessage, GenerationChunk, LoadProgress, SamplingSettings
 from llmrun.generate import Generator
-from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_WEIGHTS, WEIGHT_MODES
+from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4, DEFAULT_WEIGHTS, INT4_KINDS, WEIGHT_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_BACKENDS = ("aot", "jit")
@@ -30,6 +30,7 @@ class EngineOptions:
     group_size: int = 32  # int4: 0 = per output channel; see quant.DEFAULT_GROUP_SIZE
     head: str = DEFAULT_HEAD  # int4: the output head's scheme (llmrun.head_schemes)
     weights: str = DEFAULT_WEIGHTS  # int4: a GGUF's quantized tensors as-shipped, or re-rounded to int4
+    int4: str = DEFAULT_INT4  # int4 groups: asymmetric or symmetric (llmrun.head_schemes.INT4_KINDS)
     compile: bool = False
     compile_backend: str = "aot"  # aot: AOTInductor packages (llmrun.aot); jit: torch.compile
 
@@ -63,7 +64,7 @@ class Engine:
         if self.shipped_formats:
             return f"as shipped ({', '.join(self.shipped_formats)})"
         gs = self.options.group_size
-        return f"int4 {'per-channel' if gs == 0 else f'g{gs}'}"
+        return "int4 per-channel" if gs == 0 else f"int4 g{gs} {self.options.int4}"
 
     @classmethod
     def load(cls, options: EngineOptions,
@@ -84,6 +85,8 @@ class Engine:
             raise LlmrunError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
         if options.weights not in WEIGHT_MODES:
             raise LlmrunError(f"weights {options.weights!r} is not one of {', '.join(WEIGHT_MODES)}")
+        if options.int4 not in INT4_KINDS:
+            raise LlmrunError(f"int4 kind {options.int4!r} is not one of {', '.join(INT4_KINDS)}")
         report = progress or (lambda p: None)
         timings = {}
         start = time.perf_counter()
@@ -105,6 +108,7 @@ class Engine:
             scheme = quantized_format.read_scheme(resolved.path)
             options.quant, options.group_size = scheme["quant"], int(scheme["group_size"])
             options.weights = scheme.get("weights", "int4")  # v1 directories: int4
+            options.int4 = scheme.get("int4", "symmetric")  # older directories: symmetric
             formats = tuple(scheme.get("shipped_formats", ()))
         elif options.quant == "none":
             model = load_model(
@@ -198,7 +202,7 @@ def _load_quantized_cached(resolved, tokenizer, options: EngineOptions, report):
     dtype = DTYPES[options.dtype]
     as_shipped = options.weights == "as-shipped" and resolved.kind == "gguf"
     cache = quantized_format.cache_path(resolved.path, options.quant, options.group_size, options.head,
-                                        "as-shipped" if as_shipped else "int4")
+                                        "as-shipped" if as_shipped else "int4", options.int4)
     if quantized_format.is_quantized_dir(cache):
         report(LoadProgress("load", message=f"loading quantized model from {cache}"))
         try:
@@ -206,13 +210,14 @@ def _load_quantized_cached(resolved, tokenizer, options: EngineOptions, report):
             return model, tuple(quantized_format.read_scheme(cache).get("shipped_formats", ()))
         except LlmrunError as exc:
             report(LoadProgress("load", message=f"rebuilding the quantized cache ({exc})"))
-    transform = make_transform(options.quant, options.group_size, options.head)
+    transform = make_transform(options.quant, options.group_size, options.head, options.int4)
     ckpt = open_checkpoint(resolved.path, resolved.kind, keep_blocks=as_shipped)
     formats = tuple(gguf_file.shipped_types(gguf_file.open_reader(resolved.path))) if as_shipped else ()
     model = load_model(ckpt, dtype, transform,
                        lambda _, done, total: report(LoadProgress("quantize", done, total)))
     scheme = {"quant": options.quant, "group_size": options.group_size, "head": transform.head,
-              "weights": "as-shipped" if as_shipped else "int4", "shipped_formats": list(formats),
+              "weights": "as-shipped" if as_shipped else "int4", "int4": options.int4,
+              "shipped_formats": list(formats),
               "source": str(resolved.path)}
     try:
         quantized_format.save_quantized(model, tokenizer, scheme, cache, force=True)

@@ -3,7 +3,9 @@ transform returns its quantized replacement. Models never import this; kernels n
 a model. Schemes:
   as shipped     weights that arrive block-quantized (a GGUF file's Q4_0 ... Q8_0 tensors) run
                  with their own codes, scales and offsets (BlockLinear, BlockEmbedding)
-  linear layers  float weights: int4 symmetric, per output channel (group_size 0) or per group
+  linear layers  float weights: int4 in groups, asymmetric (a scale and an offset per group,
+                 BlockLinear; the default) or symmetric (Int4Linear); per output channel
+                 (group_size 0) symmetric
   output head    its exact table (the file's as shipped, else int8 per channel); int4-rescored
                  (the CLI's default, head_schemes.DEFAULT_HEAD): an int4 g32 copy scores the
                  vocabulary and each row's top RESCORE_K are recomputed from the exact table
@@ -19,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrun.errors import LlmrunError
-from llmrun.head_schemes import HEAD_SCHEMES
+from llmrun.head_schemes import DEFAULT_INT4, HEAD_SCHEMES, INT4_KINDS
 from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear, quantize_int4, quantize_int8
 from llmrun.kernels.block_linear import BlockLinear
+from llmrun.kernels.block_quant import quantize_int4_asymmetric
 from llmrun.kernels.blocks import BlockWeight
 from llmrun.memory import release_free_heap
 
@@ -107,13 +110,17 @@ class QuantTransform:
     the int4 scheme."""
 
     def __init__(self, group_size: int = 0, head: str = "int8", embedding: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, int4: str = DEFAULT_INT4):
         if group_size not in GROUP_SIZES:
             raise LlmrunError(f"--group-size {group_size} is not supported: use 0 (per channel) or "
                               "32, 64, 128, 256")
         if head not in HEAD_SCHEMES:
             raise LlmrunError(f"head scheme {head!r} is not one of {', '.join(HEAD_SCHEMES)}")
+        if int4 not in INT4_KINDS:
+            raise LlmrunError(f"int4 kind {int4!r} is not one of {', '.join(INT4_KINDS)}")
         self.group_size, self.head, self.embedding, self.backend = group_size, head, embedding, backend
+        # per output channel is symmetric: one group spans K, and int4_mm keeps one scale per row
+        self.asymmetric = int4 == "asymmetric" and group_size > 0
         self._int8_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._tables: dict[int, nn.Module] = {}  # weight id -> the head's exact table (tied embeddings)
 
@@ -134,6 +141,14 @@ class QuantTransform:
             return self._head(module, bw, bias)
         if bw is not None and not name.endswith("lm_head"):
             return BlockLinear.from_blocks(bw, bias=bias, backend=self.backend)
+        return self._int4(module, bw, bias)
+
+    def _int4(self, module: nn.Linear, bw: BlockWeight | None, bias: torch.Tensor | None) -> nn.Module:
+        """llmrun's int4 of a layer: asymmetric groups (BlockLinear) or symmetric (Int4Linear)."""
+        if self.asymmetric:
+            weight = module.weight.detach() if bw is None else bw.dequantize()
+            return BlockLinear.from_blocks(quantize_int4_asymmetric(weight, self.group_size), bias=bias,
+                                           backend=self.backend)
         qweight, scales = int4_of(module.weight, bw, self.group_size)
         return Int4Linear.from_neutral(qweight, scales, self.group_size, module.in_features,
                                        bias=bias, backend=self.backend)
@@ -175,10 +190,10 @@ class QuantTransform:
         return RescoredLinear(scan, exact, RESCORE_K, bias)
 
 
-def make_transform(quant: str, group_size: int, head: str = "int8") -> QuantTransform:
+def make_transform(quant: str, group_size: int, head: str = "int8", int4: str = DEFAULT_INT4) -> QuantTransform:
     if quant != "int4":
         raise LlmrunError(f"quantization {quant!r} is not supported (int4, none)")
-    return QuantTransform(group_size, head=head)
+    return QuantTransform(group_size, head=head, int4=int4)
 
 
 def prepare_int4_model(model: nn.Module) -> None:

@@ -203,7 +203,8 @@ def read_scheme(directory: Path) -> dict:
     return json.loads((directory / "config.json").read_text())["llmrun"]["scheme"]
 
 
-def cache_path(source: Path, quant: str, group_size: int, head: str = "int8", weights: str = "int4") -> Path:
+def cache_path(source: Path, quant: str, group_size: int, head: str = "int8", weights: str = "int4",
+               int4: str = "asymmetric") -> Path:
     """Where the quantized form of `source` is cached: keyed by the source's path, size and
     mtime (so a changed file is quantized again), the scheme and this format's version."""
     import hashlib
@@ -211,9 +212,10 @@ def cache_path(source: Path, quant: str, group_size: int, head: str = "int8", we
     from llmrun.shipped import llmrun_cache_dir
 
     files = [source] if source.is_file() else sorted(source.glob("*.safetensors"))
-    ident = [str(source.resolve()), FORMAT, quant, str(group_size), weights] + ([] if head == "int8" else [head])
+    ident = [str(source.resolve()), FORMAT, quant, str(group_size), weights, int4] + (
+        [] if head == "int8" else [head])
     ident += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
-    scheme = ("as-shipped" if weights == "as-shipped" else f"{quant}-g{group_size}") + (
+    scheme = ("as-shipped" if weights == "as-shipped" else f"{quant}-g{group_size}-{int4}") + (
         "" if head == "int8" else f"-head{head}")
     return llmrun_cache_dir() / "quantized" / f"{source.name}-{scheme}-{key}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from llmrun.bench import EXTRA_PATHS, PATHS, PEER_MODULES, is_quantized, machine
 from llmrun.bench.worker import SHORT, Spec
 from llmrun.errors import LlmrunError
-from llmrun.head_schemes import DEFAULT_HEAD
+from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4
 
 MEMORY_MARGIN = 1.5 * 2**30  # torch, compile and activations beside the weights
 
@@ -34,6 +34,7 @@ class BenchOptions:
     group_size: int | None = None  # None: llmrun's default scheme (quant.DEFAULT_GROUP_SIZE)
     head: str = DEFAULT_HEAD  # int4 paths: the output head's scheme (llmrun.head_schemes)
     dtype: str | None = None  # None: see path_dtype
+    int4: str = DEFAULT_INT4  # int4 paths: asymmetric or symmetric groups (llmrun.head_schemes)
 
 
 def parse_paths(text: str | None) -> tuple[str, ...]:
@@ -176,7 +177,8 @@ def run_bench(opts: BenchOptions, log=None) -> dict:
                 log(f"{path}: {note}")
                 continue
             spec = Spec(path=path, model=opts.model, synthetic=opts.synthetic, threads=threads, pp=opts.pp,
-                        tg=opts.tg, reps=opts.reps, group_size=opts.group_size, head=opts.head, dtype=dtype)
+                        tg=opts.tg, reps=opts.reps, group_size=opts.group_size, head=opts.head, dtype=dtype,
+                        int4=opts.int4)
             log(f"{path}: starting ({SHORT[dtype]})")
             res = run_path(spec, workdir)
             results[path] = res

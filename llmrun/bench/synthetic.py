@@ -2,7 +2,7 @@
 
 The model is built on the meta device and filled module by module straight into the form the
 path runs: bf16/fp32 tensors for the float paths; for the int4 paths random neutral int4
-tensors (random uint8 nibbles, small positive scales) through Int4Linear.from_neutral, the
+tensors (random uint8 nibbles, small positive scales; offsets for asymmetric groups), the
 head in the requested scheme and an int8 embedding, as llmrun.quant.QuantTransform lays a real
 model out. So
 no full-precision copy of an int4 model ever exists (an 8B int4 model needs ~5 GB, never
@@ -124,11 +124,28 @@ def _packed_head(q8: torch.Tensor, s8: torch.Tensor, scheme: str, group_size: in
     return RescoredLinear(scan, Int8Linear.from_neutral(q8, s8), RESCORE_K)
 
 
-def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed: int = 0, head: str = "int8"):
-    """(model, {"load_s", "quantize_s"}): llmrun's Transformer with random weights, the int4
-    paths' output head in scheme `head`. For int4, quantize_s is the time spent packing the
-    neutral tensors into the kernel's layout."""
+def _random_int4_layer(N: int, K: int, group_size: int, kind: str, g: torch.Generator) -> nn.Module:
+    """A packed int4 layer of random codes: symmetric (Int4Linear) or, in groups, asymmetric
+    (BlockLinear, offsets centring the codes as a symmetric layer's are)."""
     from llmrun.kernels import Int4Linear
+    from llmrun.kernels.block_linear import BlockLinear
+    from llmrun.kernels.blocks import BlockWeight
+
+    q, s = _random_int4(N, K, group_size, g)
+    if kind == "symmetric" or group_size == 0:
+        return Int4Linear.from_neutral(q, s, group_size, K)
+    if K % 2:
+        q[:, -1] = (q[:, -1] & 0xF) | 0x80  # the pad nibble of an odd K is the zero code
+    offsets = -s * torch.empty_like(s).uniform_(7.0, 9.0, generator=g)
+    return BlockLinear.from_blocks(BlockWeight(q, 4, group_size, s, offsets, K))
+
+
+def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed: int = 0, head: str = "int8",
+                 int4_kind: str = "asymmetric"):
+    """(model, {"load_s", "quantize_s"}): llmrun's Transformer with random weights, the int4
+    paths' layers of `int4_kind` (llmrun.head_schemes.INT4_KINDS) and output head in scheme
+    `head`. For int4, quantize_s is the time spent packing the neutral tensors into the
+    kernel's layout."""
     from llmrun.memory import release_free_heap
     from llmrun.models import build_on_meta
     from llmrun.quant import Int8Embedding, TiedEmbedding, tied_table
@@ -159,11 +176,9 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
                 int8_table = q = s = None  # the packed head is the only copy kept
                 continue
             if int4:
-                q, s = _random_int4(N, K, group_size, g)
                 t = time.perf_counter()
-                new = Int4Linear.from_neutral(q, s, group_size, K)
+                new = _random_int4_layer(N, K, group_size, int4_kind, g)
                 pack_s += time.perf_counter() - t
-                del q, s
                 _set_child(model, name, new)
                 release_free_heap()  # packing intermediates
                 continue

@@ -22,7 +22,7 @@ import torch
 from llmrun.bench import is_quantized
 from llmrun.bench.llama_cpp_path import FORMAT_OF_PATH, run_llama_cpp
 from llmrun.generate import peak_rss_bytes
-from llmrun.head_schemes import DEFAULT_HEAD
+from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4
 
 TG_PROMPT = 8  # tokens before the tg test's decode steps
 WARMUP_DECODE = 4  # untimed decode steps before tg
@@ -44,6 +44,7 @@ class Spec:
     group_size: int = 32
     head: str = DEFAULT_HEAD  # int4 paths: the output head's scheme (llmrun.head_schemes)
     dtype: str = "bfloat16"  # compute dtype of the path (int4 paths: of the activations)
+    int4: str = DEFAULT_INT4  # int4 paths: asymmetric or symmetric groups
     quality_tokens: int = QUALITY_TOKENS
     seed: int = 0
 
@@ -72,7 +73,7 @@ def log(spec: Spec, msg: str) -> None:
 def weights_label(spec: Spec) -> str:
     if not spec.quantized:
         return SHORT[spec.dtype]
-    gs = "pc" if spec.group_size == 0 else f"g{spec.group_size}"
+    gs = "pc" if spec.group_size == 0 else f"g{spec.group_size}{'-sym' if spec.int4 == 'symmetric' else ''}"
     layers = "as shipped" if spec.as_shipped else f"int4-{gs}"
     return f"{layers}+{spec.head} head ({SHORT[spec.dtype]} act)"
 
@@ -103,7 +104,8 @@ def load_llmrun(spec: Spec):
         if spec.as_shipped:
             raise LlmrunError(f"{spec.path} runs a GGUF file's weights as shipped; synthetic models have none")
         cfg = synthetic.model_config(spec.synthetic)
-        model, timings = synthetic.build_llmrun(cfg, dtype, spec.quantized, spec.group_size, spec.seed, spec.head)
+        model, timings = synthetic.build_llmrun(cfg, dtype, spec.quantized, spec.group_size, spec.seed, spec.head,
+                                                spec.int4)
         return model, None, timings, f"{spec.synthetic} (synthetic)"
     from llmrun import quantized_format
     from llmrun.hub import resolve_model
@@ -125,7 +127,7 @@ def load_llmrun(spec: Spec):
     if spec.quantized:
         from llmrun.quant import QuantTransform
 
-        transform = _TimedTransform(QuantTransform(spec.group_size, head=spec.head))
+        transform = _TimedTransform(QuantTransform(spec.group_size, head=spec.head, int4=spec.int4))
     if spec.as_shipped and resolved.kind != "gguf":
         raise LlmrunError(f"{spec.path} runs a GGUF file's weights as shipped; {resolved.path} is not one")
     model = load_model(open_checkpoint(resolved.path, resolved.kind, keep_blocks=spec.as_shipped), dtype, transform)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmrun.head_schemes import DEFAULT_HEAD, HEAD_HELP, RUN_HEAD_SCHEMES
+from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4, HEAD_HELP, INT4_HELP, INT4_KINDS, RUN_HEAD_SCHEMES
 
 
 def add_parser(sub) -> None:
@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
         "Paths: default (eager, unquantized, bf16 where the CPU has native bf16 else fp32), "
         "eager-int4, compiled-bf16, compiled-int4 (llmrun: AOTInductor packages), transformers; "
         "on request: jit-int4 (llmrun's int4 through torch.compile instead), eager-shipped and "
-        "compiled-shipped (a GGUF file's weights as shipped, not re-rounded to int4).")
+        "compiled-shipped (a GGUF file's weights as shipped, not re-rounded to int4); llama.cpp "
+        "(llama-cpp-python on the same GGUF, where installed) and llama.cpp-q4_0 (its own Q4_0 "
+        "requantization of the file).")
     p.add_argument("--model", "-m", default=None,
                    help="alias, repo id, local HF directory or .gguf (default: the shipped SmolLM2-135M)")
     p.add_argument("--synthetic", default=None, metavar="NAME",
@@ -37,6 +39,7 @@ def add_parser(sub) -> None:
                    "(default: llmrun's default scheme)")
     p.add_argument("--head", choices=RUN_HEAD_SCHEMES, default=DEFAULT_HEAD,
                    help=HEAD_HELP)
+    p.add_argument("--int4", choices=INT4_KINDS, default=DEFAULT_INT4, help=INT4_HELP)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of default/transformers and of the int4 paths' activations (default: "
                    "bf16 where the CPU has native bf16, else fp32, for default/transformers; llmrun's "
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     opts = BenchOptions(model=args.model, synthetic=args.synthetic, paths=parse_paths(args.paths),
                         threads=args.threads, pp=args.n_prompt, tg=args.n_gen, reps=args.repetitions,
-                        group_size=args.group_size, head=args.head, dtype=args.dtype)
+                        group_size=args.group_size, head=args.head, dtype=args.dtype, int4=args.int4)
     report = run_bench(opts)
     print(FORMATS[args.output](report), flush=True)
     failed = [p for p, r in report["paths"].items() if r.get("error")]

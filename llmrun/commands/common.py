@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmrun.head_schemes import HEAD_HELP, RUN_HEAD_SCHEMES, WEIGHT_MODES, WEIGHTS_HELP
+from llmrun.head_schemes import HEAD_HELP, INT4_HELP, INT4_KINDS, RUN_HEAD_SCHEMES, WEIGHT_MODES, WEIGHTS_HELP
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", choices=RUN_HEAD_SCHEMES, default=None,
                    help=HEAD_HELP)
     p.add_argument("--weights", choices=WEIGHT_MODES, default=None, help=WEIGHTS_HELP)
+    p.add_argument("--int4", choices=INT4_KINDS, default=None, help=INT4_HELP)
     p.add_argument("--no-compile", action="store_true", help="run eager, compile nothing")
     p.add_argument("--compile-backend", choices=["aot", "jit"], default="aot",
                    help="aot: AOTInductor packages cached per model shape (default; fastest, "

@@ -7,7 +7,7 @@ import sys
 
 from llmrun.engine import Engine, EngineOptions
 from llmrun.generation_types import LoadProgress, SamplingSettings
-from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_WEIGHTS
+from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4, DEFAULT_WEIGHTS
 from llmrun.quant import DEFAULT_GROUP_SIZE
 
 # When neither the flags nor the model's generation_config.json say: llama.cpp's defaults.
@@ -53,6 +53,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         compile=not args.no_compile,
         head=getattr(args, "head", None) or DEFAULT_HEAD,
         weights=getattr(args, "weights", None) or DEFAULT_WEIGHTS,
+        int4=getattr(args, "int4", None) or DEFAULT_INT4,
         compile_backend=getattr(args, "compile_backend", "aot"),
     )
 

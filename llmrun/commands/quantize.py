@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_WEIGHTS, HEAD_HELP, HEAD_SCHEMES, WEIGHT_MODES, WEIGHTS_HELP
+from llmrun.head_schemes import (DEFAULT_HEAD, DEFAULT_INT4, DEFAULT_WEIGHTS, HEAD_HELP, HEAD_SCHEMES, INT4_HELP,
+                                 INT4_KINDS, WEIGHT_MODES, WEIGHTS_HELP)
 
 
 def add_parser(sub) -> None:
@@ -18,6 +19,7 @@ def add_parser(sub) -> None:
                    help="32 (default), 64, 128, 256, or 0 = per output channel")
     p.add_argument("--head", choices=HEAD_SCHEMES, default=DEFAULT_HEAD, help=HEAD_HELP + "; none: unquantized")
     p.add_argument("--weights", choices=WEIGHT_MODES, default=DEFAULT_WEIGHTS, help=WEIGHTS_HELP)
+    p.add_argument("--int4", choices=INT4_KINDS, default=DEFAULT_INT4, help=INT4_HELP)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(run=run)
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.force:
         raise LlmrunError(f"{args.out} already exists; pass --force to replace it")
-    transform = QuantTransform(args.group_size, head=args.head)
+    transform = QuantTransform(args.group_size, head=args.head, int4=args.int4)
     resolved = resolve_model(args.model)
     tokenizer = (Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf"
                  else Tokenizer.from_hf_dir(resolved.path))
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
     quantize_s = time.perf_counter() - start
     scheme = {"quant": "int4", "group_size": args.group_size, "head": args.head,
-              "weights": "as-shipped" if as_shipped else "int4",
+              "weights": "as-shipped" if as_shipped else "int4", "int4": args.int4,
               "shipped_formats": _shipped_formats(resolved.path) if as_shipped else [],
               "source": resolved.source + ":" + str(resolved.path)}
     save_quantized(model, tokenizer, scheme, args.out, force=args.force)

@@ -13,16 +13,10 @@ from __future__ import annotations
 import torch
 
 from .blocks import BlockWeight
+from .reference import pack_int4
 
 _NMAX = 15
 _STEPS = tuple(-1.0 + 0.1 * i for i in range(21))
-
-
-def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] in 0..15 -> [N, ceil(K/2)], even k low; an odd K's pad nibble is 8."""
-    if u.shape[1] % 2:
-        u = torch.cat([u, torch.full((u.shape[0], 1), 8, dtype=torch.uint8)], 1)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
 def _search(g: torch.Tensor):
@@ -86,6 +80,6 @@ def quantize_int4_asymmetric(weight: torch.Tensor, group_size: int) -> BlockWeig
         u = torch.cat([p[0].reshape(w.shape[0], -1) for p in parts], 1)  # (rows, K)
         scales.append(_fp16(torch.cat([p[1][..., 0] for p in parts], 1)))
         offsets.append(_fp16(torch.cat([p[2][..., 0] for p in parts], 1)))
-        codes.append(_pack_nibbles(u.to(torch.uint8)))
+        codes.append(pack_int4(u.to(torch.int8) - 8))  # pack_int4 stores q + 8: the codes u
     return BlockWeight(torch.cat(codes), 4, group_size, torch.cat(scales).contiguous(),
                        torch.cat(offsets).contiguous(), K)
