@@ -4,6 +4,7 @@ windows of the model's context; the result on stdout, progress on stderr."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -87,8 +88,6 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from tqdm import tqdm
-
     from llmrun.commands.loading import StderrProgress, engine_options
     from llmrun.engine import Engine
     from llmrun.errors import LlmrunError
@@ -103,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         engine = Engine.load(dataclasses.replace(engine_options(args), compile=False), progress)
     finally:
         progress.close()
+    if args.llama_cpp and engine.resolved.kind != "gguf":
+        raise LlmrunError(f"--llama-cpp compares on a GGUF file; {engine.source} is not one")
     model_context = engine.context_length
     context = args.context if args.context is not None else min(model_context, DEFAULT_CONTEXT_CAP)
     if context > model_context:
@@ -115,23 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens is not None:
         ids = ids[:args.max_tokens + first_scored]
 
-    bar = tqdm(total=len(ids) - first_scored, desc="eval", unit="tok", file=sys.stderr,
-               leave=False, dynamic_ncols=True, disable=None)
-    scored = [0, 0.0]
-
-    def on_window(window, nll):
-        import math
-
-        scored[0] += window.targets
-        scored[1] += nll
-        bar.update(window.targets)
-        bar.set_postfix(ppl=f"{math.exp(scored[1] / scored[0]):.3f}")
-
     start = time.perf_counter()
-    try:
+    with _scoring_bar("eval", len(ids) - first_scored) as on_window:
         result = perplexity(engine.model, ids, context, stride, bos_id, on_window=on_window)
-    finally:
-        bar.close()
     eval_s = time.perf_counter() - start
     peer = _llama_cpp(args, engine, ids, context, stride, bos_id, result) if args.llama_cpp else None
 
@@ -176,17 +163,27 @@ def run(args: argparse.Namespace) -> int:
 def _llama_cpp(args, engine, ids, context, stride, bos_id, ours) -> dict:
     """llama.cpp's perplexity of the same windows of the same token ids, on the engine's GGUF
     file (as shipped) or llama.cpp's Q4_0 requantization of it."""
+    from llmrun.peers import llama_cpp
+
+    start = time.perf_counter()
+    with _scoring_bar("llama.cpp", ours.tokens) as on_window:
+        result, path = llama_cpp.perplexity(engine.resolved.path, args.llama_cpp, ids, context, stride, bos_id,
+                                            engine.threads, on_window,
+                                            lambda msg: print(f"llmrun: {msg}", file=sys.stderr, flush=True))
+    return {"format": args.llama_cpp, "file": str(path), "version": llama_cpp.version(),
+            "tokens": result.tokens, "windows": result.windows, "nll": round(result.mean_nll, 6),
+            "ppl": round(result.ppl, 4), "eval_s": round(time.perf_counter() - start, 3)}
+
+
+@contextlib.contextmanager
+def _scoring_bar(desc: str, total: int):
+    """A progress bar on stderr over the scored tokens, with the running perplexity; yields
+    the on_window callback for perplexity()."""
     import math
 
     from tqdm import tqdm
 
-    from llmrun.errors import LlmrunError
-    from llmrun.peers import llama_cpp
-
-    if engine.resolved.kind != "gguf":
-        raise LlmrunError(f"--llama-cpp compares on a GGUF file; {engine.source} is not one")
-    bar = tqdm(total=ours.tokens, desc="llama.cpp", unit="tok", file=sys.stderr, leave=False,
-               dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
     scored = [0, 0.0]
 
     def on_window(window, nll):
@@ -195,13 +192,7 @@ def _llama_cpp(args, engine, ids, context, stride, bos_id, ours) -> dict:
         bar.update(window.targets)
         bar.set_postfix(ppl=f"{math.exp(scored[1] / scored[0]):.3f}")
 
-    start = time.perf_counter()
     try:
-        result, path = llama_cpp.perplexity(engine.resolved.path, args.llama_cpp, ids, context, stride, bos_id,
-                                            engine.threads, on_window,
-                                            lambda msg: print(f"llmrun: {msg}", file=sys.stderr, flush=True))
+        yield on_window
     finally:
         bar.close()
-    return {"format": args.llama_cpp, "file": str(path), "version": llama_cpp.version(),
-            "tokens": result.tokens, "windows": result.windows, "nll": round(result.mean_nll, 6),
-            "ppl": round(result.ppl, 4), "eval_s": round(time.perf_counter() - start, 3)}
