@@ -277,7 +277,7 @@ def test_torch_compile_fullgraph_no_graph_breaks(gs):
     torch.testing.assert_close(y, block(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["x86-avx512vnni", "x86-avxvnni", "int8pack", "reference"])
+@pytest.mark.parametrize("name", ["x86-avx512vnni", "x86-avxvnni", "x86-avx2", "int8pack", "reference"])
 def test_int8_linear(name):
     if name.startswith("x86"):
         _backend_or_skip(name)
@@ -310,10 +310,11 @@ def test_int8_linear(name):
                     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["x86-avx512vnni", "reference"])
+@pytest.mark.parametrize("name", ["x86-avx512vnni", "x86-avx2", "reference"])
 def test_rescored_linear_recomputes_each_rows_top_k(name):
     """RescoredLinear: each row's k largest int4 outputs are the int8 layer's (bit for bit on
-    x86; x . (q8 * s8) in float elsewhere), every other output is the int4 layer's own (+ bias)."""
+    the VNNI ISAs; x . (q8 * s8) from float activations on AVX2 and elsewhere), every other
+    output is the int4 layer's own (+ bias)."""
     if name.startswith("x86"):
         _backend_or_skip(name)
     g = torch.Generator().manual_seed(5)
@@ -326,12 +327,13 @@ def test_rescored_linear_recomputes_each_rows_top_k(name):
         bias = torch.randn(N, generator=g)
         mod = RescoredLinear(scan, exact, k, bias)
         assert mod.exact_fraction_read() == min(1.0, (16 if name.startswith("x86") else 1) * min(k, N) / N)
+        int8_values = name in ("x86-avx512vnni", "x86-avxvnni")
         w8 = q8.double() * s8.double()[:, None]
         for M in (1, 3, 17):
             x = torch.randn(M, K, generator=g)
             y, y4 = mod(x), scan(x)
             picked = torch.zeros(M, N, dtype=torch.bool).scatter_(-1, y4.topk(min(k, N), -1).indices, True)
-            if name.startswith("x86"):
+            if int8_values:
                 assert torch.equal(y, torch.where(picked, exact(x), y4) + bias), (N, K, k, M)
             else:
                 want = torch.where(picked, x.double() @ w8.T, y4.double()) + bias.double()

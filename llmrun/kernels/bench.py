@@ -31,7 +31,7 @@ SHAPE_SETS = {
     "llama1b": (2048, 8192, 2048, 512, 128256),
     "llama8b": (4096, 14336, 4096, 1024, None),
 }
-OPS = ("llmrun-pc", "llmrun-g32", "llmrun-int8", "fp32", "bf16", "int4pack-g32", "int8pack", "int_mm")
+OPS = ("llmrun-pc", "llmrun-g32", "llmrun-asym-g32", "llmrun-q8-g32", "llmrun-int8", "fp32", "bf16", "int4pack-g32", "int8pack", "int_mm")
 
 
 def model_shapes(name: str) -> list[tuple[str, int, int]]:
@@ -52,6 +52,8 @@ def _weight_bytes(op: str, N: int, K: int) -> float:
     return {
         "llmrun-pc": N * K / 2 + 4 * N,
         "llmrun-g32": N * K / 2 + 2 * N * K / 32,
+        "llmrun-asym-g32": N * K / 2 + 4 * N * K / 32,
+        "llmrun-q8-g32": N * K + 2 * N * K / 32,
         "llmrun-int8": N * K + 4 * N,
         "fp32": 4 * N * K,
         "bf16": 2 * N * K,
@@ -70,7 +72,20 @@ def _make(op: str, N: int, K: int, M: int, copies: int, g: torch.Generator) -> l
     def clones(*ts):
         return [tuple(t.clone() for t in ts) for _ in range(copies)]
 
-    if op.startswith("llmrun"):
+    if op in ("llmrun-asym-g32", "llmrun-q8-g32"):  # block layouts: asymmetric int4 g32, Q8_0's 8-bit g32
+        from .block_linear import BlockLinear
+        from .blocks import BlockWeight
+
+        bits = 4 if op == "llmrun-asym-g32" else 8
+        G = -(-K // 32)
+        codes = torch.randint(0, 256, (N, (K + 1) // 2 if bits == 4 else K), dtype=torch.uint8, generator=g)
+        sc = (torch.rand(N, G, generator=g) * 0.01 + 0.001).half().float()
+        of = -(torch.rand(N, G, generator=g) * 0.1).half().float() if bits == 4 else None
+        base = BlockLinear.from_blocks(BlockWeight(codes, bits, 32, sc, of, K))
+        x = torch.randn(M, K, generator=g).bfloat16()
+        mods = [copy.deepcopy(base) for _ in range(copies)]
+        return [(lambda m=m: m(x)) for m in mods]
+    if op.startswith("llmrun-pc") or op == "llmrun-g32":
         gs = 0 if op == "llmrun-pc" else 32
         G = 1 if gs == 0 else K // gs
         qw = torch.randint(0, 256, (N, (K + 1) // 2), dtype=torch.uint8, generator=g)

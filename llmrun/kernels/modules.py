@@ -212,9 +212,11 @@ class Int8Linear(_PackedLinear):
     """Per-channel int8 weight (output heads, tied embeddings): y = x @ (q * s)^T (+ bias).
 
     Backends: the x86 VNNI kernel (activations quantized per row to int8 like Int4Linear,
-    weights packed into 16-column panels, ~2x less traffic than bf16 F.linear); else torch's
-    `_weight_int8pack_mm` ("int8pack", weight-only int8, bf16 activations); "reference"
-    dequantizes and runs F.linear. The neutral tensors are re-derived from the x86 layout.
+    weights packed into 16-column panels, ~2x less traffic than bf16 F.linear); AVX2 (no VNNI)
+    runs the same panels through block_mm as 8-bit codes u = q + 128 in one group per row
+    (the same sums: S - 128 A = sum a q); else torch's `_weight_int8pack_mm` ("int8pack",
+    weight-only int8, bf16 activations); "reference" dequantizes and runs F.linear. The
+    neutral tensors are re-derived from the x86 layout.
     """
 
     def __init__(self, in_features: int, out_features: int, backend: str):
@@ -237,7 +239,7 @@ class Int8Linear(_PackedLinear):
             name = "int8pack"
         else:
             name = resolve_backend(backend)
-            if name not in ("x86-avx512vnni", "x86-avxvnni", "reference") or K > 65536:
+            if not (name.startswith("x86") or name == "reference") or K > 65536:
                 name = "int8pack"
         if name == "int8pack" and K % 32:
             name = "reference"  # _weight_int8pack_mm (torch 2.13) returns inf or crashes unless K % 32 == 0
@@ -246,10 +248,22 @@ class Int8Linear(_PackedLinear):
         m._set_bias(bias)
         return m
 
+    @property
+    def unsigned_codes(self) -> bool:
+        """Whether the panels hold u = q + 128 for block_mm (AVX2) rather than q for int8_mm."""
+        return self.backend == "x86-avx2"
+
+    @property
+    def code_group(self) -> int:
+        """block_mm's group: the whole padded row."""
+        return self.w.shape[1] * 4
+
     def _set_weights(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         self._isa = None
         if self.backend.startswith("x86"):
             w, sc, corr = native.pack_int8(qweight, scales)
+            if self.unsigned_codes:
+                w ^= 0x80
             self._keep(w=w, sc=sc, corr=corr)
             self._isa = native.ISA_CODES[self.backend]
         else:
@@ -261,8 +275,11 @@ class Int8Linear(_PackedLinear):
     def neutral(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qweight int8 [N, K], scales float32 [N])."""
         if self.backend.startswith("x86"):
-            return native.unpack_int8(self.w, self.sc, self.in_features, self.out_features)
+            return native.unpack_int8(self._signed_panels(), self.sc, self.in_features, self.out_features)
         return self.qweight, self.scales
+
+    def _signed_panels(self) -> torch.Tensor:
+        return self.w ^ 0x80 if self.unsigned_codes else self.w
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantized rows `ids` ([...] -> [..., K]): a tied embedding table can share this
@@ -270,8 +287,8 @@ class Int8Linear(_PackedLinear):
         flat = ids.reshape(-1).long()
         if self.backend.startswith("x86"):
             NP, K4, _ = self.w.shape
-            panels = self.w.view(torch.int8).view(NP, K4, 16, 4)
-            rows = panels[flat // 16, :, flat % 16, :].reshape(flat.numel(), K4 * 4)[:, :self.in_features]
+            rows = self.w.view(NP, K4, 16, 4)[flat // 16, :, flat % 16, :].reshape(flat.numel(), K4 * 4)
+            rows = (rows ^ 0x80 if self.unsigned_codes else rows).view(torch.int8)[:, :self.in_features]
             scales = self.sc.reshape(-1)[flat]
         else:
             rows, scales = self.qweight[flat], self.scales[flat]
@@ -284,7 +301,11 @@ class Int8Linear(_PackedLinear):
         if self.backend.startswith("x86"):
             if x2.dtype not in (torch.float32, torch.bfloat16):
                 x2 = x2.float()
-            y = native.INT8_MM(x2, self.w, self.sc, self.corr, self.in_features, self.out_features, self._isa)
+            if self.unsigned_codes:
+                y = native.BLOCK_MM(x2, self.w, self.sc, self.sc[:0], 8, self.code_group, self.in_features,
+                                    self.out_features, self._isa)
+            else:
+                y = native.INT8_MM(x2, self.w, self.sc, self.corr, self.in_features, self.out_features, self._isa)
         elif self.backend == "int8pack":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales_bf16)
         else:
@@ -327,11 +348,13 @@ class RescoredLinear(torch.nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()  # (M, K)
         y = self.scan(x2)  # (M, N) float32
-        if self._native and isinstance(self.exact, Int8Linear):  # one pass, int8_mm's values
-            a, sa = native.QUANT_ACT(x2, self.exact.w.shape[1] * 4)  # (M, Kpad) uint8, (M,)
-            y = native.RESCORE_TOP_K(y, a, sa, self.exact.w, self.exact.sc, self.k)
+        e = self.exact
+        if self._native and isinstance(e, Int8Linear) and not e.unsigned_codes:  # one pass, int8_mm's values
+            a, sa = native.QUANT_ACT(x2, e.w.shape[1] * 4)  # (M, Kpad) uint8, (M,)
+            y = native.RESCORE_TOP_K(y, a, sa, e.w, e.sc, self.k)
+        elif self._native and isinstance(e, Int8Linear):  # block_mm's panels: picked rows, float activations
+            y = native.RESCORE_TOP_K_BLOCKS(y, x2, e.w, e.sc, e.sc[:0], 8, e.code_group, self.k)
         elif self._native:  # a block table's picked rows against the float activations
-            e = self.exact
             y = native.RESCORE_TOP_K_BLOCKS(y, x2, e.w, e.sc, e.of, e.bits, e.group_size, self.k)
         else:
             y = rescore_top_k_reference(y, x2, self.exact.embed, self.k)
