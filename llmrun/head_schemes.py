@@ -1,5 +1,7 @@
 """The weight modes and output head schemes (torch-free: the CLI's parsers read them)."""
 
+import platform
+
 HEAD_SCHEMES = ("int8", "int4-rescored", "int4", "none")
 RUN_HEAD_SCHEMES = HEAD_SCHEMES[:-1]  # what generate/chat/eval/bench take ("none": quantize only)
 # Default: the rescored head. Gemma 3 270M (a 262144 x 640 tied head, 168 of the 230 MB a token
@@ -25,8 +27,11 @@ WEIGHTS_HELP = ("as-shipped (default): a GGUF's quantized tensors run exactly as
 # shipped: SmolLM2 23.47, Gemma 3 270M 21.49): asymmetric 23.39 / 24.71; symmetric (per row
 # activations, int4_mm) 29.57 / 33.86; symmetric with per-group activations 29.39 / 32.46;
 # llama.cpp's own Q4_0 requantization of the Gemma file 32.62. Symmetric decodes ~7% faster
-# (AVX2) to ~50% (AVX512-VNNI); per output channel (--group-size 0) is always symmetric.
+# (AVX2) to ~50% (AVX512-VNNI); per output channel (--group-size 0) is always symmetric. On Arm
+# the default is symmetric: KleidiAI's ops take nothing else, and asymmetric groups would run on
+# the slow reference there (docs/aarch64.md).
 INT4_KINDS = ("asymmetric", "symmetric")
-DEFAULT_INT4 = "asymmetric"
-INT4_HELP = ("how int4 groups round a float weight: asymmetric (default; a scale and an offset per group, "
-             "far closer to the model) or symmetric (a scale per group; faster, lossier)")
+DEFAULT_INT4 = "symmetric" if platform.machine().lower() in ("aarch64", "arm64") else "asymmetric"
+INT4_HELP = ("how int4 groups round a float weight: asymmetric (a scale and an offset per group, far "
+             "closer to the model; the default on x86) or symmetric (a scale per group; faster, lossier; "
+             "the default on Arm, whose KleidiAI kernels take only it)")

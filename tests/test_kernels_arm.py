@@ -272,3 +272,41 @@ def test_rescored_head_on_the_arm_backends():
     err = (y.double() - want)[picked].abs()
     assert bool((err <= 0.01 * (x.double().abs() @ (q8.double().abs() * s8.double()[:, None]).T)[picked]).all())
     assert torch.equal(y.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_formats_run_the_reference_after_one_warning(bits):
+    """A GGUF's block formats as shipped (4-bit with offsets, as Q4_1 / Q4_K; 8-bit symmetric,
+    as Q8_0): KleidiAI's ops take symmetric int4 only, so on Arm these layers run
+    block_linear_reference (the x86 kernels' integer sums, exact but slow) after a warning
+    that says so; elsewhere the reference is asked for by name."""
+    from llmrun.kernels.block_linear import BlockLinear, block_linear_reference
+    from llmrun.kernels.blocks import BlockWeight
+
+    gen = torch.Generator().manual_seed(bits)
+    n, k, group = 37, 100, 32
+    G = -(-k // group)
+    codes = torch.randint(0, 256, (n, k // 2 if bits == 4 else k), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(n, G, generator=gen) * 0.02 + 0.001).half().float()
+    offsets = -(torch.rand(n, G, generator=gen) * 0.1).half().float() if bits == 4 else None
+    bw = BlockWeight(codes, bits, group, scales, offsets, k)
+    if KLEIDIAI:
+        with pytest.warns(UserWarning, match="KleidiAI takes symmetric int4 only"):
+            layer = BlockLinear.from_blocks(bw)
+    else:
+        layer = BlockLinear.from_blocks(bw, backend="reference")
+    assert layer.backend == "reference"
+    x = _random_x(3, k, seed=6)
+    y = layer(x)
+    assert torch.equal(y, block_linear_reference(x, bw))
+    w = bw.dequantize().double()
+    err = (y.double() - x.double() @ w.T).abs()
+    assert bool((err <= 0.02 * (x.double().abs() @ w.abs().T)).all())
+
+
+def test_default_int4_is_what_the_platform_runs_natively():
+    """Asymmetric int4 needs llmrun's block kernel (x86); on Arm the default is symmetric,
+    the only int4 KleidiAI takes."""
+    from llmrun.head_schemes import DEFAULT_INT4
+
+    assert DEFAULT_INT4 == ("symmetric" if ON_ARM else "asymmetric")

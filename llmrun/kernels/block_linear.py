@@ -74,8 +74,8 @@ class BlockLinear(_PackedLinear):
         name = resolve_backend(backend)
         if name == "arm-kleidiai":
             warnings.warn("llmrun: KleidiAI takes symmetric int4 only: this model's block-quantized layers "
-                          "(a GGUF's formats as shipped) run on the slow reference; --weights int4 runs "
-                          "them on KleidiAI", stacklevel=2)
+                          "(a GGUF's formats as shipped, or asymmetric int4) run on the slow reference; "
+                          "--weights int4 --int4 symmetric runs them on KleidiAI", stacklevel=2)
         if not (name.startswith("x86") and bw.group_size % (8 if bw.bits == 4 else 4) == 0):
             name = "reference"
         m = cls(bw.in_features, bw.out_features, bw.bits, bw.group_size, name)
