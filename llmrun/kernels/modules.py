@@ -262,9 +262,10 @@ class Int8Linear(_PackedLinear):
         self._isa = None
         if self.backend.startswith("x86"):
             w, sc, corr = native.pack_int8(qweight, scales)
-            if self.unsigned_codes:
-                w ^= 0x80
-            self._keep(w=w, sc=sc, corr=corr)
+            if self.unsigned_codes:  # block_mm needs no column correction
+                self._keep(w=w ^ 0x80, sc=sc)
+            else:
+                self._keep(w=w, sc=sc, corr=corr)
             self._isa = native.ISA_CODES[self.backend]
         else:
             self._keep(qweight=qweight, scales=scales, scales_bf16=scales.to(torch.bfloat16))
