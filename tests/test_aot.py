@@ -37,11 +37,15 @@ def test_second_process_loads_packages_instead_of_compiling():
 def test_damaged_package_is_rebuilt_and_stale_ones_deleted(tiny_hf_dir, tmp_path):
     from llmrun.aot import STALE_DAYS
 
+    from llmrun.shipped import llmrun_cache_dir
+
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     args = ["generate", "-m", str(tiny_hf_dir), "--raw", "-p", "The capital of", "--temperature", "0",
             "--max-new-tokens", "5", "--threads", "1"]
     directory = tmp_path / "llmrun" / "aoti"
     directory.mkdir(parents=True)
+    (llmrun_cache_dir() / "ext").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "llmrun" / "ext").symlink_to(llmrun_cache_dir() / "ext")  # the kernels, not rebuilt
     day = 86400
     stale, recent = directory / "decode-stale.pt2", directory / "decode-recent.pt2"
     for path, age in ((stale, STALE_DAYS + 1), (recent, STALE_DAYS - 1)):

@@ -188,12 +188,13 @@ def test_corrupt_extension_cache_is_rebuilt(tmp_path):
     del native
 
 
-def test_corrupt_compile_cache_is_survived(tmp_path):
+def test_corrupt_compile_cache_is_survived(tmp_path, tiny_hf_dir):
     """Every file of inductor's cache overwritten with garbage: the next run recompiles. (The
-    jit backend lives on inductor's cache; damaged AOT packages: tests/test_aot.py.)"""
+    jit backend lives on inductor's cache; damaged AOT packages: tests/test_aot.py.) A tiny
+    model: two compiles of a real one would cost minutes."""
     env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    args = ["generate", "--raw", "-p", "The capital of France is", "--temperature", "0",
-            "--max-new-tokens", "4", "--compile-backend", "jit"]
+    args = ["generate", "-m", str(tiny_hf_dir), "--raw", "-p", "The capital of France is", "--temperature", "0",
+            "--max-new-tokens", "4", "--compile-backend", "jit", "--threads", "1"]
     first = subprocess.run([sys.executable, "-m", "llmrun", *args], capture_output=True, text=True,
                            env=dict(os.environ, **env), timeout=600)
     assert first.returncode == 0, first.stderr
