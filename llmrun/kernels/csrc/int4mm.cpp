@@ -203,8 +203,20 @@ namespace avx2 {
   _mm256_add_epi32(_mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16(U4LO(w), (a)), \
                                                              _mm256_set1_epi16(1))),          \
                    _mm256_madd_epi16(_mm256_maddubs_epi16(U4HI(w), (a)), _mm256_set1_epi16(16)))
+// Symmetric 8-bit codes as signed q = u - 128 instead: |q| x sign(a, q) pairs stay below
+// vpmaddubsw's saturation (2 * 128 * 127 < 2^15) and give S - 128 A directly, in 4 ops per
+// row where DOT8 takes 9
+#define SIGNED8 1
+#define Q8(w) _mm256_xor_si256((w), _mm256_set1_epi8((char)0x80))
+#define ABS8(q) _mm256_abs_epi8(q)
+#define DOT8S(acc, qabs, q, a) \
+  _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((qabs), _mm256_sign_epi8((a), (q))), _mm256_set1_epi16(1)))
 #include "blockmm_body.inc"
 #undef DOT8
+#undef SIGNED8
+#undef Q8
+#undef ABS8
+#undef DOT8S
 }  // namespace avx2
 
 // ------------------------------------------------------------- activation quantization
