@@ -159,7 +159,7 @@ static at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, const at::T
   } else {
     TORCH_CHECK(isa == 2, "block_mm: unknown isa ", isa);
     TORCH_CHECK(sup & 8, "block_mm: this CPU lacks AVX2");
-    fn = avx2::block_run_panels; rmax = 3; cmax = 1;
+    fn = avx2::block_run_panels; rmax = 4; cmax = 1;
   }
   // GEMV (M <= 3) takes all rows at once and streams two panels only when panels are long
   // (the reason: int4_mm); GEMM balances its row tiles (M = 8 runs as 4 + 4)
