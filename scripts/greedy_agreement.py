@@ -63,20 +63,10 @@ def llama_cpp_continuations(path: Path, prompts: list[list[int]], n: int, thread
     from llmrun.peers import llama_cpp
 
     llm = llama_cpp.load(llama_cpp.model_file(path, fmt), threads, n_ctx=max(map(len, prompts)) + n + 8)
-    out = []
     try:
-        for ids in prompts:
-            llm.reset()
-            llm.eval(ids)
-            tokens = []
-            for _ in range(n):
-                tok = int(llama_cpp.last_logits(llm).argmax())
-                tokens.append(tok)
-                llm.eval([tok])
-            out.append(tokens)
+        return [llama_cpp.greedy(llm, ids, n) for ids in prompts]
     finally:
         llm.close()
-    return out
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -111,8 +101,6 @@ def main() -> int:
     prompts = [tok.encode(t) for t in texts]
     n = args.new_tokens
 
-    print(f"reference: transformers fp32 on {path.name} (dequantized)", file=sys.stderr)
-    ref = reference_continuations(path, prompts, n)
     def llmrun(quant, weights="as-shipped", int4="asymmetric"):
         return lambda: llmrun_continuations(path, prompts, n, args.threads, quant, weights, int4)
 
@@ -128,6 +116,9 @@ def main() -> int:
     if any(r.startswith("llama.cpp") for r in args.runs) and not llama_cpp.available():
         print(f"llama.cpp rows skipped: {llama_cpp.INSTALL}", file=sys.stderr)
         args.runs = [r for r in args.runs if not r.startswith("llama.cpp")]
+
+    print(f"reference: transformers fp32 on {path.name} (dequantized)", file=sys.stderr)
+    ref = reference_continuations(path, prompts, n)
 
     ref_text = [tok.decode(r) for r in ref]
     rows = []

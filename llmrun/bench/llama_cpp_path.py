@@ -66,14 +66,7 @@ def run_llama_cpp(spec, result: dict, log, repeat, timed, tg_prompt: int, warmup
                     llm.eval([tok])
 
             result["tests"]["tg"] = {"n": spec.tg, "samples_s": repeat("tg", decode_once, setup)}
-        llm.reset()
-        llm.eval(quality_ids)
-        out = []
-        for _ in range(spec.quality_tokens):
-            token = int(llama_cpp.last_logits(llm).argmax())
-            out.append(token)
-            llm.eval([token])
-        result["greedy_tokens"] = out
+        result["greedy_tokens"] = llama_cpp.greedy(llm, quality_ids, spec.quality_tokens)
     finally:
         llm.close()
 

@@ -113,6 +113,17 @@ def last_logits(llm):
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
 
 
+def greedy(llm, ids: list[int], n: int) -> list[int]:
+    """The `n` greedy tokens after `ids` on a fresh sequence (EOS not special)."""
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(last_logits(llm).argmax()))
+        llm.eval([out[-1]])
+    return out
+
+
 def window_logits(llm, tokens: list[int]):
     """Logits of every position of a fresh sequence `tokens` (float32 numpy [T, vocab]); the
     model needs logits_all and n_ctx >= len(tokens)."""
