@@ -25,7 +25,7 @@ from llmrun.head_schemes import DEFAULT_INT4, HEAD_SCHEMES, INT4_KINDS
 from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear, quantize_int4, quantize_int8
 from llmrun.kernels.block_linear import BlockLinear
 from llmrun.kernels.block_quant import quantize_int4_asymmetric
-from llmrun.kernels.blocks import BlockWeight
+from llmrun.kernels.blocks import BlockWeight, concat_rows
 from llmrun.memory import release_free_heap
 
 GROUP_SIZES = (0, 32, 64, 128, 256)
@@ -33,12 +33,18 @@ GROUP_SIZES = (0, 32, 64, 128, 256)
 # models it more than doubles perplexity where g32 costs 22-37% (docs/eval.md); per channel
 # stays selectable with --group-size 0.
 DEFAULT_GROUP_SIZE = 32
-# The rescored head's int4 copy and how many outputs per row it hands to the int8 table.
+# The rescored head's int4 copy and how many outputs per row it hands to the exact table.
 # Measured on Gemma 3 270M (1024 positions of alice29.txt, against the int8 head's perplexity
-# 32.32): scan g32 + top 64 -> 32.88, top 256 -> 32.56, top 1024 -> 32.40; scan g64 + top 256
-# -> 32.96, g128 -> 33.12, per channel + top 64 -> 34.03; the int4 g32 head alone 33.91. The
-# int8 argmax was inside the scan's top 16 at every position (g32).
-RESCORE_GROUP, RESCORE_K = 32, 256
+# 32.32): symmetric scan g32 + top 64 -> 32.88, top 256 -> 32.56, top 1024 -> 32.40; scan g64
+# + top 256 -> 32.96, g128 -> 33.12, per channel + top 64 -> 34.03; the int4 g32 head alone
+# 33.91. The int8 argmax was inside the scan's top 16 at every position (g32).
+# The scan takes the int4 kind of the layers. Asymmetric: groups of 64 (an fp16 scale and
+# offset per 64 weights: the 4.5 bits a weight of symmetric g32), which score the tail closer.
+# Gemma 3 270M as shipped, 1024 tokens of alice29.txt (windows 512, stride 256; the dequantized
+# fp32 model 21.254): symmetric g32 scan 21.485 (+1.09%), asymmetric g32 21.375, asymmetric g64
+# 21.357 (+0.48%), the exact table alone 21.321. AVX2, the 262144 x 640 scan at M = 1: 5.8 ms
+# either way (one thread), M = 8: 21.3 -> 19.2 ms.
+RESCORE_GROUP, RESCORE_ASYMMETRIC_GROUP, RESCORE_K = 32, 64, 256
 
 
 class Int8Embedding(nn.Module):
@@ -93,13 +99,17 @@ class BlockEmbedding(nn.Module):
         return self.table.embed(idx, self.dtype)  # (..., dim)
 
 
+def float_rows(weight: torch.Tensor, blocks: BlockWeight | None, rows: int = 4096):
+    """A layer's float weight in slices of `rows` rows: block weights are dequantized one slice
+    at a time (no float copy of a whole table)."""
+    n = weight.shape[0] if blocks is None else blocks.out_features
+    for n0 in range(0, n, rows):
+        yield weight[n0:n0 + rows].detach() if blocks is None else blocks.rows(n0, n0 + rows).dequantize()
+
+
 def int4_of(weight: torch.Tensor, blocks: BlockWeight | None, group_size: int):
-    """quantize_int4 of a float weight, or of block weights dequantized 4096 rows at a time
-    (no float copy of a whole table)."""
-    if blocks is None:
-        return quantize_int4(weight.detach(), group_size)
-    parts = [quantize_int4(blocks.rows(n0, n0 + 4096).dequantize(), group_size)
-             for n0 in range(0, blocks.out_features, 4096)]
+    """quantize_int4 of a float weight, or of block weights, a slice of rows at a time."""
+    parts = [quantize_int4(w, group_size) for w in float_rows(weight, blocks)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -120,6 +130,7 @@ class QuantTransform:
             raise LlmrunError(f"int4 kind {int4!r} is not one of {', '.join(INT4_KINDS)}")
         self.group_size, self.head, self.embedding, self.backend = group_size, head, embedding, backend
         # per output channel is symmetric: one group spans K, and int4_mm keeps one scale per row
+        self.int4 = int4
         self.asymmetric = int4 == "asymmetric" and group_size > 0
         self._int8_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._tables: dict[int, nn.Module] = {}  # weight id -> the head's exact table (tied embeddings)
@@ -146,9 +157,8 @@ class QuantTransform:
     def _int4(self, module: nn.Linear, bw: BlockWeight | None, bias: torch.Tensor | None) -> nn.Module:
         """llmrun's int4 of a layer: asymmetric groups (BlockLinear) or symmetric (Int4Linear)."""
         if self.asymmetric:
-            weight = module.weight.detach() if bw is None else bw.dequantize()
-            return BlockLinear.from_blocks(quantize_int4_asymmetric(weight, self.group_size), bias=bias,
-                                           backend=self.backend)
+            parts = [quantize_int4_asymmetric(w, self.group_size) for w in float_rows(module.weight, bw)]
+            return BlockLinear.from_blocks(concat_rows(parts), bias=bias, backend=self.backend)
         qweight, scales = int4_of(module.weight, bw, self.group_size)
         return Int4Linear.from_neutral(qweight, scales, self.group_size, module.in_features,
                                        bias=bias, backend=self.backend)
@@ -185,9 +195,15 @@ class QuantTransform:
         self._tables[id(module.weight)] = exact
         if self.head == "int8":
             return exact
+        return RescoredLinear(self._scan(module, bw), exact, RESCORE_K, bias)
+
+    def _scan(self, module: nn.Linear, bw: BlockWeight | None) -> nn.Module:
+        """The rescored head's int4 copy, of the layers' int4 kind (see RESCORE_GROUP)."""
+        if self.int4 == "asymmetric":
+            parts = [quantize_int4_asymmetric(w, RESCORE_ASYMMETRIC_GROUP) for w in float_rows(module.weight, bw)]
+            return BlockLinear.from_blocks(concat_rows(parts), backend=self.backend)
         qweight, scales = int4_of(module.weight, bw, RESCORE_GROUP)
-        scan = Int4Linear.from_neutral(qweight, scales, RESCORE_GROUP, module.in_features, backend=self.backend)
-        return RescoredLinear(scan, exact, RESCORE_K, bias)
+        return Int4Linear.from_neutral(qweight, scales, RESCORE_GROUP, module.in_features, backend=self.backend)
 
 
 def make_transform(quant: str, group_size: int, head: str = "int8", int4: str = DEFAULT_INT4) -> QuantTransform:

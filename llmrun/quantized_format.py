@@ -3,7 +3,8 @@
   model.safetensors   neutral packed tensors: X.qweight uint8 [N, ceil(K/2)] + X.scales
                       float32 [N, n_groups] for int4 layers, X.qweight int8 [N, K] + X.scales
                       [N] for int8 ones; block-quantized layers (a GGUF's formats as shipped,
-                      llmrun.kernels.blocks) as X.codes uint8 + X.scales float32 [N, G] (+
+                      llmrun.kernels.blocks; llmrun's asymmetric int4, a rescored
+                      head's asymmetric scan) as X.codes uint8 + X.scales float32 [N, G] (+
                       X.offsets float32 [N, G] when asymmetric) + X.layout int32 [code bits,
                       group size]; plain float tensors for the rest; the scheme is in the
                       safetensors metadata too
@@ -28,11 +29,11 @@ from llmrun.errors import LlmrunError
 from llmrun.memory import release_free_heap
 from llmrun.models import ModelConfig, RopeSpec, Transformer, build_on_meta
 
-# v2: block-quantized layers. A v1 directory holds a subset of v2's tensors and reads as v2;
-# cache entries are keyed by the format (cache_path), so a cache written by an older llmrun is
-# never read, but rebuilt.
-FORMAT = "llmrun-quantized-v2"
-READABLE_FORMATS = ("llmrun-quantized-v1", FORMAT)
+# v2: block-quantized layers; v3: a rescored head's scan may be block-quantized too. Older
+# directories hold a subset of v3's tensors and read as v3; cache entries are keyed by the
+# format (cache_path), so a cache written by an older llmrun is never read, but rebuilt.
+FORMAT = "llmrun-quantized-v3"
+READABLE_FORMATS = ("llmrun-quantized-v1", "llmrun-quantized-v2", FORMAT)
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -159,7 +160,7 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
             return RescoredLinear(scan, exact, RESCORE_K, bias)
 
         def load_module(name: str, module: nn.Module):
-            if name == "lm_head" and "lm_head.scan.qweight" in keys:
+            if name == "lm_head" and {"lm_head.scan.qweight", "lm_head.scan.layout"} & keys:
                 model.lm_head = rescored(module)
                 return
             source = name

@@ -76,3 +76,33 @@ def test_runs_through_block_linear_like_its_reference():
     torch.testing.assert_close(layer(x), block_linear_reference(x, bw), rtol=1e-5, atol=1e-5)
     # and close to the float layer (int4 weights, int8 activations)
     assert float((layer(x) - x @ w.T).norm() / (x @ w.T).norm()) < 0.15
+
+
+@pytest.mark.parametrize("int4", ["asymmetric", "symmetric"])
+def test_rescored_head_scan_takes_the_int4_kind(int4):
+    """The rescored head's int4 copy is of the layers' int4 kind (asymmetric: groups of 64 in
+    the block layout, the bytes of symmetric g32), and its picks are the exact table's."""
+    from torch import nn
+
+    from llmrun.kernels import Int4Linear, RescoredLinear
+    from llmrun.kernels.block_linear import BlockLinear
+    from llmrun.quant import RESCORE_ASYMMETRIC_GROUP, QuantTransform
+
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 5000, bias=False)
+    head = QuantTransform(32, head="int4-rescored", int4=int4)("lm_head", linear)
+    assert isinstance(head, RescoredLinear)
+    if int4 == "asymmetric":
+        assert isinstance(head.scan, BlockLinear) and head.scan.group_size == RESCORE_ASYMMETRIC_GROUP
+        assert head.scan.blocks().offsets is not None
+    else:
+        assert isinstance(head.scan, Int4Linear) and head.scan.group_size == 32
+    x = torch.randn(3, 96)
+    y, exact = head(x), head.exact(x)
+    top = y.topk(8).indices
+    assert torch.equal(top, exact.topk(8).indices)
+    picked = y.gather(1, top)
+    # rescored as the table's kernel scores them, or (AVX2's block panels) against float activations
+    rows = head.exact.embed(top)  # (3, 8, 96)
+    floats = torch.einsum("mk,mpk->mp", x, rows)
+    assert torch.allclose(picked, exact.gather(1, top)) or torch.allclose(picked, floats, atol=1e-5)
