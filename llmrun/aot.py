@@ -10,8 +10,9 @@ launches ~400 kernels; measured on SmolLM2 int4: 113 -> 173 t/s.
   two, generate.cache_length) builds one more package.
 - prefill: one package for every prompt length 1..generate.PREFILL_CHUNK (a symbolic length).
 - Packages hold code, not weights (package_constants_in_so=False): at load the model's own
-  tensors (weights, KV cache, rope tables) are handed over by name, without copies
-  (user_managed), so both steps read and write the same KV cache as eager code would.
+  tensors (weights, rope frequencies) and the generator's KV cache are handed over by name,
+  without copies (user_managed), so both steps read and write the same KV cache as eager
+  code would.
 - A package is keyed by what its code depends on: torch's version, llmrun's source, the
   module tree (types, shapes, dtypes, kernel choices), the step and the thread count (inductor
   bakes it into its loops). Weights are not in the key: another checkpoint of the same shapes
@@ -23,6 +24,7 @@ launches ~400 kernels; measured on SmolLM2 int4: 113 -> 173 t/s.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -61,18 +63,21 @@ def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _simple_attrs(module: torch.nn.Module) -> list[tuple[str, str]]:
+    """A module's plain attributes: numbers, strings, containers and settings (dataclasses)."""
     simple = (bool, int, float, str, tuple, list, type(None))
-    return sorted((k, repr(v)) for k, v in vars(module).items() if isinstance(v, simple))
+    return sorted((k, repr(v)) for k, v in vars(module).items()
+                  if isinstance(v, simple) or (dataclasses.is_dataclass(v) and not isinstance(v, type)))
 
 
-def package_key(model: torch.nn.Module, step: str) -> str:
+def package_key(step_module: torch.nn.Module, step: str) -> str:
+    """What a step's package depends on (see the module docstring); step_module: a _Step."""
     h = hashlib.sha256()
     for part in (str(FORMAT), torch.__version__, _source_digest(), step,
-                 str(torch.get_num_threads()), repr(getattr(model, "config", None))):
+                 str(torch.get_num_threads()), repr(step_module.model.config)):
         h.update(part.encode() + b"\0")
-    for name, module in model.named_modules():
+    for name, module in step_module.named_modules():
         h.update(f"{name}:{type(module).__qualname__}:{_simple_attrs(module)}\0".encode())
-    for name, t in _named_tensors(model).items():
+    for name, t in _named_tensors(step_module).items():
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.stride()}\0".encode())
     return h.hexdigest()[:32]
 
@@ -84,24 +89,26 @@ def packages_dir() -> Path:
 
 
 class _Step(torch.nn.Module):
-    """The exported callable: model(ids, input_pos), all positions or the last one."""
+    """The exported callable: model(ids, input_pos, cache, slots), all positions or the last
+    one. The cache is a submodule here, not an input: its tensors are bound like weights."""
 
-    def __init__(self, model: torch.nn.Module, last_only: bool):
+    def __init__(self, model: torch.nn.Module, cache: torch.nn.Module, last_only: bool):
         super().__init__()
-        self.model, self.last_only = model, last_only
+        self.model, self.cache, self.last_only = model, cache, last_only
 
-    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, input_pos, last_only=self.last_only)
+    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, input_pos, self.cache, slots, last_only=self.last_only)
 
 
-def _export(model: torch.nn.Module, step: str) -> torch.export.ExportedProgram:
-    if step == "decode":  # ids (1, 1), input_pos (1,)
-        args = (torch.zeros((1, 1), dtype=torch.long), torch.tensor([0]))
-        return torch.export.export(_Step(model, False), args, strict=False)
-    # prefill: ids (1, T), input_pos (T,) with T symbolic in [1, PREFILL_CHUNK]
+def _export(step_module: _Step, step: str) -> torch.export.ExportedProgram:
+    slots = torch.zeros(1, dtype=torch.long)
+    if step == "decode":  # ids (1, 1), input_pos (1, 1), slots (1,)
+        args = (torch.zeros((1, 1), dtype=torch.long), torch.tensor([[0]]), slots)
+        return torch.export.export(step_module, args, strict=False)
+    # prefill: ids (1, T), input_pos (1, T) with T symbolic in [1, PREFILL_CHUNK]
     length = torch.export.Dim("T", min=1, max=PREFILL_CHUNK)
-    args = (torch.zeros((1, 8), dtype=torch.long), torch.arange(8))
-    return torch.export.export(_Step(model, True), args, dynamic_shapes=({1: length}, {0: length}),
+    args = (torch.zeros((1, 8), dtype=torch.long), torch.arange(8)[None], slots)
+    return torch.export.export(step_module, args, dynamic_shapes=({1: length}, {1: length}, None),
                                strict=False)
 
 
@@ -134,8 +141,8 @@ def _without_weight_copies():
         release_free_heap()
 
 
-def build_package(model: torch.nn.Module, step: str, path: Path) -> None:
-    """Export `step` of `model` and compile it to `path` (atomically)."""
+def build_package(step_module: _Step, step: str, path: Path) -> None:
+    """Export `step` of a model and its cache and compile it to `path` (atomically)."""
     from llmrun.compiled import configure_inductor
 
     configure_inductor()
@@ -146,7 +153,7 @@ def build_package(model: torch.nn.Module, step: str, path: Path) -> None:
             # torch's own pytree code trips its LeafSpec deprecation: not ours to act on
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             torch._inductor.aoti_compile_and_package(
-                _export(model, step), package_path=str(tmp),
+                _export(step_module, step), package_path=str(tmp),
                 inductor_configs={"aot_inductor.package_constants_in_so": False})
         os.replace(tmp, path)
     finally:
@@ -162,19 +169,14 @@ def _delete_stale(directory: Path) -> None:
                 path.unlink()
 
 
-def _kv_cache(model: torch.nn.Module) -> torch.nn.Module:
-    """The first layer's KV cache: a new object whenever the model's caches are re-allocated."""
-    return model.model.layers[0].self_attn.kv_cache
-
-
 class _Bound:
-    """A loaded package whose constants point at one set of the model's tensors."""
+    """A loaded package whose constants point at one model's tensors and one cache's."""
 
-    def __init__(self, path: Path, model: torch.nn.Module):
+    def __init__(self, path: Path, step_module: _Step):
         # torch's loader itself (torch._inductor.aoti_load_package wraps it): importing
         # torch._inductor costs ~1 s, a third of a warm start's budget
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-        tensors = _named_tensors(_Step(model, False))
+        tensors = _named_tensors(step_module)
         wanted = loader.get_constant_fqns()
         missing = [n for n in wanted if n not in tensors]
         if missing:
@@ -183,7 +185,7 @@ class _Bound:
         # (constants, use_inactive, check_full_update, user_managed: no copies, allow_h2d_copy)
         loader.load_constants(self.constants, False, True, True, False)
         self.run = loader.boxed_run
-        self.kv_cache = _kv_cache(model)
+        self.cache = step_module.cache
 
 
 class AotSteps:
@@ -197,28 +199,28 @@ class AotSteps:
         self.report = report or (lambda message: None)
         self.directory = directory or packages_dir()
         self.built: list[str] = []
-        self._bound: dict[tuple[str, int], _Bound] = {}
+        self._bound: dict[str, _Bound] = {}  # step -> the package bound to the cache in use
 
-    def _step(self, model, step: str) -> Callable:
-        bound = self._bound.get((step, model.cache_len))
-        if bound is None or bound.kv_cache is not _kv_cache(model):
-            bound = self._bind(model, step)
+    def _step(self, model, cache, step: str) -> Callable:
+        bound = self._bound.get(step)
+        if bound is None or bound.cache is not cache:
+            # a new cache (another length, or re-allocated): the old binding goes, and with it
+            # the package's pointers to the old tensors
+            self._bound.pop(step, None)
+            bound = self._bind(_Step(model, cache, step == "prefill"), step)
         return bound.run
 
-    def _bind(self, model, step: str) -> _Bound:
-        # a new cache (another length, or re-allocated): packages of other lengths are dropped
-        # with their pointers to the old tensors
-        for key in [k for k in self._bound if k[1] != model.cache_len]:
-            del self._bound[key]
-        path = self.directory / f"{step}-{package_key(model, step)}.pt2"
-        what = f"{step} step (KV cache of {model.cache_len} positions)"
+    def _bind(self, step_module: _Step, step: str) -> _Bound:
+        cache = step_module.cache
+        path = self.directory / f"{step}-{package_key(step_module, step)}.pt2"
+        what = f"{step} step (KV cache of {cache.slots} x {cache.length} positions)"
         if path.is_file():
             start = time.perf_counter()
             try:
-                bound = _Bound(path, model)
+                bound = _Bound(path, step_module)
                 os.utime(path)  # used now: not stale
                 self.report(f"loaded compiled {what} in {time.perf_counter() - start:.2f} s")
-                self._bound[step, model.cache_len] = bound
+                self._bound[step] = bound
                 return bound
             except Exception as exc:  # noqa: BLE001 - a damaged package is rebuilt, never fatal
                 self.report(f"rebuilding the compiled {what}: the cached package failed to load "
@@ -227,25 +229,25 @@ class AotSteps:
         self.report(f"compiling the {what} with AOTInductor (once per machine, then cached)")
         start = time.perf_counter()
         try:
-            build_package(model, step, path)
+            build_package(step_module, step, path)
         except Exception as exc:  # noqa: BLE001 - export/compiler failures: one line, a way out
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise LlmrunError(f"compiling the {what} failed ({type(exc).__name__}: {first}); "
                               "run with --no-compile, or --compile-backend jit") from exc
-        self.built.append(f"{step}:{model.cache_len}")
+        self.built.append(f"{step}:{cache.length}")
         _delete_stale(self.directory)
-        bound = _Bound(path, model)
+        bound = _Bound(path, step_module)
         self.report(f"compiled the {what} in {time.perf_counter() - start:.1f} s")
-        self._bound[step, model.cache_len] = bound
+        self._bound[step] = bound
         return bound
 
-    def prefill(self, model, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        # ids: (1, T), input_pos: (T,), T <= PREFILL_CHUNK -> (1, 1, vocab)
-        return self._step(model, "prefill")([ids, input_pos])[0]
+    def prefill(self, model, cache, ids: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        # ids: (1, T), input_pos: (1, T), T <= PREFILL_CHUNK, slots: (1,) -> (1, 1, vocab)
+        return self._step(model, cache, "prefill")([ids, input_pos, slots])[0]
 
-    def decode(self, model, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        # token: (1, 1), input_pos: (1,) -> (1, 1, vocab)
-        return self._step(model, "decode")([token, input_pos])[0]
+    def decode(self, model, cache, token: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        # token: (1, 1), input_pos: (1, 1), slots: (1,) -> (1, 1, vocab)
+        return self._step(model, cache, "decode")([token, input_pos, slots])[0]
 
 
 def compile_generator_aot(gen: Generator, report: Callable[[str], None] | None = None) -> AotSteps:

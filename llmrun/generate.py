@@ -1,6 +1,7 @@
 """The one streaming generator. gpt-fast shape: `prefill` and `decode_one` are separate
-functions over a static KV cache written by index (the compile layer wraps them);
-`stream_generate` drives them, samples, detokenizes incrementally and yields chunks."""
+functions over a static KV cache written by index (the compile layer wraps them); the
+Generator owns that cache (llmrun.kv_cache) and `stream` drives the steps, samples,
+detokenizes incrementally and yields chunks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from llmrun.errors import LlmrunError
 from llmrun.generation_types import GenerationChunk, GenerationStats, SamplingSettings
+from llmrun.kv_cache import KVCache
 from llmrun.models import Transformer
 from llmrun.sampling import sample, validate
 
@@ -20,14 +22,16 @@ PREFILL_CHUNK = 512  # long prompts prefill in chunks: bounded activation memory
 MIN_CACHE = 512  # KV cache lengths are powers of two from this: few compiled shapes
 
 
-def prefill(model: Transformer, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    # ids: (1, T); input_pos: (T,) -> logits of the last position (1, 1, vocab)
-    return model(ids, input_pos, last_only=True)
+def prefill(model: Transformer, cache: KVCache, ids: torch.Tensor, input_pos: torch.Tensor,
+            slots: torch.Tensor) -> torch.Tensor:
+    # ids: (B, T); input_pos: (B, T); slots: (B,) -> logits of each row's last position (B, 1, vocab)
+    return model(ids, input_pos, cache, slots, last_only=True)
 
 
-def decode_one(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    # token: (1, 1); input_pos: (1,) -> (1, 1, vocab)
-    return model(token, input_pos)
+def decode_one(model: Transformer, cache: KVCache, token: torch.Tensor, input_pos: torch.Tensor,
+               slots: torch.Tensor) -> torch.Tensor:
+    # token: (B, 1); input_pos: (B, 1); slots: (B,) -> (B, 1, vocab)
+    return model(token, input_pos, cache, slots)
 
 
 def peak_rss_bytes() -> int:
@@ -50,30 +54,37 @@ def cache_length(needed: int, context: int) -> int:
     return min(context, length)
 
 
+SLOT = torch.zeros(1, dtype=torch.long)  # the one stream's cache slot
+
+
 class Generator:
-    """Holds a model and its step functions; owns the KV cache size."""
+    """Holds a model, its step functions and the KV cache they write (one slot)."""
 
     def __init__(self, model: Transformer, tokenizer,
                  prefill_fn: Callable = prefill, decode_fn: Callable = decode_one):
         self.model, self.tokenizer = model, tokenizer
         self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
         self.context = model.config.max_seq_len
+        self.cache: KVCache | None = None
 
-    def ensure_cache(self, needed: int) -> None:
+    def ensure_cache(self, needed: int) -> KVCache:
+        """A cache of at least `needed` positions (a power of two from MIN_CACHE, at most the
+        context): the one there when it has that length, else a new one."""
         length = cache_length(needed, self.context)
-        if length != self.model.cache_len or self.model.model.layers[0].self_attn.kv_cache is None:
-            dtype = self.model.model.norm.weight.dtype
-            self.model.setup_caches(length, dtype=dtype)
+        if self.cache is None or self.cache.length != length:
+            self.cache = None  # the old one is freed before the new one is allocated
+            self.cache = KVCache(self.model.config, 1, length, self.model.model.norm.weight.dtype)
+        return self.cache
 
     @torch.inference_mode()
     def warm_up(self, prompt_len: int = 8, max_new: int = 256) -> None:
         """Run prefill and two decode steps on dummy ids for the cache size of a typical
         request, so compilation happens here and not inside a timed generation."""
-        self.ensure_cache(prompt_len + max_new)
+        cache = self.ensure_cache(prompt_len + max_new)
         ids = torch.zeros((1, prompt_len), dtype=torch.long)
-        self.prefill_fn(self.model, ids, torch.arange(prompt_len))
+        self.prefill_fn(self.model, cache, ids, torch.arange(prompt_len)[None], SLOT)
         for pos in (prompt_len, prompt_len + 1):
-            self.decode_fn(self.model, torch.zeros((1, 1), dtype=torch.long), torch.tensor([pos]))
+            self.decode_fn(self.model, cache, torch.zeros((1, 1), dtype=torch.long), torch.tensor([[pos]]), SLOT)
 
     @torch.inference_mode()
     def stream(self, prompt_ids: list[int], settings: SamplingSettings,
@@ -88,7 +99,7 @@ class Generator:
                               f"{self.context}: shorten the prompt")
         max_new = min(settings.max_new_tokens, self.context - n_prompt)
         context_limited = max_new < settings.max_new_tokens
-        self.ensure_cache(n_prompt + max_new)
+        cache = self.ensure_cache(n_prompt + max_new)
         generator = None
         if settings.seed is not None:
             generator = torch.Generator().manual_seed(settings.seed)
@@ -107,7 +118,7 @@ class Generator:
                 yield GenerationChunk(text="", stats=stats, finished=True)
                 return
             hi = min(lo + PREFILL_CHUNK, n_prompt)
-            logits = self.prefill_fn(self.model, ids[:, lo:hi], torch.arange(lo, hi))
+            logits = self.prefill_fn(self.model, cache, ids[:, lo:hi], torch.arange(lo, hi)[None], SLOT)
         token = sample(logits[0, -1], settings, generator, seen)
         first = time.perf_counter()
         stats.ttft_s = first - start
@@ -128,7 +139,7 @@ class Generator:
             if len(generated) >= max_new:
                 stats.finish_reason = "context" if context_limited else "length"
                 break
-            logits = self.decode_fn(self.model, torch.tensor([[token]]), torch.tensor([pos]))
+            logits = self.decode_fn(self.model, cache, torch.tensor([[token]]), torch.tensor([[pos]]), SLOT)
             pos += 1
             decode_steps += 1
             if settings.repetition_penalty != 1.0:

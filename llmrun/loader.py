@@ -126,8 +126,6 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise LlmrunError(f"{ckpt.path}: missing tensors {shown} (the checkpoint is incomplete)")
-    for layer in model.model.layers:  # buffers created on meta: rebuilt by setup_caches
-        layer.self_attn.kv_cache = None
     model.eval()
     return model
 

@@ -219,11 +219,11 @@ def prepare_int4_model(model: nn.Module) -> None:
     little to that: perplexity over 8192 tokens, fp32 -> bf16 products, unquantized SmolLM2
     19.827 -> 19.835, int4 25.131 -> 25.211; unquantized Gemma 3 270M (2048 tokens) 17.713 ->
     17.716, int4 (8192) 26.546 -> 26.386 (docs/performance.md)."""
-    from llmrun.models.layers import fuse_projections, use_bf16_attention_products
+    from llmrun.models.layers import fuse_projections
 
     fuse_projections(model, fuse_quantized)
     release_free_heap()  # the unfused layers' packed tensors
-    use_bf16_attention_products(model)
+    model.configure(bf16_dots=True)
 
 
 def fuse_quantized(modules: list[nn.Module]) -> nn.Module | None:

@@ -71,12 +71,12 @@ def test_damaged_package_is_rebuilt_and_stale_ones_deleted(tiny_hf_dir, tmp_path
 def test_packages_use_the_models_tensors_without_copies(tiny_hf_dir):
     engine = Engine.load(EngineOptions(model=str(tiny_hf_dir), quant="int4", compile=True, threads=1))
     steps = engine.generator.decode_fn.__self__
-    bound = steps._bound["decode", engine.model.cache_len]
+    bound = steps._bound["decode"]
     ours = {id(t) for t in engine.model.state_dict(keep_vars=True).values()}
-    ours |= {id(b) for b in engine.model.buffers()}
+    ours |= {id(b) for b in engine.model.buffers()} | {id(b) for b in engine.generator.cache.buffers()}
     assert bound.constants and all(id(t) in ours for t in bound.constants.values())
-    # the KV cache the package writes is the model's own: a prefill through the package fills it
-    cache = engine.model.model.layers[0].self_attn.kv_cache.k
+    # the KV cache the package writes is the generator's own: a prefill through the package fills it
+    cache = engine.generator.cache.layer(0)[0]
     with torch.inference_mode():  # the cache is an inference tensor
         cache.zero_()
     list(engine.stream_generate(engine.tokenizer.encode("The capital of"),
@@ -115,8 +115,8 @@ def test_building_a_package_neither_copies_nor_keeps_weights(tiny_hf_dir, tmp_pa
     from llmrun import aot
 
     engine = Engine.load(EngineOptions(model=str(tiny_hf_dir), quant="int4", compile=False, threads=1))
-    engine.generator.ensure_cache(64)
-    tensors = aot._named_tensors(engine.model)
+    step = aot._Step(engine.model, engine.generator.ensure_cache(64), last_only=False)
+    tensors = aot._named_tensors(step)
     weight_bytes = sum(t.untyped_storage().nbytes() for t in tensors.values())
     created: list[int] = []
 
@@ -129,7 +129,7 @@ def test_building_a_package_neither_copies_nor_keeps_weights(tiny_hf_dir, tmp_pa
 
     before = _live_cpu_tensors()
     with CountNewTensors():
-        aot.build_package(engine.model, "decode", tmp_path / "decode.pt2")
+        aot.build_package(step, "decode", tmp_path / "decode.pt2")
     kept = {p: n for p, n in _live_cpu_tensors().items() if p not in before}
     # torch's own habit was a clone of every buffer (the packed weights), kept until the next trace
     assert sum(created) < weight_bytes // 100, (sum(created), weight_bytes)

@@ -212,15 +212,16 @@ def test_kernels_flag_delegates_to_the_kernel_bench(monkeypatch):
 
 def test_bytes_read_per_token_count_a_tied_head_once_and_the_kv_cache_read():
     from llmrun.bench import worker
+    from llmrun.kv_cache import KVCache
 
     cfg = synthetic.model_config("tiny")
     model, _ = synthetic.build_llmrun(cfg, torch.bfloat16, False)
-    model.setup_caches(512)
-    got = worker.stored_bytes(model)
+    cache = KVCache(cfg, 1, 512, torch.bfloat16)
+    got = worker.stored_bytes(model, cache)
     assert got["weights_bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
     assert got["kv_bytes"] == 2 * cfg.n_layers * cfg.n_kv_heads * 512 * cfg.head_dim * 2
     # the decode attention kernel reads only the filled positions: 72 of 512 on average
-    assert worker.stored_bytes(model, attended=72)["kv_bytes"] == got["kv_bytes"] * 72 // 512
+    assert worker.stored_bytes(model, cache, attended=72)["kv_bytes"] == got["kv_bytes"] * 72 // 512
     model, _ = synthetic.build_llmrun(cfg, torch.bfloat16, True)
     got = worker.stored_bytes(model)
     size = lambda m: sum(t.numel() * t.element_size() for _, t in worker.module_tensors(m))  # noqa: E731

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from llmrun.engine import Engine, EngineOptions
+from llmrun.generate import SLOT
 from llmrun.generation_types import SamplingSettings
 
 GREEDY = SamplingSettings(max_new_tokens=24, temperature=0)
@@ -52,11 +53,13 @@ def _assert_nothing_rebuilt(engine):
     steps = engine.generator.decode_fn.__self__  # AotSteps
     bound_before, built_before = set(steps._bound), list(steps.built)
     _generate(engine, "Once upon a time, in a land far away, there lived a", 8)
+    cache = engine.generator.cache
     with torch.inference_mode():
         for pos in range(40, 60):
-            steps.decode(engine.model, torch.tensor([[7]]), torch.tensor([pos]))
+            steps.decode(engine.model, cache, torch.tensor([[7]]), torch.tensor([[pos]]), SLOT)
     assert steps.built == built_before
-    assert set(steps._bound) == bound_before == {("prefill", 512), ("decode", 512)}
+    assert set(steps._bound) == bound_before == {"prefill", "decode"}
+    assert cache.length == 512 and all(b.cache is cache for b in steps._bound.values())
 
 
 def _assert_no_recompiles(engine):
@@ -68,7 +71,7 @@ def _assert_no_recompiles(engine):
         steps = engine.generator.decode_fn.__self__  # CompiledSteps: its raw graph, full guards
         with torch.inference_mode():
             for pos in range(40, 60):
-                steps._decode(engine.model, torch.tensor([[7]]), torch.tensor([pos]))
+                steps._decode(engine.model, engine.generator.cache, torch.tensor([[7]]), torch.tensor([[pos]]), SLOT)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 

@@ -36,8 +36,8 @@ def test_generated_control_tokens_are_not_printed(gemma3_path):
         out[..., next(step)] = 0.0
         return out
 
-    gen = Generator(model, tok, prefill_fn=lambda m, ids, pos: pick(m(ids, pos, last_only=True)),
-                    decode_fn=lambda m, t, pos: pick(m(t, pos)))
+    gen = Generator(model, tok, prefill_fn=lambda m, cache, ids, pos, slots: pick(m(ids, pos, cache, slots, last_only=True)),
+                    decode_fn=lambda m, cache, t, pos, slots: pick(m(t, pos, cache, slots)))
     chunks = list(gen.stream(tok.encode("The capital of France is"),
                              SamplingSettings(max_new_tokens=len(forced), temperature=0)))
     assert [c.token for c in chunks if c.token is not None] == forced

@@ -60,17 +60,37 @@ def test_logits_match_transformers(name, tmp_path):
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["cache-kernels", "masked"])
 @pytest.mark.parametrize("name", ["gemma2", "gemma3", "llama3.2-tied"])
-def test_kv_cache_decode_equals_full_forward(name, tmp_path):
+def test_kv_cache_decode_equals_full_forward(name, kernels, tmp_path):
+    """Two sequences of different lengths in one cache (slots 2 and 0 of 3): each prefilled
+    alone, then a chunk and decode steps of both rows in one call at their own positions
+    (past the 8-position sliding window), equal each sequence's own full forward. Both the
+    cache attention kernels (where this CPU has them) and the masked attention over slots."""
+    from llmrun.kernels.attention import cache_attention_available
+    from llmrun.kv_cache import KVCache
+
     _save_tiny(name, tmp_path)
     model = load_model(open_checkpoint(tmp_path, "hf-dir"), torch.float32)
-    ids = torch.randint(0, COMMON["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(2))
+    if kernels and not cache_attention_available():
+        pytest.skip("no cache attention kernels here")
+    model.configure(kernels=kernels)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        full = model(ids)
-        model.setup_caches(64)
-        steps = [model(ids[:, :11], torch.arange(11))]
-        steps += [model(ids[:, i:i + 1], torch.tensor([i])) for i in range(11, 20)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+        full = [model(ids[:1]), model(ids[1:, :14])]  # (1, 20, vocab), (1, 14, vocab)
+        cache = KVCache(model.config, 3, 64, torch.float32)
+        slots = torch.tensor([2, 0])
+        a = [model(ids[:1, :9], torch.arange(9)[None], cache, slots[:1])]  # row 0: positions 0..8
+        b = [model(ids[1:, :3], torch.arange(3)[None], cache, slots[1:])]  # row 1: 0..2
+        pos = torch.stack([torch.arange(9, 12), torch.arange(3, 6)])  # a chunk of 3 each, (2, 3)
+        both = model(torch.stack([ids[0, 9:12], ids[1, 3:6]]), pos, cache, slots)
+        a.append(both[:1]), b.append(both[1:])
+        for i in range(8):  # decode steps: row 0 at 12..19, row 1 at 6..13
+            step = model(torch.tensor([[ids[0, 12 + i]], [ids[1, 6 + i]]]), torch.tensor([[12 + i], [6 + i]]),
+                         cache, slots)
+            a.append(step[:1]), b.append(step[1:])
+    torch.testing.assert_close(torch.cat(a, 1), full[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(b, 1), full[1], atol=1e-4, rtol=1e-4)
 
 
 def test_compiled_gelu_tanh_is_torchs():

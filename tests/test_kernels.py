@@ -359,10 +359,29 @@ def attention_isa(request):
     torch.ops.llmrun.set_attention_isa(2)
 
 
+def _slotted_cache(B: int, Hkv: int, S: int, D: int, dtype, g, spread: float = 2.0):
+    """k, v of B + 1 slots and the slots rows 0..B-1 use (B, B-1, ..., 1): slot 0, which no
+    row uses, is all NaN, so reading it would show."""
+    k = (torch.randn(B + 1, Hkv, S, D, generator=g) * spread).to(dtype)
+    v = torch.randn(B + 1, Hkv, S, D, generator=g).to(dtype)
+    k[0], v[0] = float("nan"), float("nan")
+    return k, v, list(range(B, 0, -1))
+
+
+def _garbage_past(k, v, slots, last):
+    """k, v with NaN / inf past each row's last position in its slot (positions never read)."""
+    kg, vg = k.clone(), v.clone()
+    for slot, p in zip(slots, last):
+        kg[slot, :, p + 1:] = float("nan")
+        vg[slot, :, p + 1:] = float("inf")
+    return kg, vg
+
+
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                     (torch.bfloat16, torch.bfloat16)])
-@pytest.mark.parametrize("shape", [(1, 6, 2, 37, 40), (2, 4, 1, 20, 256), (1, 3, 3, 9, 8)])  # B, H, Hkv, S, D
+@pytest.mark.parametrize("shape", [(1, 6, 2, 37, 40), (2, 4, 1, 20, 256), (1, 3, 3, 9, 8), (3, 6, 2, 33, 24)])  # B, H, Hkv, S, D
 def test_decode_attention_matches_reference(dtypes, shape, attention_isa):
+    """Each row over its own slot at its own position (rows at different lengths in one call)."""
     from llmrun.kernels.attention import decode_attention, decode_attention_reference
 
     op = decode_attention
@@ -370,62 +389,75 @@ def test_decode_attention_matches_reference(dtypes, shape, attention_isa):
     B, H, Hkv, S, D = shape
     g = torch.Generator().manual_seed(S * D)
     q = torch.randn(B, H, 1, D, generator=g).to(q_dtype)
-    k = (torch.randn(B, Hkv, S, D, generator=g) * 2).to(kv_dtype)
-    v = torch.randn(B, Hkv, S, D, generator=g).to(kv_dtype)
+    k, v, slots = _slotted_cache(B, Hkv, S, D, kv_dtype, g)
     tol = 1e-5 if q_dtype == torch.float32 else 2e-2
     for pos in (0, S // 2, S - 1):
+        positions = [max(0, pos - 4 * b) for b in range(B)]  # row b four positions behind row b - 1
+        kg, vg = _garbage_past(k, v, slots, positions)
         for softcap, window in ((0.0, 0), (0.0, 5), (20.0, 0), (20.0, 3)):
-            got = op(q, k, v, torch.tensor([pos]), 0.3, softcap, window)
-            ref = decode_attention_reference(q, k, v, pos, 0.3, softcap, window)
+            got = op(q, kg, vg, torch.tensor(positions), torch.tensor(slots), 0.3, softcap, window)
+            ref = decode_attention_reference(q, k, v, positions, slots, 0.3, softcap, window)
             torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
-    # slots past the position are never read: garbage there changes nothing
-    k2, v2 = k.clone(), v.clone()
-    k2[:, :, S // 2 + 1:] = float("nan")
-    v2[:, :, S // 2 + 1:] = float("inf")
-    pos = torch.tensor([S // 2])
-    assert torch.equal(op(q, k2, v2, pos, 0.3, 0.0, 0), op(q, k, v, pos, 0.3, 0.0, 0))
-    with pytest.raises(RuntimeError, match="outside the cache"):
-        op(q, k, v, torch.tensor([S]), 0.3, 0.0, 0)
+    # positions past each row's own are never read: garbage there changes nothing; (B, 1) positions too
+    positions = [S // 2 - b for b in range(B)]
+    kg, vg = _garbage_past(k, v, slots, positions)
+    pos, sl = torch.tensor(positions), torch.tensor(slots)
+    assert torch.equal(op(q, kg, vg, pos[:, None], sl, 0.3, 0.0, 0), op(q, k, v, pos, sl, 0.3, 0.0, 0))
+    with pytest.raises(RuntimeError, match="outside the cache of"):
+        op(q, k, v, torch.full((B,), S), sl, 0.3, 0.0, 0)
+    with pytest.raises(RuntimeError, match="slot .* outside the cache"):
+        op(q, k, v, pos, torch.full((B,), B + 1), 0.3, 0.0, 0)
+
+
+def _prefill_rows(positions: list[int], B: int) -> list[list[int]]:
+    """Row b's query positions: `positions` moved back by 3 b (at least 0): rows at different
+    lengths in one call."""
+    return [[max(0, p - 3 * b) for p in positions] for b in range(B)]
+
+
+PREFILL_POSITIONS = (  # of row 0, over a cache of S positions
+    # a first chunk, a later chunk (several blocks of queries, the last one partial; several
+    # slices of positions, some seen whole by every query of a block), one query at the
+    # cache's end, two that differ in seeing the last position, a block whose first query sits
+    # one before the end of the kernel's first slice (128 positions) and positions out of order
+    lambda S: list(range(S - 3)), lambda S: list(range(5, S)), lambda S: [S - 1], lambda S: [S - 2, S - 1],
+    lambda S: list(range(126, S)) or [0], lambda S: [3, 0, S - 1, 2, 1],
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 6, 2, 170, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8), (1, 10, 2, 300, 64),
-                                   (2, 16, 2, 40, 1)])
+                                   (2, 16, 2, 40, 1), (3, 6, 3, 140, 32)])
 def test_prefill_attention_matches_reference(dtype, shape, attention_isa):  # shape: B, H, Hkv, S, D
     from llmrun.kernels.attention import prefill_attention, prefill_attention_reference
 
     B, H, Hkv, S, D = shape
     g = torch.Generator().manual_seed(S * D)
-    k = (torch.randn(B, Hkv, S, D, generator=g) * 2).to(dtype)
-    v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    k, v, slots = _slotted_cache(B, Hkv, S, D, dtype, g)
+    sl = torch.tensor(slots)
     tol = 3e-5 if dtype == torch.float32 else 2e-2  # fp32: sums of up to 256 products of scores ~10
-    # a first chunk, a later chunk (several blocks of queries, the last one partial; several
-    # slices of positions, some seen whole by every query of a block), one query at the
-    # cache's end, two that differ in seeing the last position, a block whose first query sits
-    # one before the end of the kernel's first slice (128 positions) and positions out of order
-    for positions in (list(range(S - 3)), list(range(5, S)), [S - 1], [S - 2, S - 1], list(range(126, S)) or [0],
-                      [3, 0, S - 1, 2, 1]):
-        q = torch.randn(B, H, len(positions), D, generator=g).to(dtype)
-        kg, vg = k.clone(), v.clone()  # slots past the last position hold garbage: never read
-        kg[:, :, max(positions) + 1:] = float("nan")
-        vg[:, :, max(positions) + 1:] = float("inf")
+    for make in PREFILL_POSITIONS:
+        rows = _prefill_rows(make(S), B)
+        q = torch.randn(B, H, len(rows[0]), D, generator=g).to(dtype)
+        kg, vg = _garbage_past(k, v, slots, [max(r) for r in rows])
         for window in (0, 1, 7, 70):
-            got = prefill_attention(q, kg, vg, torch.tensor(positions), 0.3, window)
-            ref = prefill_attention_reference(q, k, v, positions, 0.3, window)
+            got = prefill_attention(q, kg, vg, torch.tensor(rows), sl, 0.3, window)
+            ref = prefill_attention_reference(q, k, v, rows, slots, 0.3, window)
             torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
     # and garbage there changes nothing at all
-    positions = torch.arange(S // 2)
+    rows = _prefill_rows(list(range(S // 2)), B)
     q = torch.randn(B, H, S // 2, D, generator=g).to(dtype)
-    k2, v2 = k.clone(), v.clone()
-    k2[:, :, S // 2:] = float("nan")
-    v2[:, :, S // 2:] = float("inf")
-    assert torch.equal(prefill_attention(q, k2, v2, positions, 0.3, 0), prefill_attention(q, k, v, positions, 0.3, 0))
-    with pytest.raises(RuntimeError, match="outside the cache"):
-        prefill_attention(q[:, :, :1], k, v, torch.tensor([S]), 0.3, 0)
+    kg, vg = _garbage_past(k, v, slots, [max(r) for r in rows])
+    pos = torch.tensor(rows)
+    assert torch.equal(prefill_attention(q, kg, vg, pos, sl, 0.3, 0), prefill_attention(q, k, v, pos, sl, 0.3, 0))
+    with pytest.raises(RuntimeError, match="outside the cache of"):
+        prefill_attention(q[:, :, :1], k, v, torch.full((B, 1), S), sl, 0.3, 0)
+    with pytest.raises(RuntimeError, match="input_pos must be"):
+        prefill_attention(q, k, v, pos[0], sl, 0.3, 0)
 
 
 @pytest.mark.parametrize("shape", [(1, 6, 2, 170, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8), (1, 10, 2, 300, 64),
-                                   (2, 16, 2, 40, 1)])
+                                   (2, 16, 2, 40, 1), (3, 6, 3, 140, 32)])
 def test_prefill_attention_bf16_dots(shape, attention_isa):  # shape: B, H, Hkv, S, D
     """bf16_dots against its emulation (operands and weights rounded to bf16, float64 sums): within
     2e-4 where every query sees one slice of 128 positions, 1e-2 past it (the kernel rounds the
@@ -435,30 +467,29 @@ def test_prefill_attention_bf16_dots(shape, attention_isa):  # shape: B, H, Hkv,
 
     B, H, Hkv, S, D = shape
     g = torch.Generator().manual_seed(S * D)
-    k = torch.randn(B, Hkv, S, D, generator=g) * 2
-    v = torch.randn(B, Hkv, S, D, generator=g)
-    for positions in (list(range(S - 3)), list(range(5, S)), [S - 1], [S - 2, S - 1], list(range(126, S)) or [0],
-                      [3, 0, S - 1, 2, 1]):
-        q = torch.randn(B, H, len(positions), D, generator=g)
-        kg, vg = k.clone(), v.clone()  # slots past the last position hold garbage: never read
-        kg[:, :, max(positions) + 1:] = float("nan")
-        vg[:, :, max(positions) + 1:] = float("inf")
-        tol = 2e-4 if max(positions) < 128 else 1e-2
+    k, v, slots = _slotted_cache(B, Hkv, S, D, torch.float32, g)
+    sl = torch.tensor(slots)
+    for make in PREFILL_POSITIONS:
+        rows = _prefill_rows(make(S), B)
+        q = torch.randn(B, H, len(rows[0]), D, generator=g)
+        kg, vg = _garbage_past(k, v, slots, [max(r) for r in rows])
+        tol = 2e-4 if max(map(max, rows)) < 128 else 1e-2
         for window in (0, 1, 7, 70):
-            pos = torch.tensor(positions)
-            got = prefill_attention(q, kg, vg, pos, 0.3, window, bf16_dots=True)
+            pos = torch.tensor(rows)
+            got = prefill_attention(q, kg, vg, pos, sl, 0.3, window, bf16_dots=True)
             if not bf16_dots_available():
-                assert torch.equal(got, prefill_attention(q, k, v, pos, 0.3, window))
+                assert torch.equal(got, prefill_attention(q, k, v, pos, sl, 0.3, window))
                 continue
-            ref = prefill_attention_bf16_reference(q, k, v, positions, 0.3, window)
+            ref = prefill_attention_bf16_reference(q, k, v, rows, slots, 0.3, window)
             torch.testing.assert_close(got, ref, rtol=0, atol=tol)
             if window != 1:  # and bf16 did run: fp32 sums of exact products would sit within 3e-5
-                exact = prefill_attention_reference(q, k, v, positions, 0.3, window)
+                exact = prefill_attention_reference(q, k, v, rows, slots, 0.3, window)
                 assert (got - exact).abs().max() > 1e-4
     # bf16 operands take the bf16 op whatever the flag
     qb, kb, vb = (torch.randn(B, n, S, D, generator=g).bfloat16() for n in (H, Hkv, Hkv))
-    pos = torch.arange(S)
-    assert torch.equal(prefill_attention(qb, kb, vb, pos, 0.3, 0, bf16_dots=True), prefill_attention(qb, kb, vb, pos, 0.3, 0))
+    pos, sl = torch.arange(S).expand(B, S), torch.arange(B)
+    assert torch.equal(prefill_attention(qb, kb, vb, pos, sl, 0.3, 0, bf16_dots=True),
+                       prefill_attention(qb, kb, vb, pos, sl, 0.3, 0))
 
 
 @pytest.mark.parametrize("op", ["llmrun-g32", "llmrun-int8"])

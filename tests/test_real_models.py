@@ -8,6 +8,7 @@ import torch
 
 from llmrun.generate import Generator
 from llmrun.generation_types import SamplingSettings
+from llmrun.kv_cache import KVCache
 
 PROMPT = ("The quick brown fox jumps over the lazy dog. Meanwhile, in a small village by the "
           "sea, an old fisherman was mending his nets and telling stories about")
@@ -64,10 +65,9 @@ def test_kv_cache_decode_equals_full_forward(pair):
     name, (ours, tok, hf) = pair
     ids = torch.tensor([_prompt_ids(tok, 24)])
     with torch.no_grad():
-        ours.drop_caches()
-        ours.cache_len = 0
         full = ours(ids)
-        ours.setup_caches(256)
-        steps = [ours(ids[:, :16], torch.arange(16))]
-        steps += [ours(ids[:, i:i + 1], torch.tensor([i])) for i in range(16, 24)]
+        cache = KVCache(ours.config, 2, 256, torch.float32)
+        slot = torch.tensor([1])
+        steps = [ours(ids[:, :16], torch.arange(16)[None], cache, slot)]
+        steps += [ours(ids[:, i:i + 1], torch.tensor([[i]]), cache, slot) for i in range(16, 24)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-3, rtol=1e-4)

@@ -156,14 +156,14 @@ def mean_tg_context(spec) -> float:
     return TG_PROMPT + spec.tg / 2
 
 
-def stored_bytes(model, attended: float | None = None) -> dict:
+def stored_bytes(model, cache=None, attended: float | None = None) -> dict:
     """Bytes a decode step reads: every weight tensor once, the embedding table one row (unless
-    it is also the head), a rescored head's int8 table the panels of its k rows, and the KV cache: all of it
-    (masked attention), or `attended` of its positions on average (the decode attention kernel
-    reads only the filled ones)."""
+    it is also the head), a rescored head's int8 table the panels of its k rows, and the KV
+    cache (llmrun.kv_cache.KVCache): all of it (masked attention), or `attended` of its
+    positions on average (the decode attention kernel reads only the filled ones)."""
     from llmrun.kernels import RescoredLinear
 
-    weights = kv = 0
+    weights = 0
     seen = set()
     rows_read = {f"{prefix}.exact": m.exact_fraction_read() for prefix, m in model.named_modules()
                  if isinstance(m, RescoredLinear)}
@@ -177,19 +177,18 @@ def stored_bytes(model, attended: float | None = None) -> dict:
             continue
         seen.add(key)
         nbytes = t.numel() * t.element_size()
-        if "kv_cache" in name:
-            kv += nbytes
-        elif "embed_tokens" in name:
+        if "embed_tokens" in name:
             weights += nbytes // max(1, t.shape[0])  # one row (or one scale) per token
         else:
             weights += int(nbytes * fraction)
-    if attended is not None and getattr(model, "cache_len", 0):
-        kv = int(kv * min(1.0, attended / model.cache_len))
+    kv = 0 if cache is None else cache.nbytes
+    if cache is not None and attended is not None:
+        kv = int(kv * min(1.0, attended / cache.length))
     return {"weights_bytes": weights, "kv_bytes": kv}
 
 
 def run_llmrun(spec: Spec, result: dict) -> None:
-    from llmrun.generate import PREFILL_CHUNK, Generator
+    from llmrun.generate import PREFILL_CHUNK, SLOT, Generator
 
     log(spec, "loading" + (" and quantizing" if spec.quantized else ""))
     model, tokenizer, timings, name = load_llmrun(spec)
@@ -211,15 +210,15 @@ def run_llmrun(spec: Spec, result: dict) -> None:
     compile_s = 0.0
     with torch.inference_mode():
         if spec.pp:
-            gen.ensure_cache(spec.pp)
+            cache = gen.ensure_cache(spec.pp)
             ids = torch.randint(0, vocab, (1, spec.pp), generator=g)
-            chunks = [(ids[:, lo:min(lo + PREFILL_CHUNK, spec.pp)], torch.arange(lo, min(lo + PREFILL_CHUNK, spec.pp)))
+            chunks = [(ids[:, lo:min(lo + PREFILL_CHUNK, spec.pp)], torch.arange(lo, min(lo + PREFILL_CHUNK, spec.pp))[None])
                       for lo in range(0, spec.pp, PREFILL_CHUNK)]
 
             def prefill_once():
                 logits = None
                 for chunk, pos in chunks:
-                    logits = gen.prefill_fn(model, chunk, pos)
+                    logits = gen.prefill_fn(model, cache, chunk, pos, SLOT)
                 return logits
 
             first, logits = _timed(prefill_once)
@@ -232,25 +231,25 @@ def run_llmrun(spec: Spec, result: dict) -> None:
         quality_len = spec.quality_tokens + 32 if tokenizer is not None else 0
         needed = max(TG_PROMPT + spec.tg if spec.tg else 0, quality_len)
         if needed:
-            gen.ensure_cache(needed)
-            result["tg_cache_len"] = model.cache_len
+            cache = gen.ensure_cache(needed)
+            result["tg_cache_len"] = cache.length
         if spec.tg:
             prompt = torch.randint(0, vocab, (TG_PROMPT,), generator=g)
             tokens = [t.view(1, 1) for t in torch.randint(0, vocab, (spec.tg,), generator=g)]
-            positions = [torch.tensor([TG_PROMPT + i]) for i in range(spec.tg)]
+            positions = [torch.tensor([[TG_PROMPT + i]]) for i in range(spec.tg)]
 
             def decode_once():
                 for tok, pos in zip(tokens, positions):
-                    gen.decode_fn(model, tok, pos)
+                    gen.decode_fn(model, cache, tok, pos, SLOT)
 
             # untimed: the short prompt, through decode steps too (one compiled graph for tg),
             # then a few warm-up steps; the first call compiles
             start = time.perf_counter()
             for i in range(TG_PROMPT):
-                gen.decode_fn(model, prompt[i].view(1, 1), torch.tensor([i]))
+                gen.decode_fn(model, cache, prompt[i].view(1, 1), torch.tensor([[i]]), SLOT)
             warm = min(WARMUP_DECODE, spec.tg)
             for i in range(warm):
-                gen.decode_fn(model, tokens[i], positions[i])
+                gen.decode_fn(model, cache, tokens[i], positions[i], SLOT)
             first = time.perf_counter() - start
             if spec.compiled:
                 log(spec, f"first decode steps (compile) {first:.1f} s")
@@ -258,9 +257,8 @@ def run_llmrun(spec: Spec, result: dict) -> None:
             steady = min(samples) / spec.tg * (TG_PROMPT + warm)
             compile_s += max(0.0, first - steady) if spec.compiled else 0.0
             result["tests"]["tg"] = {"n": spec.tg, "samples_s": samples}
-            kernel = model.model.layers[0].self_attn.cache_kernels
-            attended = mean_tg_context(spec) if kernel else None
-            result.update(stored_bytes(model, attended))
+            attended = mean_tg_context(spec) if model.attention.kernels else None
+            result.update(stored_bytes(model, cache, attended))
         if tokenizer is not None:
             result["greedy_tokens"] = _greedy_llmrun(gen, model, tokenizer, spec)
     result["compile_s"] = compile_s if spec.compiled else None
@@ -272,16 +270,19 @@ def run_llmrun(spec: Spec, result: dict) -> None:
 
 def _greedy_llmrun(gen, model, tokenizer, spec: Spec) -> list[int]:
     """Greedy tokens of QUALITY_PROMPT, through the same decode step that tg timed."""
+    from llmrun.generate import SLOT
+
     ids = tokenizer.encode(QUALITY_PROMPT)[:32]
+    cache = gen.cache
     logits = None
     for i, t in enumerate(ids):
-        logits = gen.decode_fn(model, torch.tensor([[t]]), torch.tensor([i]))
+        logits = gen.decode_fn(model, cache, torch.tensor([[t]]), torch.tensor([[i]]), SLOT)
     out = []
     pos = len(ids)
     for _ in range(spec.quality_tokens):
         token = int(logits[0, -1].argmax())
         out.append(token)
-        logits = gen.decode_fn(model, torch.tensor([[token]]), torch.tensor([pos]))
+        logits = gen.decode_fn(model, cache, torch.tensor([[token]]), torch.tensor([[pos]]), SLOT)
         pos += 1
     return out
 

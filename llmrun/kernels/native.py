@@ -145,11 +145,11 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], N))
 
     @torch.library.register_fake("llmrun::decode_attention")
-    def _(q, k, v, input_pos, scale, softcap, window):
+    def _(q, k, v, input_pos, slots, scale, softcap, window):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::prefill_attention")
-    def _(q, k, v, input_pos, scale, window, bf16_dots=False):
+    def _(q, k, v, input_pos, slots, scale, window, bf16_dots=False):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::rescore_top_k")

@@ -2,12 +2,14 @@
 (model.layers.N.self_attn.q_proj, ...) so safetensors load with no name map; per-family
 behaviour comes only from ModelConfig fields.
 
-gpt-fast shape: static KV cache buffers written by index, positions passed in explicitly,
-so prefill and decode are the same forward with different (idx, input_pos)."""
+The model keeps no runtime state: the KV cache (llmrun.kv_cache, laid out in slots) is the
+runtime's and comes into each forward with per-row positions (B, T) and a slot per row, so
+prefill and decode of any mix of sequences are the same forward with different arguments."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +35,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
-    """(head_dim/2,) inverse frequencies, computed as transformers computes them."""
-    inv_freq = 1.0 / (spec.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """(head_dim/2,) inverse frequencies, computed as transformers computes them (on the CPU,
+    whatever the default device)."""
+    inv_freq = 1.0 / (spec.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if spec.rope_type == "linear":
         inv_freq = inv_freq / spec.factor
     elif spec.rope_type == "llama3":
@@ -49,36 +52,32 @@ def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(is_medium, smoothed, scaled)
     if spec.freq_factors is not None:
-        inv_freq = inv_freq / torch.tensor(spec.freq_factors, dtype=torch.float32)
+        inv_freq = inv_freq / torch.tensor(spec.freq_factors, dtype=torch.float32, device="cpu")
     return inv_freq
 
 
-def rope_tables(spec: RopeSpec, head_dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: (length, head_dim), halves repeated (rotate-half layout)."""
-    freqs = torch.outer(torch.arange(length, dtype=torch.float32), rope_inv_freq(spec, head_dim))
+def rope_at(inv_freq: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (B, 1, T, head_dim) at positions input_pos (B, T), halves repeated
+    (rotate-half layout); the angles are float32 products, as transformers computes them."""
+    freqs = input_pos[..., None].float() * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, head_dim); cos/sin: (T, head_dim)
+    # x: (B, H, T, head_dim); cos/sin: (B, 1, T, head_dim)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class KVCache(nn.Module):
-    def __init__(self, batch: int, n_kv_heads: int, length: int, head_dim: int, dtype: torch.dtype):
-        super().__init__()
-        shape = (batch, n_kv_heads, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+@dataclass(frozen=True)
+class AttentionSettings:
+    """How attention runs: decided for the whole model in one place (Transformer.configure)
+    and handed to every layer's forward."""
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos: (T,); k, v: (B, n_kv, T, head_dim) -> whole caches (B, n_kv, S, head_dim)
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+    kernels: bool = False  # llmrun's cache attention ops (kernels.attention), where available
+    bf16_dots: bool = False  # prefill attention may multiply fp32 operands in bf16 (AVX512-BF16)
 
 
 class Attention(nn.Module):
@@ -94,16 +93,22 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
-        self.kv_cache: KVCache | None = None
         self.window = 0  # sliding-window length of this layer (0: attends to every position)
-        self.cache_kernels = False  # attention through kernels.{decode,prefill}_attention (set with the cache)
-        self.bf16_dots = False  # prefill attention may multiply in bf16 (use_bf16_attention_products)
-        # Optional single module computing [q | k | v] in one call (see fuse_projections)
+        # Optional single module computing [q | k | v] in one call (see fuse)
         self.qkv_proj: nn.Module | None = None
         self.qkv_splits = (q_dim, kv_dim, kv_dim)
 
-    def forward(self, x, cos, sin, mask, input_pos, use_cache: bool):
-        # x: (B, T, dim); mask: (T, S) bool, True where attention is allowed
+    def fuse(self, fuse) -> None:
+        """q/k/v as one module built by `fuse([q, k, v])`, unless it returns None."""
+        fused = fuse([self.q_proj, self.k_proj, self.v_proj]) if self.qkv_proj is None else None
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x, cos, sin, mask, input_pos, slots, cache, settings: AttentionSettings):
+        # x: (B, T, dim); cos, sin: (B, 1, T, hd); mask: (B, 1, T, S) bool, True where attention
+        # is allowed; input_pos: (B, T); slots: (B,) each row's cache slot; cache: this layer's
+        # k, v (slots, Hkv, S, hd), or None for a forward over this call's tokens alone (S = T)
         B, T, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.qkv_splits, dim=-1)
@@ -115,25 +120,35 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if use_cache:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, hd)
-        if use_cache and T == 1 and self.cache_kernels:  # reads the filled cache positions only
-            out = decode_attention(q, k, v, input_pos, self.scale, self.softcap or 0.0, self.window)
-        elif use_cache and self.softcap is None and self.cache_kernels:  # the same, per block of queries
-            out = prefill_attention(q, k, v, input_pos, self.scale, self.window, self.bf16_dots)
-        elif self.softcap is None and T > 1:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+        if cache is not None:
+            k_cache, v_cache = cache
+            rows = slots[:, None]  # (B, 1) with input_pos (B, T): row b's tokens into its slot
+            k_cache[rows, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)  # (B, T, Hkv, hd)
+            v_cache[rows, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
+        if cache is not None and settings.kernels and T == 1:  # reads each row's filled positions only
+            out = decode_attention(q, k_cache, v_cache, input_pos, slots, self.scale, self.softcap or 0.0,
+                                   self.window)
+        elif cache is not None and settings.kernels and self.softcap is None:  # per block of queries
+            out = prefill_attention(q, k_cache, v_cache, input_pos, slots, self.scale, self.window,
+                                    settings.bf16_dots)
         else:
-            # Decode (one query) and soft-capping: explicit math, which the compiler fuses;
-            # SDPA's CPU kernel costs more in set-up than the work of one query.
-            out = self._explicit_attention(q, k, v, mask)
+            if cache is not None:  # masked attention over the rows' whole slots
+                k, v = k_cache[slots], v_cache[slots]  # (B, Hkv, S, hd)
+            out = self._masked_attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
 
+    def _masked_attention(self, q, k, v, mask):
+        if self.softcap is None and q.shape[2] > 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                  enable_gqa=self.n_heads != self.n_kv_heads)
+        # Decode (one query) and soft-capping: explicit math, which the compiler fuses; SDPA's
+        # CPU kernel costs more in set-up than the work of one query.
+        return self._explicit_attention(q, k, v, mask)
+
     def _explicit_attention(self, q, k, v, mask):
-        # q: (B, H, T, hd); k, v: (B, Hkv, S, hd). Query heads are grouped by the kv head they
-        # share, so no kv copy is made: (B, Hkv, rep * T, hd).
+        # q: (B, H, T, hd); k, v: (B, Hkv, S, hd); mask (B, 1, T, S). Query heads are grouped by
+        # the kv head they share, so no kv copy is made: (B, Hkv, rep * T, hd).
         B, H, T, hd = q.shape
         rep = H // self.n_kv_heads
         qg = q.reshape(B, self.n_kv_heads, rep * T, hd)
@@ -143,7 +158,7 @@ class Attention(nn.Module):
             scores = (qg @ k.transpose(-1, -2)).float() * self.scale  # (B, Hkv, rep * T, S)
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.view(B, self.n_kv_heads, rep, T, -1).masked_fill(~mask, float("-inf"))
+        scores = scores.view(B, self.n_kv_heads, rep, T, -1).masked_fill(~mask[:, :, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(v.dtype).view(B, self.n_kv_heads, rep * T, -1)
         if T == 1:
             return (probs.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2).view(B, H, T, hd)
@@ -167,8 +182,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
         self.gelu = cfg.activation == "gelu_tanh"
-        # Optional single module computing [gate | up] in one call (see fuse_projections)
+        # Optional single module computing [gate | up] in one call (see fuse)
         self.gate_up_proj: nn.Module | None = None
+
+    def fuse(self, fuse) -> None:
+        """gate/up as one module built by `fuse([gate, up])`, unless it returns None."""
+        fused = fuse([self.gate_proj, self.up_proj]) if self.gate_up_proj is None else None
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
 
     def forward(self, x):
         if self.gate_up_proj is not None:
@@ -194,8 +216,8 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, input_pos, use_cache: bool):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, use_cache)
+    def forward(self, x, cos, sin, mask, input_pos, slots, cache, settings: AttentionSettings):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, slots, cache, settings)
         if self.sandwich:
             h = x + self.post_attention_layernorm(attn)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -218,25 +240,8 @@ def fuse_projections(model: nn.Module, fuse) -> None:
     returns None when those modules cannot be fused). Layers that read the same input then
     cost one call: one activation pass, one threaded region."""
     for module in model.modules():
-        if isinstance(module, Attention) and module.qkv_proj is None:
-            fused = fuse([module.q_proj, module.k_proj, module.v_proj])
-            if fused is not None:
-                module.qkv_proj = fused
-                del module.q_proj, module.k_proj, module.v_proj
-        elif isinstance(module, MLP) and module.gate_up_proj is None:
-            fused = fuse([module.gate_proj, module.up_proj])
-            if fused is not None:
-                module.gate_up_proj = fused
-                del module.gate_proj, module.up_proj
-
-
-def use_bf16_attention_products(model: nn.Module, on: bool = True) -> None:
-    """Let the prefill attention kernel multiply fp32 q, k, p and v in bf16 (fp32 sums) where the
-    CPU has AVX512-BF16: what a model whose linear layers already multiply int8 activations can
-    afford (see kernels/csrc/prefill_bf16.inc for the cost and the error)."""
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.bf16_dots = on
+        if isinstance(module, (Attention, MLP)):
+            module.fuse(fuse)
 
 
 class Transformer(nn.Module):
@@ -245,38 +250,21 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.cache_len = 0
+        # (head_dim/2,) rope inverse frequencies of full and sliding-window layers (real tensors
+        # even when the model is built on meta, as the loader does)
+        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
+        local = rope_inv_freq(cfg.rope_local or cfg.rope, cfg.head_dim)
+        self.register_buffer("rope_local_inv_freq", local, persistent=False)
+        self.attention = AttentionSettings(kernels=cache_attention_available())
 
-    def setup_caches(self, length: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
-        """Allocate KV caches and rope tables for `length` positions."""
-        cfg = self.config
-        dtype = dtype or self.model.norm.weight.dtype
-        self.cache_len = length
-        cache_kernels = cache_attention_available()
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, cfg.n_kv_heads, length, cfg.head_dim, dtype)
-            layer.self_attn.cache_kernels = cache_kernels
-        self._set_rope(length)
+    def configure(self, **settings) -> None:
+        """Change how attention runs (AttentionSettings' fields), for the whole model."""
+        self.attention = replace(self.attention, **settings)
 
-    def drop_caches(self) -> None:
-        self.cache_len = 0
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
-
-    def _set_rope(self, length: int) -> None:
-        cfg = self.config
-        cos, sin = rope_tables(cfg.rope, cfg.head_dim, length)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        local = cfg.rope_local or cfg.rope
-        cos, sin = rope_tables(local, cfg.head_dim, length)
-        self.register_buffer("rope_local_cos", cos, persistent=False)
-        self.register_buffer("rope_local_sin", sin, persistent=False)
-
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache=None,
+                slots: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Float32 logits (B, T, vocab), or (B, 1, vocab) with last_only; see hidden()."""
-        x = self.hidden(idx, input_pos)
+        x = self.hidden(idx, input_pos, cache, slots)
         return self.head(x[:, -1:] if last_only else x)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -286,33 +274,37 @@ class Transformer(nn.Module):
             logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         return logits
 
-    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids; input_pos: (T,) their positions in the KV cache (see
-        setup_caches). With input_pos None this is a plain full-sequence forward that leaves
-        any cache untouched. Returns the final-norm outputs (B, T, dim)."""
+    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache=None,
+               slots: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids. With a cache (llmrun.kv_cache.KVCache): input_pos (B, T), the
+        tokens' positions, and slots (B,), the slot each row's sequence lives in (default: row b
+        in slot b); the tokens' keys and values are written there. With no cache: a plain
+        forward over these tokens alone, at positions 0..T-1. Returns the final-norm outputs
+        (B, T, dim)."""
         cfg = self.config
-        T = idx.shape[1]
-        use_cache = input_pos is not None
-        if not use_cache:
-            input_pos = torch.arange(T, device=idx.device)
-            if getattr(self, "rope_cos", None) is None or self.rope_cos.shape[0] < T:
-                self._set_rope(T)
-            k_pos = input_pos  # attend over this call's tokens only
+        B, T = idx.shape
+        if cache is None:
+            input_pos = torch.arange(T, device=idx.device).expand(B, T)
+            k_pos = input_pos[0]  # attend over this call's tokens only
         else:
-            k_pos = torch.arange(self.cache_len, device=idx.device)
-        allowed = k_pos[None, :] <= input_pos[:, None]  # (T, S)
+            if slots is None:
+                slots = torch.arange(B, device=idx.device)
+            k_pos = torch.arange(cache.length, device=idx.device)
+        allowed = k_pos <= input_pos[..., None]  # (B, T, S)
         local_allowed = allowed
         if cfg.sliding_window:
-            local_allowed = allowed & (input_pos[:, None] - k_pos[None, :] < cfg.sliding_window)
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        local_cos, local_sin = self.rope_local_cos[input_pos], self.rope_local_sin[input_pos]
+            local_allowed = allowed & (input_pos[..., None] - k_pos < cfg.sliding_window)
+        allowed, local_allowed = allowed.unsqueeze(1), local_allowed.unsqueeze(1)  # (B, 1, T, S)
+        cos, sin = rope_at(self.rope_inv_freq, input_pos)
+        local_cos, local_sin = rope_at(self.rope_local_inv_freq, input_pos)
 
         x = self.model.embed_tokens(idx)  # (B, T, dim)
         if cfg.embed_scale != 1.0:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = None if cache is None else cache.layer(i)
             if layer.sliding:
-                x = layer(x, local_cos, local_sin, local_allowed, input_pos, use_cache)
+                x = layer(x, local_cos, local_sin, local_allowed, input_pos, slots, layer_cache, self.attention)
             else:
-                x = layer(x, cos, sin, allowed, input_pos, use_cache)
+                x = layer(x, cos, sin, allowed, input_pos, slots, layer_cache, self.attention)
         return self.model.norm(x)
