@@ -17,12 +17,11 @@ from llmrun.models.config import ModelConfig
 class KVCache(nn.Module):
     def __init__(self, cfg: ModelConfig, slots: int, length: int, dtype: torch.dtype):
         super().__init__()
-        self.slots, self.length, self.dtype = slots, length, dtype
+        self.slots, self.length = slots, length
         shape = (slots, cfg.n_kv_heads, length, cfg.head_dim)
         for i in range(cfg.n_layers):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.n_layers = cfg.n_layers
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's k, v: (slots, n_kv_heads, length, head_dim) each."""

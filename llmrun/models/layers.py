@@ -71,6 +71,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def fuse_into(module: nn.Module, parts: tuple[str, ...], target: str, fuse) -> None:
+    """module.<target> = fuse(its <parts>), which then go; nothing when fuse returns None or
+    the module is fused already."""
+    fused = fuse([getattr(module, name) for name in parts]) if getattr(module, target) is None else None
+    if fused is not None:
+        setattr(module, target, fused)
+        for name in parts:
+            delattr(module, name)
+
+
 @dataclass(frozen=True)
 class AttentionSettings:
     """How attention runs: decided for the whole model in one place (Transformer.configure)
@@ -100,10 +110,7 @@ class Attention(nn.Module):
 
     def fuse(self, fuse) -> None:
         """q/k/v as one module built by `fuse([q, k, v])`, unless it returns None."""
-        fused = fuse([self.q_proj, self.k_proj, self.v_proj]) if self.qkv_proj is None else None
-        if fused is not None:
-            self.qkv_proj = fused
-            del self.q_proj, self.k_proj, self.v_proj
+        fuse_into(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj", fuse)
 
     def forward(self, x, cos, sin, mask, input_pos, slots, cache, settings: AttentionSettings):
         # x: (B, T, dim); cos, sin: (B, 1, T, hd); mask: (B, 1, T, S) bool, True where attention
@@ -187,10 +194,7 @@ class MLP(nn.Module):
 
     def fuse(self, fuse) -> None:
         """gate/up as one module built by `fuse([gate, up])`, unless it returns None."""
-        fused = fuse([self.gate_proj, self.up_proj]) if self.gate_up_proj is None else None
-        if fused is not None:
-            self.gate_up_proj = fused
-            del self.gate_proj, self.up_proj
+        fuse_into(self, ("gate_proj", "up_proj"), "gate_up_proj", fuse)
 
     def forward(self, x):
         if self.gate_up_proj is not None:
