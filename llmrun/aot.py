@@ -6,8 +6,9 @@ Against torch.compile (llmrun.compiled, `--compile-backend jit`) this removes, p
 dynamo's guard checks and cache lookup (~1 ms of SmolLM2's ~9 ms) and the Python wrapper that
 launches ~400 kernels; measured on SmolLM2 int4: 113 -> 173 t/s.
 
-- decode: static shapes (one token, the KV cache of one length); a new cache length (a power of
-  two, generate.cache_length) builds one more package.
+- decode: static shapes (one token per sequence for a batch of B sequences, the KV cache of one
+  shape); another batch size or cache shape (generate.cache_length, a scheduler's slots) builds
+  one more package.
 - prefill: one package for every prompt length 1..generate.PREFILL_CHUNK (a symbolic length).
 - Packages hold code, not weights (package_constants_in_so=False): at load the model's own
   tensors (weights, rope frequencies) and the generator's KV cache are handed over by name,
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from llmrun.errors import LlmrunError
-from llmrun.generate import PREFILL_CHUNK, Generator
+from llmrun.generate import DECODE_BATCH_SIZES, PREFILL_CHUNK
 from llmrun.memory import release_free_heap
 
 FORMAT = 1  # bump when the way packages are built changes
@@ -101,11 +102,13 @@ class _Step(torch.nn.Module):
 
 
 def _export(step_module: _Step, step: str) -> torch.export.ExportedProgram:
-    slots = torch.zeros(1, dtype=torch.long)
-    if step == "decode":  # ids (1, 1), input_pos (1, 1), slots (1,)
-        args = (torch.zeros((1, 1), dtype=torch.long), torch.tensor([[0]]), slots)
+    if step.startswith("decode-b"):  # ids (B, 1), input_pos (B, 1), slots (B,)
+        batch = int(step.removeprefix("decode-b"))
+        args = (torch.zeros((batch, 1), dtype=torch.long), torch.zeros((batch, 1), dtype=torch.long),
+                torch.arange(batch) % step_module.cache.slots)
         return torch.export.export(step_module, args, strict=False)
     # prefill: ids (1, T), input_pos (1, T) with T symbolic in [1, PREFILL_CHUNK]
+    slots = torch.zeros(1, dtype=torch.long)
     length = torch.export.Dim("T", min=1, max=PREFILL_CHUNK)
     args = (torch.zeros((1, 8), dtype=torch.long), torch.arange(8)[None], slots)
     return torch.export.export(step_module, args, dynamic_shapes=({1: length}, {1: length}, None),
@@ -189,17 +192,18 @@ class _Bound:
 
 
 class AotSteps:
-    """prefill_fn / decode_fn for a Generator, backed by AOTInductor packages.
+    """prefill_fn / decode_fn for a Generator or a Scheduler, backed by AOTInductor packages.
 
     `report(message)` hears what is being built or loaded; `built` counts packages compiled in
     this process (tests use it to show that nothing is rebuilt as positions and prompt lengths
-    change)."""
+    change). Steps are "prefill" and "decode-b{B}" (B sequences)."""
 
     def __init__(self, report: Callable[[str], None] | None = None, directory: Path | None = None):
         self.report = report or (lambda message: None)
         self.directory = directory or packages_dir()
         self.built: list[str] = []
         self._bound: dict[str, _Bound] = {}  # step -> the package bound to the cache in use
+        self.batch_sizes = DECODE_BATCH_SIZES  # decode is built for these batch sizes only
 
     def _step(self, model, cache, step: str) -> Callable:
         bound = self._bound.get(step)
@@ -213,7 +217,8 @@ class AotSteps:
     def _bind(self, step_module: _Step, step: str) -> _Bound:
         cache = step_module.cache
         path = self.directory / f"{step}-{package_key(step_module, step)}.pt2"
-        what = f"{step} step (KV cache of {cache.slots} x {cache.length} positions)"
+        rows = "" if step == "prefill" else f" for {step.removeprefix('decode-b')} sequence(s)"
+        what = f"{step.split('-')[0]} step{rows} (KV cache of {cache.slots} x {cache.length} positions)"
         if path.is_file():
             start = time.perf_counter()
             try:
@@ -246,11 +251,5 @@ class AotSteps:
         return self._step(model, cache, "prefill")([ids, input_pos, slots])[0]
 
     def decode(self, model, cache, token: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        # token: (1, 1), input_pos: (1, 1), slots: (1,) -> (1, 1, vocab)
-        return self._step(model, cache, "decode")([token, input_pos, slots])[0]
-
-
-def compile_generator_aot(gen: Generator, report: Callable[[str], None] | None = None) -> AotSteps:
-    steps = AotSteps(report)
-    gen.prefill_fn, gen.decode_fn = steps.prefill, steps.decode
-    return steps
+        # token: (B, 1), input_pos: (B, 1), slots: (B,), B in batch_sizes -> (B, 1, vocab)
+        return self._step(model, cache, f"decode-b{token.shape[0]}")([token, input_pos, slots])[0]

@@ -1,8 +1,9 @@
 """torch.compile for the generator's two steps.
 
-- decode: fullgraph, static shapes (one token, a fixed-size KV cache written by index), so the
-  graph never recompiles as the position advances; a new cache size (a power of two, see
-  generate.cache_length) compiles once more.
+- decode: fullgraph, static shapes (one token per sequence, a fixed-size KV cache written by
+  index), so the graph never recompiles as positions advance; a new cache size (a power of two,
+  see generate.cache_length) or batch size (one of generate.DECODE_BATCH_SIZES) compiles once
+  more.
 - prefill: fullgraph with a dynamic sequence length, so a new prompt length does not
   recompile; long prompts come in chunks of generate.PREFILL_CHUNK.
 Compiled artifacts persist in inductor's FX graph cache under llmrun's cache directory, so a
@@ -14,7 +15,7 @@ import weakref
 
 import torch
 
-from llmrun.generate import Generator, decode_one, prefill
+from llmrun.generate import DECODE_BATCH_SIZES, decode_one, prefill
 
 
 def configure_inductor() -> None:
@@ -32,16 +33,17 @@ def configure_inductor() -> None:
 
 
 class CompiledSteps:
-    """The generator's prefill and decode, compiled; one instance per Generator."""
+    """prefill_fn / decode_fn for a Generator or a Scheduler, compiled; one instance for each."""
 
     def __init__(self):
         configure_inductor()
+        self.batch_sizes = DECODE_BATCH_SIZES
         self._decode = torch.compile(decode_one, fullgraph=True, dynamic=False)
         self._prefill = torch.compile(prefill, fullgraph=True, dynamic=None)
         self._checked = lambda: None  # (a weak reference to) the cache decode last ran guards on
 
     def decode(self, model, cache, token: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        # token: (1, 1), input_pos: (1, 1), slots: (1,). Once a cache has run with full guard
+        # token: (B, 1), input_pos: (B, 1), slots: (B,). Once a cache has run with full guard
         # checks (compiling it if new), later steps skip re-checking guards that cannot differ
         # between steps: measured +5% decode t/s on SmolLM2 (guard checks cost ~0.3 ms/token).
         if self._checked() is cache:
@@ -57,8 +59,3 @@ class CompiledSteps:
         torch._dynamo.maybe_mark_dynamic(input_pos, 1)
         return self._prefill(model, cache, ids, input_pos, slots)
 
-
-def compile_generator(gen: Generator) -> CompiledSteps:
-    steps = CompiledSteps()
-    gen.prefill_fn, gen.decode_fn = steps.prefill, steps.decode
-    return steps

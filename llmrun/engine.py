@@ -1,5 +1,6 @@
 """Engine: resolve a model spec, load weights and tokenizer, optionally quantize and compile,
-and expose the one streaming generator. Every front end (generate, chat, bench, eval) uses it."""
+and expose the one streaming generator (and beside it a scheduler for many sequences at once).
+Every front end (generate, chat, bench, eval) uses it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from llmrun.errors import LlmrunError
 from llmrun.generation_types import ChatMessage, GenerationChunk, LoadProgress, SamplingSettings
 from llmrun.generate import Generator
 from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4, DEFAULT_WEIGHTS, INT4_KINDS, WEIGHT_MODES
+from llmrun.scheduler import Scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_BACKENDS = ("aot", "jit")
@@ -47,6 +49,7 @@ class Engine:
         self.timings = timings  # stage -> seconds (download, load, quantize, compile)
         self.shipped_formats = shipped_formats  # GGUF block formats that run as shipped, most bytes first
         self.generator = Generator(model, tokenizer)
+        self.steps = None  # the generator's compiled steps, when compiled
 
     @property
     def context_length(self) -> int:
@@ -124,8 +127,9 @@ class Engine:
         engine = cls(model, tokenizer, options, resolved, timings, formats)
         if options.compile:
             start = time.perf_counter()
-            compile_steps(engine.generator, options.compile_backend,
-                          lambda message: report(LoadProgress("compile", message=message)))
+            engine.steps = compile_steps(options.compile_backend,
+                                         lambda message: report(LoadProgress("compile", message=message)))
+            engine.generator.prefill_fn, engine.generator.decode_fn = engine.steps.prefill, engine.steps.decode
             engine.generator.warm_up()
             timings["compile"] = time.perf_counter() - start
         return engine
@@ -172,18 +176,32 @@ class Engine:
                         ) -> Iterator[GenerationChunk]:
         return self.generator.stream(prompt_ids, settings, stop, ignore_eos)
 
+    def scheduler(self, slots: int, length: int | None = None,
+                  report: Callable[[str], None] | None = None) -> Scheduler:
+        """The batch API beside stream_generate: a llmrun.scheduler.Scheduler running up to
+        `slots` sequences at once, each up to `length` positions (default: the context), on
+        steps compiled as this engine's are. `submit` requests to it; `close` it when done."""
+        if slots < 1:
+            raise LlmrunError(f"{slots} slots: a scheduler needs at least one")
+        if self.options.compile:
+            steps = compile_steps(self.options.compile_backend, report or (lambda message: None))
+            return Scheduler(self.model, self.tokenizer, slots, length or self.context_length,
+                             steps.prefill, steps.decode, steps.batch_sizes)
+        return Scheduler(self.model, self.tokenizer, slots, length or self.context_length)
 
-def compile_steps(generator: Generator, backend: str, report: Callable[[str], None]):
-    """Point `generator`'s prefill/decode at compiled steps of `backend` (see COMPILE_BACKENDS);
-    returns the steps object (llmrun.aot.AotSteps or llmrun.compiled.CompiledSteps)."""
+
+def compile_steps(backend: str, report: Callable[[str], None]):
+    """Compiled prefill and decode steps of `backend` (see COMPILE_BACKENDS) for one Generator
+    or Scheduler: llmrun.aot.AotSteps or llmrun.compiled.CompiledSteps (their .prefill, .decode
+    and .batch_sizes)."""
     if backend == "jit":
-        from llmrun.compiled import compile_generator
+        from llmrun.compiled import CompiledSteps
 
         report("compiling prefill and decode with torch.compile (slow once per machine, then cached)")
-        return compile_generator(generator)
-    from llmrun.aot import compile_generator_aot
+        return CompiledSteps()
+    from llmrun.aot import AotSteps
 
-    return compile_generator_aot(generator, report)
+    return AotSteps(report)
 
 
 def default_threads() -> int:

@@ -1,25 +1,23 @@
 """The one streaming generator. gpt-fast shape: `prefill` and `decode_one` are separate
 functions over a static KV cache written by index (the compile layer wraps them); the
-Generator owns that cache (llmrun.kv_cache) and `stream` drives the steps, samples,
-detokenizes incrementally and yields chunks."""
+Generator owns that cache (llmrun.kv_cache) and `stream` drives the steps, hands each step's logits to the request's llmrun.sequence.Sequence and yields its chunks."""
 
 from __future__ import annotations
 
-import resource
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import torch
 
-from llmrun.errors import LlmrunError
-from llmrun.generation_types import GenerationChunk, GenerationStats, SamplingSettings
+from llmrun.generation_types import GenerationChunk, SamplingSettings
 from llmrun.kv_cache import KVCache
 from llmrun.models import Transformer
-from llmrun.sampling import sample, validate
+from llmrun.sequence import Sequence, common_prefix
 
 PREFILL_CHUNK = 512  # long prompts prefill in chunks: bounded activation memory
 MIN_CACHE = 512  # KV cache lengths are powers of two from this: few compiled shapes
+# compiled decode steps are built for these batch sizes; a batch pads up to the next one
+DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def prefill(model: Transformer, cache: KVCache, ids: torch.Tensor, input_pos: torch.Tensor,
@@ -34,19 +32,6 @@ def decode_one(model: Transformer, cache: KVCache, token: torch.Tensor, input_po
     return model(token, input_pos, cache, slots)
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss survives exec, so a
-    process started by a big parent (a test runner, a notebook) would report the parent's size."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def cache_length(needed: int, context: int) -> int:
     length = MIN_CACHE
     while length < needed:
@@ -58,7 +43,9 @@ SLOT = torch.zeros(1, dtype=torch.long)  # the one stream's cache slot
 
 
 class Generator:
-    """Holds a model, its step functions and the KV cache they write (one slot)."""
+    """Holds a model, its step functions, the KV cache they write (one slot) and which tokens
+    that slot holds: a prompt that begins with them (the next turn of a chat, a regenerated
+    answer) prefills only the rest."""
 
     def __init__(self, model: Transformer, tokenizer,
                  prefill_fn: Callable = prefill, decode_fn: Callable = decode_one):
@@ -66,14 +53,27 @@ class Generator:
         self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
         self.context = model.config.max_seq_len
         self.cache: KVCache | None = None
+        self.cached: list[int] = []  # the tokens whose K and V the slot holds, from position 0
 
     def ensure_cache(self, needed: int) -> KVCache:
-        """A cache of at least `needed` positions (a power of two from MIN_CACHE, at most the
-        context): the one there when it has that length, else a new one."""
+        """A cache of at least `needed` positions, for a caller that writes its own positions:
+        what the slot held is forgotten."""
+        self.cached = []
+        return self._cache_for(needed, keep=0)
+
+    def _cache_for(self, needed: int, keep: int) -> KVCache:
+        """The cache there when it has `needed` positions, else a longer one (a power of two
+        from MIN_CACHE, at most the context) holding the old one's first `keep` positions."""
         length = cache_length(needed, self.context)
-        if self.cache is None or self.cache.length != length:
-            self.cache = None  # the old one is freed before the new one is allocated
-            self.cache = KVCache(self.model.config, 1, length, self.model.model.norm.weight.dtype)
+        old = self.cache
+        if old is not None and old.length >= length:
+            return old
+        self.cache = None
+        if not keep:
+            old = None  # freed before the new one is allocated
+        self.cache = KVCache(self.model.config, 1, length, self.model.model.norm.weight.dtype)
+        if keep:
+            self.cache.copy_prefix(old, keep)
         return self.cache
 
     @torch.inference_mode()
@@ -90,64 +90,32 @@ class Generator:
     def stream(self, prompt_ids: list[int], settings: SamplingSettings,
                stop: threading.Event | None = None, ignore_eos: bool = False
                ) -> Iterator[GenerationChunk]:
-        validate(settings)
+        seq = Sequence(self.tokenizer, prompt_ids, settings, self.context, ignore_eos)
         n_prompt = len(prompt_ids)
-        if n_prompt == 0:
-            raise LlmrunError("the prompt is empty: give some text to continue from")
-        if n_prompt >= self.context:
-            raise LlmrunError(f"the prompt has {n_prompt} tokens but the model's context is "
-                              f"{self.context}: shorten the prompt")
-        max_new = min(settings.max_new_tokens, self.context - n_prompt)
-        context_limited = max_new < settings.max_new_tokens
-        cache = self.ensure_cache(n_prompt + max_new)
-        generator = None
-        if settings.seed is not None:
-            generator = torch.Generator().manual_seed(settings.seed)
-        eos = set() if ignore_eos else set(self.tokenizer.eos_ids)
-        stats = GenerationStats(prompt_tokens=n_prompt)
-        # control tokens are not text: a model that emits one goes on, but nothing is printed
-        # for it (as llama.cpp and transformers' skip_special_tokens); context keeps a leading space
-        decoder = self.tokenizer.stream_decoder(prompt_ids[-4:], skip_special_tokens=True)
-        seen = torch.tensor(prompt_ids, dtype=torch.long)
-
-        start = time.perf_counter()
+        # the prompt's last token is always fed: its logits give the first new token
+        reused = min(common_prefix(self.cached, seq.prompt), n_prompt - 1)
+        cache = self._cache_for(n_prompt + seq.max_new, keep=reused)
+        del self.cached[reused:]
+        seq.start_prefill(reused)
         ids = torch.tensor([prompt_ids], dtype=torch.long)
-        for lo in range(0, n_prompt, PREFILL_CHUNK):
+        for lo in range(reused, n_prompt, PREFILL_CHUNK):
             if stop is not None and stop.is_set():
-                stats.finish_reason = "cancelled"
-                yield GenerationChunk(text="", stats=stats, finished=True)
+                yield seq.finish("cancelled")
                 return
             hi = min(lo + PREFILL_CHUNK, n_prompt)
             logits = self.prefill_fn(self.model, cache, ids[:, lo:hi], torch.arange(lo, hi)[None], SLOT)
-        token = sample(logits[0, -1], settings, generator, seen)
-        first = time.perf_counter()
-        stats.ttft_s = first - start
-        stats.prefill_tps = n_prompt / stats.ttft_s
-        stats.finish_reason = "length"
-        pos = n_prompt
-        generated: list[int] = []
-        decode_steps = 0
+            self.cached = seq.prompt[:hi]
+        chunk = seq.first(logits[0, -1])
         while True:
+            if chunk is not None:  # None: the model ended the answer
+                yield chunk
+            if seq.finished:
+                break
             if stop is not None and stop.is_set():
-                stats.finish_reason = "cancelled"
+                seq.stats.finish_reason = "cancelled"
                 break
-            if token in eos:
-                stats.finish_reason = "stop"
-                break
-            generated.append(token)
-            yield GenerationChunk(text=decoder.push(token), token=token)
-            if len(generated) >= max_new:
-                stats.finish_reason = "context" if context_limited else "length"
-                break
-            logits = self.decode_fn(self.model, cache, torch.tensor([[token]]), torch.tensor([[pos]]), SLOT)
-            pos += 1
-            decode_steps += 1
-            if settings.repetition_penalty != 1.0:
-                seen = torch.cat([seen, torch.tensor([token])])
-            token = sample(logits[0, -1], settings, generator, seen)
-        end = time.perf_counter()
-        stats.generated_tokens = len(generated)
-        if decode_steps:  # the first token came from prefill
-            stats.decode_tps = decode_steps / (end - first)
-        stats.peak_rss_bytes = peak_rss_bytes()
-        yield GenerationChunk(text=decoder.flush(), stats=stats, finished=True)
+            logits = self.decode_fn(self.model, cache, torch.tensor([[seq.token]]),
+                                    torch.tensor([[seq.pos]]), SLOT)
+            self.cached.append(seq.token)
+            chunk = seq.next(logits[0, -1])
+        yield seq.finish()

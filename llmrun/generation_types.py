@@ -20,9 +20,10 @@ class SamplingSettings:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose KV came from the cache, not prefilled
     generated_tokens: int = 0
     ttft_s: float = 0.0  # time to first token, from the start of prefill
-    prefill_tps: float = 0.0
+    prefill_tps: float = 0.0  # prefilled (not reused) tokens per second
     decode_tps: float = 0.0
     peak_rss_bytes: int = 0
     finish_reason: str = ""  # "stop" | "length" | "context" | "cancelled"

@@ -30,3 +30,8 @@ class KVCache(nn.Module):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def copy_prefix(self, other: "KVCache", n: int) -> None:
+        """Every slot's first n positions from `other` (same slots, layers and heads)."""
+        for mine, theirs in zip(self.buffers(), other.buffers()):
+            mine[:, :, :n] = theirs[:, :, :n]

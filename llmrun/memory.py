@@ -1,4 +1,5 @@
-"""Giving freed heap memory back to the OS while a model is built.
+"""Process memory: the peak resident size, and giving freed heap memory back to the OS while a
+model is built.
 
 Quantizing and packing allocate and free many intermediates of 1-32 MB; glibc keeps such
 freed blocks in its heap (its mmap threshold rises to 32 MB after the first large free), so
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import resource
 
 
 @functools.lru_cache(maxsize=1)
@@ -24,3 +26,16 @@ def release_free_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss survives exec, so a
+    process started by a big parent (a test runner, a notebook) would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

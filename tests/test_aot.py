@@ -71,7 +71,7 @@ def test_damaged_package_is_rebuilt_and_stale_ones_deleted(tiny_hf_dir, tmp_path
 def test_packages_use_the_models_tensors_without_copies(tiny_hf_dir):
     engine = Engine.load(EngineOptions(model=str(tiny_hf_dir), quant="int4", compile=True, threads=1))
     steps = engine.generator.decode_fn.__self__
-    bound = steps._bound["decode"]
+    bound = steps._bound["decode-b1"]
     ours = {id(t) for t in engine.model.state_dict(keep_vars=True).values()}
     ours |= {id(b) for b in engine.model.buffers()} | {id(b) for b in engine.generator.cache.buffers()}
     assert bound.constants and all(id(t) in ours for t in bound.constants.values())
@@ -129,8 +129,27 @@ def test_building_a_package_neither_copies_nor_keeps_weights(tiny_hf_dir, tmp_pa
 
     before = _live_cpu_tensors()
     with CountNewTensors():
-        aot.build_package(step, "decode", tmp_path / "decode.pt2")
+        aot.build_package(step, "decode-b1", tmp_path / "decode.pt2")
     kept = {p: n for p, n in _live_cpu_tensors().items() if p not in before}
     # torch's own habit was a clone of every buffer (the packed weights), kept until the next trace
     assert sum(created) < weight_bytes // 100, (sum(created), weight_bytes)
     assert sum(kept.values()) < weight_bytes // 100, kept
+
+
+def test_batched_decode_packages_give_each_request_its_single_stream_tokens(tiny_hf_dir):
+    """A scheduler on AOT steps: its decode runs the packages of batch 1, 2 and 4 (three
+    requests, padded to four rows) and each request gets what the compiled single stream gives."""
+    engine = Engine.load(EngineOptions(model=str(tiny_hf_dir), compile=True, threads=1))
+    prompts = [[1, 3, 4, 5], [1, 6, 7, 8, 9, 10], [1, 11, 12]]
+    greedy = SamplingSettings(max_new_tokens=10, temperature=0)
+    alone = [[c.token for c in engine.stream_generate(p, greedy, ignore_eos=True) if c.token is not None]
+             for p in prompts]
+    scheduler = engine.scheduler(3, 64)
+    try:
+        requests = [scheduler.submit(p, greedy, ignore_eos=True) for p in prompts]
+        batched = [[c.token for c in r if c.token is not None] for r in requests]
+        steps = scheduler.decode_fn.__self__
+    finally:
+        scheduler.close()
+    assert batched == alone
+    assert {"decode-b2", "decode-b4"} <= set(steps._bound) and "decode-b3" not in steps._bound

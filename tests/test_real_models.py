@@ -71,3 +71,41 @@ def test_kv_cache_decode_equals_full_forward(pair):
         steps = [ours(ids[:, :16], torch.arange(16)[None], cache, slot)]
         steps += [ours(ids[:, i:i + 1], torch.tensor([[i]]), cache, slot) for i in range(16, 24)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-3, rtol=1e-4)
+
+
+def _greedy(gen, ids, n, max_new=None):
+    """The first n greedy tokens (the request allows max_new) and the final stats."""
+    import threading
+
+    stop, tokens, stats = threading.Event(), [], None
+    settings = SamplingSettings(max_new_tokens=max_new or n, temperature=0)
+    for chunk in gen.stream(ids, settings, stop, ignore_eos=True):
+        if chunk.token is not None:
+            tokens.append(chunk.token)
+            if len(tokens) == n:
+                stop.set()
+        stats = chunk.stats or stats
+    return tokens, stats
+
+
+def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(pair):
+    """Requests that begin with what the cache holds (a chat's next turn, the same prompt again,
+    an edited turn) prefill only the rest, and give a fresh generator's tokens; the next turn
+    also outgrows the cache, whose kept positions move into the longer one."""
+    name, (ours, tok, hf) = pair
+    gen = Generator(ours, tok)
+    first = _prompt_ids(tok, 24)
+    answer, stats = _greedy(gen, first, 12)
+    assert stats.reused_tokens == 0 and gen.cache.length == 512
+    extra = tok.encode(" Then, the sea")[-4:]
+    requests = [  # (prompt, tokens the cache must hold of it, max_new)
+        (first + answer + extra, len(first) + len(answer) - 1, 600),  # the answer's last id was never fed
+        (first + answer + extra, len(first + answer + extra) - 1, None),
+        (first[:10] + extra, 10, None),
+    ]
+    for ids, reused, max_new in requests:
+        got, stats = _greedy(gen, ids, 8, max_new)
+        expected, fresh = _greedy(Generator(ours, tok), ids, 8)
+        assert stats.reused_tokens == reused and fresh.reused_tokens == 0
+        assert got == expected, (ids, reused)
+    assert gen.cache.length == 1024  # grown by the first of them

@@ -7,8 +7,10 @@ import csv
 import io
 import json
 
-COLUMNS = ("model", "weights", "path", "threads", "test", "t/s", "vs default", "roofline", "greedy vs default")
-CSV_FIELDS = ("model", "weights", "path", "threads", "test", "n_tokens", "tps_mean", "tps_sd", "vs_default",
+COLUMNS = ("model", "weights", "path", "threads", "test", "t/s", "per stream", "vs default", "roofline",
+           "greedy vs default")
+CSV_FIELDS = ("model", "weights", "path", "threads", "test", "n_tokens", "batch", "tps_mean", "tps_sd",
+              "per_stream_tps", "vs_default",
               "bytes_per_token", "roofline_tps", "roofline_pct", "greedy_match", "pp_argmax_match", "note",
               "samples_s")
 
@@ -17,6 +19,10 @@ def _tps(row: dict) -> str:
     if row["tps_mean"] is None:
         return row["note"] or "n/a"
     return f"{row['tps_mean']:.2f} ± {row['tps_sd']:.2f}"
+
+
+def _per_stream(row: dict) -> str:
+    return "" if row.get("per_stream_tps") is None else f"{row['per_stream_tps']:.2f}"
 
 
 def _vs(row: dict) -> str:
@@ -40,13 +46,13 @@ def _greedy(row: dict) -> str:
 
 
 def cells(row: dict) -> list[str]:
-    return [row["model"], row["weights"], row["path"], str(row["threads"]), row["test"], _tps(row), _vs(row),
-            _roof(row), _greedy(row)]
+    return [row["model"], row["weights"], row["path"], str(row["threads"]), row["test"], _tps(row),
+            _per_stream(row), _vs(row), _roof(row), _greedy(row)]
 
 
 def markdown(report: dict) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---:" if c in ("threads", "t/s", "vs default", "roofline") else "---"
+             "|" + "|".join("---:" if c in ("threads", "t/s", "per stream", "vs default", "roofline") else "---"
                             for c in COLUMNS) + "|"]
     for row in report["rows"]:
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells(row)) + " |")

@@ -35,6 +35,7 @@ class BenchOptions:
     head: str = DEFAULT_HEAD  # int4 paths: the output head's scheme (llmrun.head_schemes)
     dtype: str | None = None  # None: see path_dtype
     int4: str = DEFAULT_INT4  # int4 paths: asymmetric or symmetric groups (llmrun.head_schemes)
+    batches: tuple[int, ...] = (1,)  # tg with this many sequences per decode step (llmrun paths)
 
 
 def parse_paths(text: str | None) -> tuple[str, ...]:
@@ -48,6 +49,16 @@ def parse_paths(text: str | None) -> tuple[str, ...]:
     return paths
 
 
+def parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise LlmrunError(f"-b {text}: give batch sizes >= 1, e.g. 1,2,4,8")
+    return batches
+
+
 def validate(opts: BenchOptions) -> None:
     from llmrun.quant import GROUP_SIZES
 
@@ -55,6 +66,8 @@ def validate(opts: BenchOptions) -> None:
         raise LlmrunError("-p and -n must be >= 0 and not both 0")
     if opts.reps < 1:
         raise LlmrunError(f"-r {opts.reps}: at least one repetition")
+    if not opts.batches or min(opts.batches) < 1:
+        raise LlmrunError(f"-b {','.join(map(str, opts.batches))}: batch sizes must be >= 1")
     if opts.threads is not None and opts.threads < 1:
         raise LlmrunError(f"--threads {opts.threads} must be >= 1")
     if opts.group_size is None:
@@ -141,6 +154,7 @@ def run_path(spec: Spec, workdir: str) -> dict:
 
 
 def summarize(samples_s: list[float], n: int) -> dict:
+    """n tokens each sample (a batched test: all its sequences' tokens)."""
     tps = [n / s for s in samples_s]
     return {"tps_mean": statistics.fmean(tps), "tps_sd": statistics.stdev(tps) if len(tps) > 1 else 0.0,
             "samples_tps": tps}
@@ -178,7 +192,7 @@ def run_bench(opts: BenchOptions, log=None) -> dict:
                 continue
             spec = Spec(path=path, model=opts.model, synthetic=opts.synthetic, threads=threads, pp=opts.pp,
                         tg=opts.tg, reps=opts.reps, group_size=opts.group_size, head=opts.head, dtype=dtype,
-                        int4=opts.int4)
+                        int4=opts.int4, batches=opts.batches)
             log(f"{path}: starting ({SHORT[dtype]})")
             res = run_path(spec, workdir)
             results[path] = res
@@ -211,38 +225,51 @@ def greedy_match(tokens: list[int] | None, reference: list[int] | None) -> tuple
     return k, n
 
 
+def planned_tests(opts: BenchOptions) -> list[tuple[str, str, int, int]]:
+    """(key in a worker's result tests, row label, tokens per sequence, sequences) per test."""
+    tests = [("pp", f"pp{opts.pp}", opts.pp, 1)] if opts.pp else []
+    if opts.tg:
+        tests += [("tg" if b == 1 else f"tg_b{b}", f"tg{opts.tg}" if b == 1 else f"tg{opts.tg} x{b}", opts.tg, b)
+                  for b in sorted(set(opts.batches) | {1})]
+    return tests
+
+
 def build_rows(results: dict, paths: list[str], threads: int, opts: BenchOptions) -> list[dict]:
+    """One row per path and test; a batched test's t/s is the aggregate over its sequences."""
     rows = []
     default = results.get("default", {})
-    tests = [t for t, n in (("pp", opts.pp), ("tg", opts.tg)) if n]
     model_name = next((r["model"] for r in results.values() if r.get("model")),
                       f"{opts.synthetic} (synthetic)" if opts.synthetic else (opts.model or "default"))
     for path in paths:
         res = results[path]
         ref = default.get("greedy_tokens") if path != "default" else res.get("greedy_tokens")
         match = greedy_match(res.get("greedy_tokens"), ref)
-        for test in tests:
-            n = opts.pp if test == "pp" else opts.tg
+        for key, label, n, batch in planned_tests(opts):
+            data = (res.get("tests") or {}).get(key)
+            note = res.get("skipped") or (f"error: {res['error']}" if res.get("error") else None)
+            if batch > 1 and not data and not note:
+                note = "batched decode: llmrun paths only"
             row = {"model": res.get("model") or model_name, "weights": res.get("weights") or
                    SHORT.get(res.get("dtype", ""), ""), "path": path, "threads": threads,
-                   "test": f"{test}{n}", "n_tokens": n, "tps_mean": None, "tps_sd": None,
-                   "samples_s": None, "samples_tps": None, "vs_default": None, "roofline_tps": None,
-                   "roofline_pct": None, "bytes_per_token": None,
-                   "greedy_match": list(match) if match else None,
-                   "pp_argmax_match": None, "note": res.get("skipped") or
-                   (f"error: {res['error']}" if res.get("error") else None)}
-            data = (res.get("tests") or {}).get(test)
+                   "test": label, "n_tokens": n, "batch": batch, "tps_mean": None, "tps_sd": None,
+                   "per_stream_tps": None, "samples_s": None, "samples_tps": None, "vs_default": None,
+                   "roofline_tps": None, "roofline_pct": None, "bytes_per_token": None,
+                   "greedy_match": list(match) if match and batch == 1 else None,
+                   "pp_argmax_match": None, "note": note}
             if data:
-                row.update(samples_s=data["samples_s"], **summarize(data["samples_s"], n))
-                base = ((default.get("tests") or {}).get(test) or {}).get("samples_s")
+                row.update(samples_s=data["samples_s"], **summarize(data["samples_s"], n * batch))
+                if key != "pp":
+                    row["per_stream_tps"] = row["tps_mean"] / batch
+                base = ((default.get("tests") or {}).get(key) or {}).get("samples_s")
                 if base:
-                    row["vs_default"] = row["tps_mean"] / summarize(base, n)["tps_mean"]
-                if test == "tg" and res.get("weights_bytes"):
-                    per_token = res["weights_bytes"] + res.get("kv_bytes", 0)
-                    roof = machine.BANDWIDTH_GBPS * 1e9 / per_token
-                    row.update(bytes_per_token=per_token, roofline_tps=roof,
+                    row["vs_default"] = row["tps_mean"] / summarize(base, n * batch)["tps_mean"]
+                if key != "pp" and res.get("weights_bytes"):
+                    # one step reads the weights once and every sequence's KV
+                    per_step = res["weights_bytes"] + data.get("kv_bytes", res.get("kv_bytes", 0))
+                    roof = machine.BANDWIDTH_GBPS * 1e9 / per_step * batch
+                    row.update(bytes_per_token=per_step / batch, roofline_tps=roof,
                                roofline_pct=100.0 * row["tps_mean"] / roof)
-                if test == "pp" and res.get("pp_argmax") is not None and default.get("pp_argmax") is not None \
+                if key == "pp" and res.get("pp_argmax") is not None and default.get("pp_argmax") is not None \
                         and not opts.synthetic:
                     row["pp_argmax_match"] = res["pp_argmax"] == default["pp_argmax"]
             rows.append(row)

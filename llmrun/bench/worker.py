@@ -21,8 +21,8 @@ import torch
 
 from llmrun.bench import is_quantized
 from llmrun.bench.llama_cpp_path import FORMAT_OF_PATH, run_llama_cpp
-from llmrun.generate import peak_rss_bytes
 from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4
+from llmrun.memory import peak_rss_bytes
 
 TG_PROMPT = 8  # tokens before the tg test's decode steps
 WARMUP_DECODE = 4  # untimed decode steps before tg
@@ -47,6 +47,7 @@ class Spec:
     int4: str = DEFAULT_INT4  # int4 paths: asymmetric or symmetric groups
     quality_tokens: int = QUALITY_TOKENS
     seed: int = 0
+    batches: tuple[int, ...] = (1,)  # tg also with this many sequences in each decode step
 
     @property
     def quantized(self) -> bool:
@@ -202,7 +203,8 @@ def run_llmrun(spec: Spec, result: dict) -> None:
     if spec.compiled:
         from llmrun.engine import compile_steps
 
-        steps = compile_steps(gen, spec.backend, lambda message: log(spec, message))
+        steps = compile_steps(spec.backend, lambda message: log(spec, message))
+        gen.prefill_fn, gen.decode_fn = steps.prefill, steps.decode
         if spec.backend == "aot":
             result["packages_built"] = steps.built  # one per step and cache length; more = a rebuild
     vocab = model.config.vocab_size
@@ -259,6 +261,8 @@ def run_llmrun(spec: Spec, result: dict) -> None:
             result["tests"]["tg"] = {"n": spec.tg, "samples_s": samples}
             attended = mean_tg_context(spec) if model.attention.kernels else None
             result.update(stored_bytes(model, cache, attended))
+        for batch in (b for b in spec.batches if b > 1 and spec.tg):
+            result["tests"][f"tg_b{batch}"] = _batched_decode(gen, model, spec, batch, g)
         if tokenizer is not None:
             result["greedy_tokens"] = _greedy_llmrun(gen, model, tokenizer, spec)
     result["compile_s"] = compile_s if spec.compiled else None
@@ -266,6 +270,33 @@ def run_llmrun(spec: Spec, result: dict) -> None:
         from torch._dynamo.utils import counters
 
         result["graphs_compiled"] = int(counters["stats"]["unique_graphs"])
+
+
+def _batched_decode(gen, model, spec: Spec, batch: int, g: torch.Generator) -> dict:
+    """tg with `batch` sequences, each in its own slot of one cache, in every decode step (as
+    llmrun.scheduler runs them): the timed steps, and the bytes such a step reads."""
+    from llmrun.generate import cache_length
+    from llmrun.kv_cache import KVCache
+
+    vocab = model.config.vocab_size
+    cache = KVCache(model.config, batch, cache_length(TG_PROMPT + spec.tg, model.config.max_seq_len),
+                    model.model.norm.weight.dtype)
+    slots = torch.arange(batch)
+    tokens = [torch.randint(0, vocab, (batch, 1), generator=g) for _ in range(TG_PROMPT + spec.tg)]
+    positions = [torch.full((batch, 1), i) for i in range(TG_PROMPT + spec.tg)]
+
+    def steps(lo, hi):
+        for i in range(lo, hi):
+            gen.decode_fn(model, cache, tokens[i], positions[i], slots)
+
+    start = time.perf_counter()
+    steps(0, TG_PROMPT + min(WARMUP_DECODE, spec.tg))  # untimed: the prompt, a warm-up, compiling
+    if spec.compiled:
+        log(spec, f"first decode steps of {batch} sequences (compile) {time.perf_counter() - start:.1f} s")
+    samples = _repeat(spec, "tg", lambda: steps(TG_PROMPT, TG_PROMPT + spec.tg), label=f" x{batch}")
+    attended = mean_tg_context(spec) if model.attention.kernels else None
+    return {"n": spec.tg, "batch": batch, "samples_s": samples,
+            "kv_bytes": stored_bytes(model, cache, attended)["kv_bytes"]}
 
 
 def _greedy_llmrun(gen, model, tokenizer, spec: Spec) -> list[int]:
@@ -389,7 +420,7 @@ def _timed(fn):
     return time.perf_counter() - start, out
 
 
-def _repeat(spec: Spec, test: str, fn, setup=None) -> list[float]:
+def _repeat(spec: Spec, test: str, fn, setup=None, label: str = "") -> list[float]:
     samples = []
     n = spec.pp if test == "pp" else spec.tg
     for r in range(spec.reps):
@@ -397,7 +428,8 @@ def _repeat(spec: Spec, test: str, fn, setup=None) -> list[float]:
             setup()
         seconds, _ = _timed(fn)
         samples.append(seconds)
-        log(spec, f"{test}{n} rep {r + 1}/{spec.reps}: {n / seconds:.2f} t/s")
+        log(spec, f"{test}{n}{label} rep {r + 1}/{spec.reps}: {n / seconds:.2f} t/s"
+            + (" per sequence" if label else ""))
     return samples
 
 

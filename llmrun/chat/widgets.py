@@ -155,17 +155,18 @@ class StatsBar(Static):
         if ttft_s is None:
             self.answer_part = f"prefill of {prompt_tokens} tokens..."
         else:
-            prefill = prompt_tokens / ttft_s if ttft_s > 0 else 0.0
+            # the prefill rate waits for the engine's figures: they know how much was reused
             decode = f"{decode_tps:.1f}" if decode_tps is not None else "-"
-            self.answer_part = (f"ttft {ttft_s:.2f}s · prefill {prefill:.1f} t/s · "
+            self.answer_part = (f"ttft {ttft_s:.2f}s · "
                                 f"decode {decode} t/s · {tokens} tokens")
         self.refresh_text()
 
     def show_final(self, stats: GenerationStats) -> None:
         ended = ENDINGS.get(stats.finish_reason, f" ({stats.finish_reason})")
+        reused = f" · {stats.reused_tokens} prompt tokens reused" if stats.reused_tokens else ""
         self.answer_part = (f"ttft {stats.ttft_s:.2f}s · prefill {stats.prefill_tps:.1f} t/s · "
                             f"decode {stats.decode_tps:.1f} t/s · {stats.generated_tokens} tokens"
-                            f"{ended}")
+                            f"{ended}{reused}")
         self.refresh_text()
 
     def refresh_text(self) -> None:

@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
                    "llama3.2-1b, llama3.1-8b, smollm2-135m, gemma3-270m (or tiny, for tests)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="pp test prompt length (0: skip pp)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="tg test decode steps (0: skip tg)")
+    p.add_argument("-b", "--batch", default="1", metavar="B,...",
+                   help="tg also with B sequences in each decode step (llmrun paths), e.g. 1,2,4,8: "
+                   "aggregate and per-stream t/s")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test")
     p.add_argument("--threads", "-t", type=int, default=None, help="threads for every path (default: all cores)")
     p.add_argument("--paths", default=None, help=f"comma list (default: all): {','.join(PATHS)}; also {','.join(EXTRA_PATHS)}")
@@ -55,11 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if args.kernels is not None:
         return run_kernels(args)
     from llmrun.bench.report import FORMATS
-    from llmrun.bench.runner import BenchOptions, parse_paths, run_bench
+    from llmrun.bench.runner import BenchOptions, parse_batches, parse_paths, run_bench
 
     opts = BenchOptions(model=args.model, synthetic=args.synthetic, paths=parse_paths(args.paths),
                         threads=args.threads, pp=args.n_prompt, tg=args.n_gen, reps=args.repetitions,
-                        group_size=args.group_size, head=args.head, dtype=args.dtype, int4=args.int4)
+                        group_size=args.group_size, head=args.head, dtype=args.dtype, int4=args.int4,
+                        batches=parse_batches(args.batch))
     report = run_bench(opts)
     print(FORMATS[args.output](report), flush=True)
     failed = [p for p, r in report["paths"].items() if r.get("error")]

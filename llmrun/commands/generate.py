@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": engine.threads,
         **{f"{stage}_s": round(sec, 3) for stage, sec in engine.timings.items()},
         "prompt_tokens": stats.prompt_tokens,
+        "reused_prompt_tokens": stats.reused_tokens,
         "generated_tokens": stats.generated_tokens,
         "ttft_s": round(stats.ttft_s, 4),
         "prefill_tps": round(stats.prefill_tps, 2),
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report), file=sys.stderr)
     else:
         timings = "  ".join(f"{stage} {sec:.2f} s" for stage, sec in engine.timings.items())
-        print(f"{timings}\nprompt {stats.prompt_tokens} tokens  ttft {stats.ttft_s * 1000:.0f} ms  "
+        reused = f" ({stats.reused_tokens} reused)" if stats.reused_tokens else ""
+        print(f"{timings}\nprompt {stats.prompt_tokens} tokens{reused}  ttft {stats.ttft_s * 1000:.0f} ms  "
               f"prefill {stats.prefill_tps:.1f} t/s  decode {stats.decode_tps:.1f} t/s "
               f"({stats.generated_tokens} tokens, {stats.finish_reason})  "
               f"peak RSS {report['peak_rss_mib']:.0f} MiB", file=sys.stderr)

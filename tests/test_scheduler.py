@@ -1,0 +1,130 @@
+"""The batched runtime (llmrun.scheduler) on the shipped SmolLM2 in int4: many requests at once
+give each request the tokens it gets alone (whatever its sampling settings and seed), a
+cancelled request ends at once and frees its slot, prefill of a new prompt runs between
+decode steps, and a prompt that begins with what a slot holds prefills only the rest."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from llmrun.engine import Engine, EngineOptions
+from llmrun.errors import LlmrunError
+from llmrun.generation_types import SamplingSettings
+from llmrun.scheduler import INTERLEAVED_CHUNK, Scheduler
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived a",
+           "def fibonacci(n):", "The three primary colors are"]
+SETTINGS = [SamplingSettings(max_new_tokens=16, temperature=0),
+            SamplingSettings(max_new_tokens=20, temperature=0.8, seed=3),
+            SamplingSettings(max_new_tokens=9, temperature=0),
+            SamplingSettings(max_new_tokens=14, temperature=0.7, top_p=0.9, top_k=40, seed=1,
+                             repetition_penalty=1.2)]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.load(EngineOptions(model="smollm2-135m", quant="int4"))
+
+
+def _tokens(chunks):
+    return [c.token for c in chunks if c.token is not None]
+
+
+def _alone(engine, ids, settings):
+    return _tokens(engine.stream_generate(ids, settings, ignore_eos=True))
+
+
+@pytest.mark.parametrize("batch_sizes", [None, (4,)], ids=["exact", "padded"])
+def test_batched_requests_get_the_tokens_they_get_alone(engine, batch_sizes):
+    """Four requests on three slots (one waits for a slot), greedy and seeded sampling mixed;
+    padded: every step runs 4 rows (compiled steps' static batch sizes), the extra ones repeats."""
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    expected = [_alone(engine, i, s) for i, s in zip(ids, SETTINGS)]
+    scheduler = Scheduler(engine.model, engine.tokenizer, 3, 256, batch_sizes=batch_sizes)
+    try:
+        requests = [scheduler.submit(i, s, ignore_eos=True) for i, s in zip(ids, SETTINGS)]
+        results = [list(r) for r in requests]
+    finally:
+        scheduler.close()
+    assert [_tokens(chunks) for chunks in results] == expected
+    for chunks, settings in zip(results, SETTINGS):
+        stats = chunks[-1].stats
+        assert chunks[-1].finished and stats.finish_reason == "length"
+        assert stats.generated_tokens == settings.max_new_tokens and stats.decode_tps > 0
+
+
+def test_cancel_ends_a_request_at_once_and_frees_its_slot(engine):
+    tok = engine.tokenizer
+    scheduler = engine.scheduler(1, 512)
+    try:
+        long = scheduler.submit(tok.encode(PROMPTS[1]), SamplingSettings(max_new_tokens=400), ignore_eos=True)
+        waiting = scheduler.submit(tok.encode(PROMPTS[0]), SamplingSettings(max_new_tokens=4), ignore_eos=True)
+        never = scheduler.submit(tok.encode(PROMPTS[2]), SamplingSettings(max_new_tokens=4), ignore_eos=True)
+        never.cancel()  # still waiting for the one slot
+        got = []
+        for chunk in long:
+            got.append(chunk)
+            if len(got) == 3:
+                long.cancel()
+        assert got[-1].stats.finish_reason == "cancelled" and 3 <= got[-1].stats.generated_tokens <= 5
+        assert [c.stats.finish_reason for c in never] == ["cancelled"]
+        assert _tokens(waiting) == _alone(engine, tok.encode(PROMPTS[0]), SamplingSettings(max_new_tokens=4))
+    finally:
+        scheduler.close()
+
+
+def test_a_new_prompt_prefills_in_chunks_between_decode_steps(engine):
+    tok = engine.tokenizer
+    scheduler = engine.scheduler(2, 1024)
+    try:
+        running = scheduler.submit(tok.encode(PROMPTS[0]), SamplingSettings(max_new_tokens=200), ignore_eos=True)
+        arrivals = []
+        reader = threading.Thread(target=lambda: arrivals.extend(time.perf_counter() for _ in running))
+        reader.start()
+        while len(arrivals) < 2:
+            time.sleep(0.01)
+        long_prompt = tok.encode(" ".join(["a quick brown fox jumps over the lazy dog"] * 40))
+        assert len(long_prompt) > 2 * INTERLEAVED_CHUNK
+        submitted = time.perf_counter()
+        first = next(iter(scheduler.submit(long_prompt, SamplingSettings(max_new_tokens=2))))
+        answered = time.perf_counter()
+        running.cancel()
+        reader.join()
+    finally:
+        scheduler.close()
+    assert first.token is not None
+    # three chunks of the new prompt, each followed by a decode step of the running stream
+    assert sum(submitted < t < answered for t in arrivals) >= 2
+
+
+def test_a_prompt_that_begins_with_a_slots_tokens_prefills_only_the_rest(engine):
+    tok = engine.tokenizer
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)
+    scheduler = engine.scheduler(2, 512)
+    try:
+        first = tok.encode(PROMPTS[1])
+        answer = _tokens(scheduler.submit(first, greedy))
+        other = list(scheduler.submit(tok.encode(PROMPTS[2]), greedy))  # takes the other slot
+        assert other[-1].stats.reused_tokens == 0
+        turn = first + answer + tok.encode(" Then")[-1:]
+        chunks = list(scheduler.submit(turn, greedy))
+    finally:
+        scheduler.close()
+    assert chunks[-1].stats.reused_tokens == len(first) + len(answer) - 1
+    assert _tokens(chunks) == _tokens(engine.stream_generate(turn, greedy))
+
+
+def test_bad_requests_fail_in_the_callers_thread(engine):
+    scheduler = engine.scheduler(1, 64)
+    try:
+        with pytest.raises(LlmrunError, match="empty"):
+            scheduler.submit([], SamplingSettings())
+        with pytest.raises(LlmrunError, match="context is 64"):
+            scheduler.submit(list(range(100)), SamplingSettings())
+        with pytest.raises(LlmrunError, match="top-p"):
+            scheduler.submit([1, 2], SamplingSettings(top_p=0))
+    finally:
+        scheduler.close()
