@@ -17,6 +17,7 @@ from llmrun.errors import LlmrunError
 from llmrun.generation_types import ChatMessage, GenerationChunk, LoadProgress, SamplingSettings
 from llmrun.generate import Generator
 from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4, DEFAULT_WEIGHTS, INT4_KINDS, WEIGHT_MODES
+from llmrun.kv_cache import kv_dtype
 from llmrun.scheduler import Scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -35,6 +36,7 @@ class EngineOptions:
     int4: str = DEFAULT_INT4  # int4 groups: asymmetric or symmetric (llmrun.head_schemes.INT4_KINDS)
     compile: bool = False
     compile_backend: str = "aot"  # aot: AOTInductor packages (llmrun.aot); jit: torch.compile
+    kv_cache: str = "auto"  # the KV cache's dtype: auto (the compute dtype) or a kv_cache.KV_DTYPES key
 
 
 class Engine:
@@ -48,7 +50,8 @@ class Engine:
         self.name = source
         self.timings = timings  # stage -> seconds (download, load, quantize, compile)
         self.shipped_formats = shipped_formats  # GGUF block formats that run as shipped, most bytes first
-        self.generator = Generator(model, tokenizer)
+        self.kv_dtype = kv_dtype(options.kv_cache, model.compute_dtype)
+        self.generator = Generator(model, tokenizer, kv_dtype=self.kv_dtype)
         self.steps = None  # the generator's compiled steps, when compiled
 
     @property
@@ -90,6 +93,7 @@ class Engine:
             raise LlmrunError(f"weights {options.weights!r} is not one of {', '.join(WEIGHT_MODES)}")
         if options.int4 not in INT4_KINDS:
             raise LlmrunError(f"int4 kind {options.int4!r} is not one of {', '.join(INT4_KINDS)}")
+        kv_dtype(options.kv_cache, DTYPES[options.dtype])  # a bad choice fails before the load
         report = progress or (lambda p: None)
         timings = {}
         start = time.perf_counter()
@@ -186,8 +190,9 @@ class Engine:
         if self.options.compile:
             steps = compile_steps(self.options.compile_backend, report or (lambda message: None))
             return Scheduler(self.model, self.tokenizer, slots, length or self.context_length,
-                             steps.prefill, steps.decode, steps.batch_sizes)
-        return Scheduler(self.model, self.tokenizer, slots, length or self.context_length)
+                             steps.prefill, steps.decode, steps.batch_sizes, self.kv_dtype)
+        return Scheduler(self.model, self.tokenizer, slots, length or self.context_length,
+                         kv_dtype=self.kv_dtype)
 
 
 def compile_steps(backend: str, report: Callable[[str], None]):

@@ -48,10 +48,12 @@ class Generator:
     answer) prefills only the rest."""
 
     def __init__(self, model: Transformer, tokenizer,
-                 prefill_fn: Callable = prefill, decode_fn: Callable = decode_one):
+                 prefill_fn: Callable = prefill, decode_fn: Callable = decode_one,
+                 kv_dtype: torch.dtype | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
         self.context = model.config.max_seq_len
+        self.kv_dtype = kv_dtype or model.compute_dtype  # the cache's: see kv_cache.KV_DTYPES
         self.cache: KVCache | None = None
         self.cached: list[int] = []  # the tokens whose K and V the slot holds, from position 0
 
@@ -71,7 +73,7 @@ class Generator:
         self.cache = None
         if not keep:
             old = None  # freed before the new one is allocated
-        self.cache = KVCache(self.model.config, 1, length, self.model.model.norm.weight.dtype)
+        self.cache = KVCache(self.model.config, 1, length, self.kv_dtype)
         if keep:
             self.cache.copy_prefix(old, keep)
         return self.cache

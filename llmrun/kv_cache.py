@@ -8,10 +8,42 @@ buffers by name (llmrun.aot binds them without copies)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
+from llmrun.errors import LlmrunError
 from llmrun.models.config import ModelConfig
+
+# What a cache may hold beside a model's compute dtype: its own (auto), fp32, or bf16 (half the
+# memory and half the bytes a decode step reads of it; the attention ops widen it to fp32)
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def kv_dtype(name: str, compute: torch.dtype) -> torch.dtype:
+    """The cache dtype `name` ("auto" or a KV_DTYPES key) names beside `compute`."""
+    if name == "auto":
+        return compute
+    if name not in KV_DTYPES:
+        raise LlmrunError(f"KV cache dtype {name!r} is not one of auto, {', '.join(KV_DTYPES)}")
+    dtype = KV_DTYPES[name]
+    if compute == torch.bfloat16 and dtype == torch.float32:
+        raise LlmrunError("a float32 KV cache needs float32 activations: the model runs in bfloat16")
+    return dtype
+
+
+class LayerCache(NamedTuple):
+    """One layer's k and v, (slots, n_kv_heads, length, head_dim) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def write(self, slots: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (B, n_kv_heads, T, head_dim) of row b into slot slots[b] at positions input_pos[b] (B, T)."""
+        rows = slots[:, None]  # (B, 1) beside input_pos (B, T)
+        self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, Hkv, hd)
+        self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
 
 
 class KVCache(nn.Module):
@@ -23,9 +55,8 @@ class KVCache(nn.Module):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's k, v: (slots, n_kv_heads, length, head_dim) each."""
-        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(getattr(self, f"k{i}"), getattr(self, f"v{i}"))
 
     @property
     def nbytes(self) -> int:

@@ -128,24 +128,45 @@ def score_window(logits_of: Callable[[int, int], torch.Tensor], ids: torch.Tenso
     return float(total)
 
 
+def cached_hidden(model, idx: torch.Tensor, cache) -> torch.Tensor:
+    """idx (1, L) -> (L, dim) as generation computes it: prefill chunks through slot 0 of
+    `cache` (a kv_cache.KVCache of >= L positions), each attending to what the earlier ones
+    left there."""
+    from llmrun.generate import PREFILL_CHUNK
+
+    length = idx.shape[1]
+    slot = torch.zeros(1, dtype=torch.long)
+    return torch.cat([model.hidden(idx[:, lo:lo + PREFILL_CHUNK], torch.arange(lo, min(lo + PREFILL_CHUNK, length))[None],
+                                   cache, slot)[0]
+                      for lo in range(0, length, PREFILL_CHUNK)])
+
+
 def window_nll(model, ids: torch.Tensor, window: Window, bos_id: int | None = None,
-               head_chunk: int | None = None) -> float:
+               head_chunk: int | None = None, kv_dtype: torch.dtype | None = None) -> float:
     """Sum of the NLLs (float64) of the window's targets under a llmrun model. ids: (N,) the
-    whole token stream; bos_id: put in front of the window."""
-    hidden = model.hidden(window_input(ids, window, bos_id).unsqueeze(0))[0]  # (L, dim)
+    whole token stream; bos_id: put in front of the window; kv_dtype: through a KV cache of
+    that dtype (cached_hidden), else one plain forward."""
+    from llmrun.kv_cache import KVCache
+
+    idx = window_input(ids, window, bos_id).unsqueeze(0)
+    if kv_dtype is None:
+        hidden = model.hidden(idx)[0]  # (L, dim)
+    else:
+        hidden = cached_hidden(model, idx, KVCache(model.config, 1, idx.shape[1], kv_dtype))
     return score_window(lambda p0, p1: model.head(hidden[p0:p1]), ids, window, bos_id,
                         model.config.vocab_size, head_chunk)
 
 
 def perplexity(model, ids: list[int] | torch.Tensor, context: int, stride: int | None = None,
                bos_id: int | None = None, head_chunk: int | None = None,
-               on_window: Callable[[Window, float], None] | None = None) -> PerplexityResult:
-    """Perplexity of the token stream `ids` under `model` (a llmrun Transformer without KV
-    caches), windows of `context` positions `stride` apart (default context // 2). With
-    bos_id, `ids` is the text without BOS and every window starts with BOS."""
+               on_window: Callable[[Window, float], None] | None = None,
+               kv_dtype: torch.dtype | None = None) -> PerplexityResult:
+    """Perplexity of the token stream `ids` under `model` (a llmrun Transformer), windows of
+    `context` positions `stride` apart (default context // 2). With bos_id, `ids` is the text
+    without BOS and every window starts with BOS. kv_dtype: score through a KV cache of it."""
     with torch.inference_mode():
-        return perplexity_of(lambda t, w: window_nll(model, t, w, bos_id, head_chunk), ids, context, stride,
-                             bos_id, on_window)
+        return perplexity_of(lambda t, w: window_nll(model, t, w, bos_id, head_chunk, kv_dtype), ids, context,
+                             stride, bos_id, on_window)
 
 
 def perplexity_of(nll: Callable[[torch.Tensor, Window], float], ids: list[int] | torch.Tensor, context: int,

@@ -68,11 +68,11 @@ class Scheduler:
 
     def __init__(self, model: Transformer, tokenizer, slots: int, length: int,
                  prefill_fn: Callable = prefill, decode_fn: Callable = decode_one,
-                 batch_sizes: tuple[int, ...] | None = None):
+                 batch_sizes: tuple[int, ...] | None = None, kv_dtype: torch.dtype | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
         self.length = min(length, model.config.max_seq_len)
-        self.cache = KVCache(model.config, slots, self.length, model.model.norm.weight.dtype)
+        self.cache = KVCache(model.config, slots, self.length, kv_dtype or model.compute_dtype)
         self.batch_sizes = batch_sizes
         self.held: list[list[int]] = [[] for _ in range(slots)]  # tokens each slot holds from position 0
         self._last_used = [0] * slots

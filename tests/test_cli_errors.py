@@ -110,3 +110,8 @@ def test_prompt_longer_than_context():
 @pytest.mark.parametrize("flag,value", [("--temperature", "-1"), ("--top-p", "1.5")])
 def test_invalid_sampling_values(flag, value):
     assert_clean_error(run_cli("generate", "-p", "hi", flag, value), flag.lstrip("-"))
+
+
+def test_float32_kv_cache_beside_bf16_activations():
+    assert_clean_error(run_cli("generate", "-p", "hi", "--dtype", "bfloat16", "--kv-cache", "float32"),
+                       "float32 KV cache needs float32 activations")

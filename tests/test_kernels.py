@@ -425,15 +425,17 @@ PREFILL_POSITIONS = (  # of row 0, over a cache of S positions
 )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                    (torch.bfloat16, torch.bfloat16)], ids=["fp32", "fp32-bf16cache", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 6, 2, 170, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8), (1, 10, 2, 300, 64),
                                    (2, 16, 2, 40, 1), (3, 6, 3, 140, 32)])
-def test_prefill_attention_matches_reference(dtype, shape, attention_isa):  # shape: B, H, Hkv, S, D
+def test_prefill_attention_matches_reference(dtypes, shape, attention_isa):  # shape: B, H, Hkv, S, D
     from llmrun.kernels.attention import prefill_attention, prefill_attention_reference
 
+    dtype, kv_dtype = dtypes
     B, H, Hkv, S, D = shape
     g = torch.Generator().manual_seed(S * D)
-    k, v, slots = _slotted_cache(B, Hkv, S, D, dtype, g)
+    k, v, slots = _slotted_cache(B, Hkv, S, D, kv_dtype, g)
     sl = torch.tensor(slots)
     tol = 3e-5 if dtype == torch.float32 else 2e-2  # fp32: sums of up to 256 products of scores ~10
     for make in PREFILL_POSITIONS:
@@ -454,6 +456,9 @@ def test_prefill_attention_matches_reference(dtype, shape, attention_isa):  # sh
         prefill_attention(q[:, :, :1], k, v, torch.full((B, 1), S), sl, 0.3, 0)
     with pytest.raises(RuntimeError, match="input_pos must be"):
         prefill_attention(q, k, v, pos[0], sl, 0.3, 0)
+    if dtype != kv_dtype:  # the one mix the op does not take: a bf16 q over an fp32 cache
+        with pytest.raises(RuntimeError, match="a bf16 q needs a bf16 cache"):
+            prefill_attention(q.bfloat16(), k.float(), v.float(), pos, sl, 0.3, 0)
 
 
 @pytest.mark.parametrize("shape", [(1, 6, 2, 170, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8), (1, 10, 2, 300, 64),

@@ -36,6 +36,7 @@ class BenchOptions:
     dtype: str | None = None  # None: see path_dtype
     int4: str = DEFAULT_INT4  # int4 paths: asymmetric or symmetric groups (llmrun.head_schemes)
     batches: tuple[int, ...] = (1,)  # tg with this many sequences per decode step (llmrun paths)
+    kv_cache: str = "auto"  # llmrun paths' KV cache dtype (llmrun.kv_cache.kv_dtype)
 
 
 def parse_paths(text: str | None) -> tuple[str, ...]:
@@ -192,7 +193,7 @@ def run_bench(opts: BenchOptions, log=None) -> dict:
                 continue
             spec = Spec(path=path, model=opts.model, synthetic=opts.synthetic, threads=threads, pp=opts.pp,
                         tg=opts.tg, reps=opts.reps, group_size=opts.group_size, head=opts.head, dtype=dtype,
-                        int4=opts.int4, batches=opts.batches)
+                        int4=opts.int4, batches=opts.batches, kv_cache=opts.kv_cache)
             log(f"{path}: starting ({SHORT[dtype]})")
             res = run_path(spec, workdir)
             results[path] = res

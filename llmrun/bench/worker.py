@@ -48,6 +48,7 @@ class Spec:
     quality_tokens: int = QUALITY_TOKENS
     seed: int = 0
     batches: tuple[int, ...] = (1,)  # tg also with this many sequences in each decode step
+    kv_cache: str = "auto"  # the KV cache's dtype (llmrun.kv_cache.kv_dtype)
 
     @property
     def quantized(self) -> bool:
@@ -72,11 +73,12 @@ def log(spec: Spec, msg: str) -> None:
 
 
 def weights_label(spec: Spec) -> str:
+    kv = "" if spec.kv_cache == "auto" else f"{SHORT[spec.kv_cache]} KV"
     if not spec.quantized:
-        return SHORT[spec.dtype]
+        return SHORT[spec.dtype] + (f" ({kv})" if kv else "")
     gs = "pc" if spec.group_size == 0 else f"g{spec.group_size}{'-sym' if spec.int4 == 'symmetric' else ''}"
     layers = "as shipped" if spec.as_shipped else f"int4-{gs}"
-    return f"{layers}+{spec.head} head ({SHORT[spec.dtype]} act)"
+    return f"{layers}+{spec.head} head ({SHORT[spec.dtype]} act{', ' + kv if kv else ''})"
 
 
 # ------------------------------------------------------------------ llmrun paths
@@ -190,6 +192,7 @@ def stored_bytes(model, cache=None, attended: float | None = None) -> dict:
 
 def run_llmrun(spec: Spec, result: dict) -> None:
     from llmrun.generate import PREFILL_CHUNK, SLOT, Generator
+    from llmrun.kv_cache import kv_dtype
 
     log(spec, "loading" + (" and quantizing" if spec.quantized else ""))
     model, tokenizer, timings, name = load_llmrun(spec)
@@ -199,7 +202,7 @@ def run_llmrun(spec: Spec, result: dict) -> None:
         prepare_int4_model(model)
     result.update(model=name, **timings)
     log(spec, f"load {timings['load_s']:.2f} s" + (f"  quantize {timings['quantize_s']:.2f} s" if spec.quantized else ""))
-    gen = Generator(model, tokenizer)
+    gen = Generator(model, tokenizer, kv_dtype=kv_dtype(spec.kv_cache, model.compute_dtype))
     if spec.compiled:
         from llmrun.engine import compile_steps
 
@@ -280,7 +283,7 @@ def _batched_decode(gen, model, spec: Spec, batch: int, g: torch.Generator) -> d
 
     vocab = model.config.vocab_size
     cache = KVCache(model.config, batch, cache_length(TG_PROMPT + spec.tg, model.config.max_seq_len),
-                    model.model.norm.weight.dtype)
+                    gen.kv_dtype)
     slots = torch.arange(batch)
     tokens = [torch.randint(0, vocab, (batch, 1), generator=g) for _ in range(TG_PROMPT + spec.tg)]
     positions = [torch.full((batch, 1), i) for i in range(TG_PROMPT + spec.tg)]

@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("-b", "--batch", default="1", metavar="B,...",
                    help="tg also with B sequences in each decode step (llmrun paths), e.g. 1,2,4,8: "
                    "aggregate and per-stream t/s")
+    p.add_argument("--kv-cache", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="llmrun paths' KV cache dtype (default auto: the compute dtype)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test")
     p.add_argument("--threads", "-t", type=int, default=None, help="threads for every path (default: all cores)")
     p.add_argument("--paths", default=None, help=f"comma list (default: all): {','.join(PATHS)}; also {','.join(EXTRA_PATHS)}")
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(model=args.model, synthetic=args.synthetic, paths=parse_paths(args.paths),
                         threads=args.threads, pp=args.n_prompt, tg=args.n_gen, reps=args.repetitions,
                         group_size=args.group_size, head=args.head, dtype=args.dtype, int4=args.int4,
-                        batches=parse_batches(args.batch))
+                        batches=parse_batches(args.batch), kv_cache=args.kv_cache)
     report = run_bench(opts)
     print(FORMATS[args.output](report), flush=True)
     failed = [p for p, r in report["paths"].items() if r.get("error")]

@@ -26,6 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=HEAD_HELP)
     p.add_argument("--weights", choices=WEIGHT_MODES, default=None, help=WEIGHTS_HELP)
     p.add_argument("--int4", choices=INT4_KINDS, default=None, help=INT4_HELP)
+    p.add_argument("--kv-cache", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="KV cache dtype (default auto: the compute dtype); bfloat16 halves the cache's "
+                   "memory and what each decode step reads of it")
     p.add_argument("--no-compile", action="store_true", help="run eager, compile nothing")
     p.add_argument("--compile-backend", choices=["aot", "jit"], default="aot",
                    help="aot: AOTInductor packages cached per model shape (default; fastest, "

@@ -118,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     with _scoring_bar("eval", len(ids) - first_scored) as on_window:
-        result = perplexity(engine.model, ids, context, stride, bos_id, on_window=on_window)
+        # a KV cache dtype named: score as generation runs, through the cache in chunks
+        kv = engine.kv_dtype if args.kv_cache not in (None, "auto") else None
+        result = perplexity(engine.model, ids, context, stride, bos_id, on_window=on_window, kv_dtype=kv)
     eval_s = time.perf_counter() - start
     peer = _llama_cpp(args, engine, ids, context, stride, bos_id, result) if args.llama_cpp else None
 
@@ -126,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         "model": engine.source,
         "weights": engine.quant_label,
         "dtype": engine.options.dtype,
+        "kv_cache": args.kv_cache or "auto",
         "threads": engine.threads,
         "text": label,
         "text_tokens": len(ids),
@@ -145,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"model     {engine.source} ({engine.quant_label}, {engine.threads} threads)\n"
+        kv = f", {args.kv_cache} KV cache" if args.kv_cache not in (None, "auto") else ""
+        print(f"model     {engine.source} ({engine.quant_label}{kv}, {engine.threads} threads)\n"
               f"text      {label}\n"
               f"windows   {result.windows} of up to {context} tokens, stride {stride}"
               f"{', BOS first in each' if result.bos_per_window else ''}\n"

@@ -55,6 +55,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         weights=getattr(args, "weights", None) or DEFAULT_WEIGHTS,
         int4=getattr(args, "int4", None) or DEFAULT_INT4,
         compile_backend=getattr(args, "compile_backend", "aot"),
+        kv_cache=getattr(args, "kv_cache", None) or "auto",
     )
 
 

@@ -115,7 +115,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, input_pos, slots, cache, settings: AttentionSettings):
         # x: (B, T, dim); cos, sin: (B, 1, T, hd); mask: (B, 1, T, S) bool, True where attention
         # is allowed; input_pos: (B, T); slots: (B,) each row's cache slot; cache: this layer's
-        # k, v (slots, Hkv, S, hd), or None for a forward over this call's tokens alone (S = T)
+        # kv_cache.LayerCache (k, v of (slots, Hkv, S, hd)), or None for a forward over this
+        # call's tokens alone (S = T)
         B, T, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.qkv_splits, dim=-1)
@@ -128,10 +129,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
+            cache.write(slots, input_pos, k, v)
             k_cache, v_cache = cache
-            rows = slots[:, None]  # (B, 1) with input_pos (B, T): row b's tokens into its slot
-            k_cache[rows, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)  # (B, T, Hkv, hd)
-            v_cache[rows, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
         if cache is not None and settings.kernels and T == 1:  # reads each row's filled positions only
             out = decode_attention(q, k_cache, v_cache, input_pos, slots, self.scale, self.softcap or 0.0,
                                    self.window)
@@ -140,7 +139,7 @@ class Attention(nn.Module):
                                     settings.bf16_dots)
         else:
             if cache is not None:  # masked attention over the rows' whole slots
-                k, v = k_cache[slots], v_cache[slots]  # (B, Hkv, S, hd)
+                k, v = k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype)  # (B, Hkv, S, hd)
             out = self._masked_attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
@@ -260,6 +259,11 @@ class Transformer(nn.Module):
         local = rope_inv_freq(cfg.rope_local or cfg.rope, cfg.head_dim)
         self.register_buffer("rope_local_inv_freq", local, persistent=False)
         self.attention = AttentionSettings(kernels=cache_attention_available())
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype (the norms' weights stay in it whatever the layers hold)."""
+        return self.model.norm.weight.dtype
 
     def configure(self, **settings) -> None:
         """Change how attention runs (AttentionSettings' fields), for the whole model."""

@@ -64,7 +64,7 @@ struct Args : Operands {
 
 struct PrefillArgs : Operands {
   void* out;                          // (B, H, T, D) contiguous, q's dtype
-  bool bf16;                          // q, k, v and out are bf16 (else fp32)
+  bool q_bf16, kv_bf16;               // q and out are bf16 (else fp32); k and v are (a bf16 q: both)
   int64_t B, T;
   int64_t q_st;                       // q stride (query)
   const int64_t* pos;                 // (B, T) the queries' cache positions, contiguous
@@ -235,14 +235,14 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
 // 2 threads, ms per layer, torch's -> this: SmolLM2 shapes (9 heads, 3 kv heads, D 64)
 // 4.3 -> 2.0, Gemma 3 270M shapes (4 heads, 1 kv head, D 256) 5.1 -> 3.3.
 //   q      (B, H, T, D)        fp32 or bf16, any strides
-//   k, v   (slots, Hkv, S, D)  q's dtype, last dim contiguous; H % Hkv == 0
+//   k, v   (slots, Hkv, S, D)  q's dtype, or bf16 beside an fp32 q; last dim contiguous; H % Hkv == 0
 //   input_pos (B, T) int64     the queries' cache positions (each in [0, S))
 //   slots  (B,) int64          each row's cache slot
 //   out    (B, H, T, D)
 // Query t of row b sees position j of its slot iff j <= pos[b][t] and (window == 0 or
 // j > pos[b][t] - window).
 // bf16_dots: fp32 operands multiplied in bf16 with fp32 sums (prefill_bf16.inc) where
-// prefill_bf16_dots_available(); otherwise ignored.
+// prefill_bf16_dots_available() and the cache is fp32; otherwise ignored.
 // Positions past a row's last are never read; those between the lowest position some query
 // of a work item sees and its last must hold finite values (as a cache filled in order
 // does): a query's weight 0 times an inf there would still be NaN.
@@ -252,8 +252,12 @@ static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(q.dim() == 4, "prefill_attention: q must be (B, H, T, D)");
   const at::Tensor pos_t = input_pos.contiguous(), slots_c = slots.contiguous();
   check_operands(q, k, v, pos_t, slots_c, "prefill_attention");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "prefill_attention: dtypes differ");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "prefill_attention: tensors must be fp32 or bf16");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "prefill_attention: k and v dtypes differ");
+  for (const at::Tensor* t : {&q, &k})
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16,
+                "prefill_attention: tensors must be fp32 or bf16");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16,
+              "prefill_attention: a bf16 q needs a bf16 cache");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "prefill_attention: k and v last dims must be contiguous");
   const int64_t T = q.size(2), S = k.size(2);
   TORCH_CHECK(S <= INT32_MAX, "prefill_attention: a cache of over 2^31 positions");  // lanes hold int32
@@ -264,7 +268,8 @@ static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, co
   PrefillArgs a;
   static_cast<Operands&>(a) = operands(qc, k, v);
   a.out = out.data_ptr();
-  a.bf16 = q.scalar_type() == at::kBFloat16;
+  a.q_bf16 = q.scalar_type() == at::kBFloat16;
+  a.kv_bf16 = k.scalar_type() == at::kBFloat16;
   a.B = q.size(0);
   a.T = T;
   a.q_st = qc.stride(2);
@@ -273,7 +278,7 @@ static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, co
   a.scale = (float)scale;
   a.window = window;
   const int isa = attention_isa();
-  if (bf16_dots && !a.bf16 && prefill_bf16_dots_available()) avx512::prefill::run_bf16(a);
+  if (bf16_dots && !a.q_bf16 && !a.kv_bf16 && prefill_bf16_dots_available()) avx512::prefill::run_bf16(a);
   else if (isa == 2) avx512::prefill::run(a);
   else if (isa == 1) avx2::prefill::run(a);
   else baseline::prefill::run(a);
