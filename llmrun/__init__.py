@@ -9,11 +9,9 @@ def _inductor_cache_default() -> None:
     """Compiled graphs persist in llmrun's cache dir (not /tmp), unless the user chose one.
     Set at import, before torch's inductor first reads (and then fixes) the variable."""
     if "TORCHINDUCTOR_CACHE_DIR" not in _os.environ:
-        try:
-            from platformdirs import user_cache_dir
-        except ImportError:  # minimal environments (the aarch64 test root): no compile cache
-            return
-        _os.environ["TORCHINDUCTOR_CACHE_DIR"] = _os.path.join(user_cache_dir("llmrun"), "inductor")
+        from llmrun.cache_dir import llmrun_cache_dir
+
+        _os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(llmrun_cache_dir() / "inductor")
 
 
 _inductor_cache_default()

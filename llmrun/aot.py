@@ -84,7 +84,7 @@ def package_key(step_module: torch.nn.Module, step: str) -> str:
 
 
 def packages_dir() -> Path:
-    from llmrun.shipped import llmrun_cache_dir
+    from llmrun.cache_dir import llmrun_cache_dir
 
     return llmrun_cache_dir() / "aoti"
 

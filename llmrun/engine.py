@@ -5,7 +5,6 @@ Every front end (generate, chat, bench, eval) uses it."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from llmrun.generation_types import ChatMessage, GenerationChunk, LoadProgress, 
 from llmrun.generate import Generator
 from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4, DEFAULT_WEIGHTS, INT4_KINDS, WEIGHT_MODES
 from llmrun.kv_cache import kv_dtype
+from llmrun.pipeline import Loaded, Scheme, load
 from llmrun.scheduler import Scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -40,16 +40,14 @@ class EngineOptions:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, options: EngineOptions, resolved, timings: dict,
-                 shipped_formats: tuple[str, ...] = ()):
+    def __init__(self, loaded: Loaded, options: EngineOptions):
+        model, tokenizer = loaded.model, loaded.tokenizer
         self.model, self.tokenizer, self.options = model, tokenizer, options
-        self.resolved = resolved
-        source = resolved.source
+        self.resolved = loaded.resolved
+        self.scheme = loaded.scheme  # the weights that run: asked for, or a quantized directory's
         self.config = model.config
-        self.source = source
-        self.name = source
-        self.timings = timings  # stage -> seconds (download, load, quantize, compile)
-        self.shipped_formats = shipped_formats  # GGUF block formats that run as shipped, most bytes first
+        self.source = self.name = loaded.resolved.source
+        self.timings = dict(loaded.timings)  # stage -> seconds (resolve, load, quantize, compile)
         self.kv_dtype = kv_dtype(options.kv_cache, model.compute_dtype)
         self.generator = Generator(model, tokenizer, kv_dtype=self.kv_dtype)
         self.steps = None  # the generator's compiled steps, when compiled
@@ -65,21 +63,11 @@ class Engine:
     @property
     def quant_label(self) -> str:
         """Which weights ran: the dtype, the int4 scheme, or a GGUF's formats as shipped."""
-        if self.options.quant == "none":
-            return self.options.dtype
-        if self.shipped_formats:
-            return f"as shipped ({', '.join(self.shipped_formats)})"
-        gs = self.options.group_size
-        return "int4 per-channel" if gs == 0 else f"int4 g{gs} {self.options.int4}"
+        return self.options.dtype if self.scheme.quant == "none" else self.scheme.label
 
     @classmethod
     def load(cls, options: EngineOptions,
              progress: Callable[[LoadProgress], None] | None = None) -> "Engine":
-        from llmrun import quantized_format
-        from llmrun.hub import resolve_model
-        from llmrun.loader import load_model, open_checkpoint
-        from llmrun.tokenizer import Tokenizer
-
         if options.threads:
             if options.threads < 1:
                 raise LlmrunError(f"--threads {options.threads} must be >= 1")
@@ -95,47 +83,16 @@ class Engine:
             raise LlmrunError(f"int4 kind {options.int4!r} is not one of {', '.join(INT4_KINDS)}")
         kv_dtype(options.kv_cache, DTYPES[options.dtype])  # a bad choice fails before the load
         report = progress or (lambda p: None)
-        timings = {}
-        start = time.perf_counter()
-        report(LoadProgress("download", message="resolving model"))
-        resolved = resolve_model(options.model)
-        timings["resolve"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        if resolved.kind == "hf-dir" and not quantized_format.is_quantized_dir(resolved.path):
-            # config and weight files are checked before the tokenizer: their errors say more
-            open_checkpoint(resolved.path, resolved.kind)
-        if resolved.kind == "gguf":
-            tokenizer = Tokenizer.from_gguf(resolved.path)
-        else:
-            tokenizer = Tokenizer.from_hf_dir(resolved.path)
-        formats: tuple[str, ...] = ()
-        if quantized_format.is_quantized_dir(resolved.path):
-            model = quantized_format.load_quantized(resolved.path, DTYPES[options.dtype])
-            scheme = quantized_format.read_scheme(resolved.path)
-            options.quant, options.group_size = scheme["quant"], int(scheme["group_size"])
-            options.weights = scheme.get("weights", "int4")  # v1 directories: int4
-            options.int4 = scheme.get("int4", "symmetric")  # older directories: symmetric
-            formats = tuple(scheme.get("shipped_formats", ()))
-        elif options.quant == "none":
-            model = load_model(
-                open_checkpoint(resolved.path, resolved.kind), DTYPES[options.dtype], None,
-                lambda _, done, total: report(LoadProgress("load", done, total)))
-        else:
-            model, formats = _load_quantized_cached(resolved, tokenizer, options, report)
-        if options.quant != "none":
-            from llmrun.quant import prepare_int4_model
-
-            prepare_int4_model(model)
-        timings["load"] = time.perf_counter() - start
-        engine = cls(model, tokenizer, options, resolved, timings, formats)
+        loaded = load(options.model, Scheme(options.quant, options.group_size, options.head, options.weights,
+                                            options.int4), DTYPES[options.dtype], report)
+        engine = cls(loaded, options)
         if options.compile:
             start = time.perf_counter()
             engine.steps = compile_steps(options.compile_backend,
                                          lambda message: report(LoadProgress("compile", message=message)))
             engine.generator.prefill_fn, engine.generator.decode_fn = engine.steps.prefill, engine.steps.decode
             engine.generator.warm_up()
-            timings["compile"] = time.perf_counter() - start
+            engine.timings["compile"] = time.perf_counter() - start
         return engine
 
     def generation_defaults(self) -> dict:
@@ -209,41 +166,3 @@ def compile_steps(backend: str, report: Callable[[str], None]):
     return AotSteps(report)
 
 
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def _load_quantized_cached(resolved, tokenizer, options: EngineOptions, report):
-    """Quantize on first use and keep the result (neutral format) in llmrun's cache, keyed by
-    the source file's identity and the scheme; later loads read the cache. A corrupt cache
-    entry is rebuilt. Returns the model and the GGUF formats that run as shipped."""
-    from llmrun import quantized_format
-    from llmrun.loader import load_model, open_checkpoint
-    from llmrun.quant import make_transform
-    from llmrun.weights import gguf_file
-
-    dtype = DTYPES[options.dtype]
-    as_shipped = options.weights == "as-shipped" and resolved.kind == "gguf"
-    cache = quantized_format.cache_path(resolved.path, options.quant, options.group_size, options.head,
-                                        "as-shipped" if as_shipped else "int4", options.int4)
-    if quantized_format.is_quantized_dir(cache):
-        report(LoadProgress("load", message=f"loading quantized model from {cache}"))
-        try:
-            model = quantized_format.load_quantized(cache, dtype)
-            return model, tuple(quantized_format.read_scheme(cache).get("shipped_formats", ()))
-        except LlmrunError as exc:
-            report(LoadProgress("load", message=f"rebuilding the quantized cache ({exc})"))
-    transform = make_transform(options.quant, options.group_size, options.head, options.int4)
-    ckpt = open_checkpoint(resolved.path, resolved.kind, keep_blocks=as_shipped)
-    formats = tuple(gguf_file.shipped_types(gguf_file.open_reader(resolved.path))) if as_shipped else ()
-    model = load_model(ckpt, dtype, transform,
-                       lambda _, done, total: report(LoadProgress("quantize", done, total)))
-    scheme = {"quant": options.quant, "group_size": options.group_size, "head": transform.head,
-              "weights": "as-shipped" if as_shipped else "int4", "int4": options.int4,
-              "shipped_formats": list(formats),
-              "source": str(resolved.path)}
-    try:
-        quantized_format.save_quantized(model, tokenizer, scheme, cache, force=True)
-    except OSError as exc:  # a cache that cannot be written costs only speed next time
-        report(LoadProgress("quantize", message=f"could not cache the quantized model ({exc})"))
-    return model, formats

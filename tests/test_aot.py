@@ -36,7 +36,7 @@ def test_second_process_loads_packages_instead_of_compiling():
 
 def test_damaged_package_is_rebuilt_and_stale_ones_deleted(tiny_hf_dir, tmp_path):
     from llmrun.aot import STALE_DAYS
-    from llmrun.shipped import llmrun_cache_dir
+    from llmrun.cache_dir import llmrun_cache_dir
 
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     args = ["generate", "-m", str(tiny_hf_dir), "--raw", "-p", "The capital of", "--temperature", "0",

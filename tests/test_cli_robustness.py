@@ -122,7 +122,7 @@ def _assert_interrupted(code, err):
 
 @pytest.mark.parametrize("stage", ["load", "compile", "aot-build", "generation"])
 def test_ctrl_c_exits_cleanly(stage, tmp_path):
-    from llmrun.shipped import llmrun_cache_dir
+    from llmrun.cache_dir import llmrun_cache_dir
 
     args = ["generate", "-p", "Tell me a long story.", "--max-new-tokens", "400"]
     if stage == "load":

@@ -7,7 +7,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-BANDWIDTH_GBPS = 34.0  # decode roofline: measured int4 GEMV read bandwidth, 2 threads (GUIDE §1)
+BANDWIDTH_GBPS = 34.0  # decode roofline: the int4 GEMV read bandwidth measured on the 2-thread dev machine
 
 
 def cpu_flags() -> set[str]:

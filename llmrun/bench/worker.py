@@ -72,33 +72,25 @@ def log(spec: Spec, msg: str) -> None:
     print(f"llmrun bench: [{spec.path}] {msg}", file=sys.stderr, flush=True)
 
 
-def weights_label(spec: Spec) -> str:
+def weights_label(spec: Spec, scheme=None) -> str:
+    """The path's weights, KV cache and activations; scheme: the loaded pipeline.Scheme, where
+    it may differ from what the spec asked (a quantized directory's own)."""
     kv = "" if spec.kv_cache == "auto" else f"{SHORT[spec.kv_cache]} KV"
     if not spec.quantized:
         return SHORT[spec.dtype] + (f" ({kv})" if kv else "")
-    gs = "pc" if spec.group_size == 0 else f"g{spec.group_size}{'-sym' if spec.int4 == 'symmetric' else ''}"
-    layers = "as shipped" if spec.as_shipped else f"int4-{gs}"
-    return f"{layers}+{spec.head} head ({SHORT[spec.dtype]} act{', ' + kv if kv else ''})"
+    group_size, int4, head = (spec.group_size, spec.int4, spec.head) if scheme is None else \
+        (scheme.group_size, scheme.int4, scheme.head)
+    as_shipped = spec.as_shipped if scheme is None else scheme.weights == "as-shipped"
+    gs = "pc" if group_size == 0 else f"g{group_size}{'-sym' if int4 == 'symmetric' else ''}"
+    layers = "as shipped" if as_shipped else f"int4-{gs}"
+    return f"{layers}+{head} head ({SHORT[spec.dtype]} act{', ' + kv if kv else ''})"
 
 
 # ------------------------------------------------------------------ llmrun paths
-class _TimedTransform:
-    """Wraps a loader transform, adding up the seconds it spends (quantization)."""
-
-    def __init__(self, inner):
-        self.inner, self.seconds = inner, 0.0
-
-    def __call__(self, name, module, blocks=None):
-        start = time.perf_counter()
-        try:
-            return self.inner(name, module, blocks)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-
 def load_llmrun(spec: Spec):
-    """(model, tokenizer or None, timings, model name)."""
+    """(model as it runs, tokenizer or None, timings, model name, the weights' label)."""
     from llmrun.errors import LlmrunError
+    from llmrun.quant import prepare_int4_model
 
     dtype = DTYPES[spec.dtype]
     if spec.synthetic:
@@ -109,34 +101,23 @@ def load_llmrun(spec: Spec):
         cfg = synthetic.model_config(spec.synthetic)
         model, timings = synthetic.build_llmrun(cfg, dtype, spec.quantized, spec.group_size, spec.seed, spec.head,
                                                 spec.int4)
-        return model, None, timings, f"{spec.synthetic} (synthetic)"
-    from llmrun import quantized_format
+        if spec.quantized:  # as the engine runs it
+            prepare_int4_model(model)
+        return model, None, timings, f"{spec.synthetic} (synthetic)", weights_label(spec)
+    from llmrun import pipeline
     from llmrun.hub import resolve_model
-    from llmrun.loader import load_model, open_checkpoint
-    from llmrun.tokenizer import Tokenizer
 
     resolved = resolve_model(spec.model)
-    start = time.perf_counter()
-    tokenizer = Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf" else \
-        Tokenizer.from_hf_dir(resolved.path)
-    if quantized_format.is_quantized_dir(resolved.path):
-        if not spec.quantized:
-            raise LlmrunError("the model is stored quantized: it has no float weights for this path")
-        model = quantized_format.load_quantized(resolved.path, dtype)
-        scheme = quantized_format.read_scheme(resolved.path)  # the table shows what was loaded
-        spec.group_size, spec.head = int(scheme["group_size"]), scheme.get("head", "int8")
-        return model, tokenizer, {"load_s": time.perf_counter() - start, "quantize_s": 0.0}, model_name(resolved)
-    transform = None
-    if spec.quantized:
-        from llmrun.quant import QuantTransform
-
-        transform = _TimedTransform(QuantTransform(spec.group_size, head=spec.head, int4=spec.int4))
     if spec.as_shipped and resolved.kind != "gguf":
         raise LlmrunError(f"{spec.path} runs a GGUF file's weights as shipped; {resolved.path} is not one")
-    model = load_model(open_checkpoint(resolved.path, resolved.kind, keep_blocks=spec.as_shipped), dtype, transform)
-    total = time.perf_counter() - start
-    quantize_s = transform.seconds if transform else 0.0
-    return model, tokenizer, {"load_s": total - quantize_s, "quantize_s": quantize_s}, model_name(resolved)
+    asked = pipeline.Scheme("int4" if spec.quantized else "none", spec.group_size, spec.head,
+                            "as-shipped" if spec.as_shipped else "int4", spec.int4)
+    loaded = pipeline.load(spec.model, asked, dtype, cache=False)  # quantized here: its time is measured
+    if loaded.scheme.quant != asked.quant:
+        raise LlmrunError("the model is stored quantized: it has no float weights for this path")
+    timings = {"load_s": loaded.timings["load"], "quantize_s": loaded.timings.get("quantize", 0.0)}
+    return (loaded.model, loaded.tokenizer, timings, model_name(loaded.resolved),
+            weights_label(spec, loaded.scheme))  # a quantized directory brings its own scheme
 
 
 def model_name(resolved) -> str:
@@ -195,12 +176,8 @@ def run_llmrun(spec: Spec, result: dict) -> None:
     from llmrun.kv_cache import kv_dtype
 
     log(spec, "loading" + (" and quantizing" if spec.quantized else ""))
-    model, tokenizer, timings, name = load_llmrun(spec)
-    if spec.quantized:  # as the engine runs it
-        from llmrun.quant import prepare_int4_model
-
-        prepare_int4_model(model)
-    result.update(model=name, **timings)
+    model, tokenizer, timings, name, weights = load_llmrun(spec)
+    result.update(model=name, weights=weights, **timings)
     log(spec, f"load {timings['load_s']:.2f} s" + (f"  quantize {timings['quantize_s']:.2f} s" if spec.quantized else ""))
     gen = Generator(model, tokenizer, kv_dtype=kv_dtype(spec.kv_cache, model.compute_dtype))
     if spec.compiled:
@@ -447,7 +424,6 @@ def run(spec: Spec) -> dict:
                       _timed, TG_PROMPT, WARMUP_DECODE, QUALITY_PROMPT)
     else:
         run_llmrun(spec, result)
-        result["weights"] = weights_label(spec)  # a quantized directory brings its own scheme
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 

@@ -26,47 +26,27 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
     import torch
 
+    from llmrun import pipeline
     from llmrun.commands.loading import StderrProgress
     from llmrun.errors import LlmrunError
-    from llmrun.generation_types import LoadProgress
-    from llmrun.hub import resolve_model
-    from llmrun.loader import load_model, open_checkpoint
-    from llmrun.quant import QuantTransform
     from llmrun.quantized_format import save_quantized
-    from llmrun.tokenizer import Tokenizer
 
     if args.out.exists() and not args.force:
         raise LlmrunError(f"{args.out} already exists; pass --force to replace it")
-    transform = QuantTransform(args.group_size, head=args.head, int4=args.int4)
-    resolved = resolve_model(args.model)
-    tokenizer = (Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf"
-                 else Tokenizer.from_hf_dir(resolved.path))
     progress = StderrProgress()
-    start = time.perf_counter()
     try:
-        as_shipped = args.weights == "as-shipped" and resolved.kind == "gguf"
-        model = load_model(open_checkpoint(resolved.path, resolved.kind, keep_blocks=as_shipped), torch.float32,
-                           transform,
-                           lambda _, done, total: progress(LoadProgress("quantize", done, total)))
+        loaded = pipeline.load(args.model, pipeline.Scheme("int4", args.group_size, args.head, args.weights, args.int4),
+                               torch.float32, progress, cache=False, prepare=False)  # saved as the layers are
     finally:
         progress.close()
-    quantize_s = time.perf_counter() - start
-    scheme = {"quant": "int4", "group_size": args.group_size, "head": args.head,
-              "weights": "as-shipped" if as_shipped else "int4", "int4": args.int4,
-              "shipped_formats": _shipped_formats(resolved.path) if as_shipped else [],
-              "source": resolved.source + ":" + str(resolved.path)}
-    save_quantized(model, tokenizer, scheme, args.out, force=args.force)
+    if loaded.scheme.quant == "none":
+        raise LlmrunError(f"{loaded.resolved.path} holds no weights to quantize")
+    resolved = loaded.resolved
+    save_quantized(loaded.model, loaded.tokenizer, loaded.scheme.to_dict(f"{resolved.source}:{resolved.path}"),
+                   args.out, force=args.force)
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
-    print(f"llmrun: quantized {resolved.source} in {quantize_s:.1f} s -> {args.out} ({size:.0f} MiB)",
-          file=sys.stderr)
+    seconds = loaded.timings.get("quantize", loaded.timings["load"])
+    print(f"llmrun: quantized {resolved.source} in {seconds:.1f} s -> {args.out} ({size:.0f} MiB)", file=sys.stderr)
     return 0
-
-
-def _shipped_formats(path: Path) -> list[str]:
-    from llmrun.weights import gguf_file
-
-    return gguf_file.shipped_types(gguf_file.open_reader(path))

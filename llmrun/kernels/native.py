@@ -55,14 +55,10 @@ def _build_dir() -> Path:
     for name in _SOURCES:
         h.update((_CSRC / name).read_bytes())
     flags = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]
-    try:
-        from platformdirs import user_cache_dir
+    from llmrun.cache_dir import llmrun_cache_dir
 
-        root = Path(user_cache_dir("llmrun"))
-    except ImportError:  # platformdirs is a dependency; keep working without it
-        root = Path.home() / ".cache" / "llmrun"
     tv = torch.__version__.replace("+", "_")
-    return root / "ext" / f"{tv}-{h.hexdigest()[:12]}-{flags}"
+    return llmrun_cache_dir() / "ext" / f"{tv}-{h.hexdigest()[:12]}-{flags}"
 
 
 def _have_compiler() -> bool:
@@ -176,12 +172,6 @@ def supported_isas() -> list[str]:
         return []
     mask = int(torch.ops.llmrun.isa_support())
     return [name for name, bits in _ISA_BITS.items() if mask & bits]
-
-
-def set_prefetch(nbytes: int) -> int:
-    """Software prefetch distance of the kernel in bytes (tuning knob); returns the old one."""
-    _load()
-    return int(torch.ops.llmrun.set_prefetch(nbytes))
 
 
 # ------------------------------------------------------------------ private layout
@@ -328,6 +318,3 @@ def block_rows(w, sc, of, bits: int, K: int, ids: torch.Tensor):
     scales = sc[panels, :, cols].float()  # [n, G]
     return codes, scales, of[panels, :, cols].float() if of.numel() else None
 
-
-def int4_mm(x2d: torch.Tensor, w, sc, corr, group_size: int, K: int, N: int, isa: int) -> torch.Tensor:
-    return torch.ops.llmrun.int4_mm(x2d, w, sc, corr, group_size, K, N, isa)

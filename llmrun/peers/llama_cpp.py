@@ -52,7 +52,7 @@ def model_file(source: Path, fmt: str, progress=None) -> Path:
         raise LlmrunError(f"llama.cpp runs GGUF files only, not {source}")
     if fmt == "as-shipped":
         return source
-    from llmrun.shipped import llmrun_cache_dir
+    from llmrun.cache_dir import llmrun_cache_dir
 
     stat = source.stat()
     key = hashlib.sha256(f"{source.resolve()}\n{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -50,8 +50,7 @@ static inline uint16_t f32_to_bf16(float f) {
 // GEMV (decode, M <= 3) issues none and leaves streaming to the hardware prefetcher: measured in
 // whole decode steps (2 threads, Zen 5) Gemma 3 270M 79 -> 90 t/s (its 168 MB int8 head alone
 // 27 -> 36 GB/s), SmolLM2 equal within noise.
-static int64_t g_prefetch = 4096;
-static int g_tile_r = 0, g_tile_c = 0;  // tuning overrides of the GEMM tile (0: default)
+static constexpr int64_t PREFETCH_BYTES = 4096;
 
 // ---------------------------------------------------------------- AVX512-VNNI (zmm)
 namespace avx512 {
@@ -342,7 +341,7 @@ static at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
   p.int8 = false;
   p.out = out.data_ptr();
   p.out_f32 = x.scalar_type() == at::kFloat;
-  p.pf = M <= 3 ? 0 : g_prefetch;
+  p.pf = M <= 3 ? 0 : PREFETCH_BYTES;
 
   const int64_t sup = isa_support();
   using RunFn = void (*)(const RunArgs&, int64_t, int64_t, int, int);
@@ -367,8 +366,6 @@ static at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
   else { rt = rmax; ct = cmax; }
   if (!grouped && isa == 0 && M > 3) { rt = 6; ct = 4; }
   if (grouped && isa == 0 && M > 3) { rt = 4; ct = 3; }
-  if (M > 3 && g_tile_r > 0 && g_tile_r <= rmax) rt = g_tile_r;
-  if (M > 3 && g_tile_c > 0 && g_tile_c <= cmax) ct = g_tile_c;
   if (M > 3) {  // balance the row tiles: M = 8 runs as 4 + 4, not 6 + 2
     const int64_t ntiles = (M + rt - 1) / rt;
     rt = (int)((M + ntiles - 1) / ntiles);
@@ -418,7 +415,7 @@ static at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
   p.int8 = true;
   p.out = out.data_ptr();
   p.out_f32 = x.scalar_type() == at::kFloat;
-  p.pf = M <= 3 ? 0 : g_prefetch;
+  p.pf = M <= 3 ? 0 : PREFETCH_BYTES;
   const int64_t sup = isa_support();
   using RunFn = void (*)(const RunArgs&, int64_t, int64_t, int, int);
   RunFn fn;
@@ -446,18 +443,6 @@ static std::tuple<at::Tensor, at::Tensor> quant_act(const at::Tensor& x, int64_t
   return {a, sa};
 }
 
-static int64_t set_prefetch(int64_t bytes) {
-  const int64_t old = g_prefetch;
-  g_prefetch = bytes;
-  return old;
-}
-
-static int64_t set_tile(int64_t r, int64_t c) {
-  g_tile_r = (int)r;
-  g_tile_c = (int)c;
-  return 0;
-}
-
 }  // namespace llmrun_kernels
 
 TORCH_LIBRARY(llmrun, m) {
@@ -465,8 +450,6 @@ TORCH_LIBRARY(llmrun, m) {
   m.def("int8_mm(Tensor x, Tensor w, Tensor sc, Tensor corr, int K, int N, int isa) -> Tensor");
   m.def("quant_act(Tensor x, int Kpad) -> (Tensor, Tensor)");
   m.def("isa_support() -> int", &llmrun_kernels::isa_support);
-  m.def("set_prefetch(int bytes) -> int", &llmrun_kernels::set_prefetch);
-  m.def("set_tile(int r, int c) -> int", &llmrun_kernels::set_tile);
 }
 
 TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
