@@ -49,8 +49,8 @@ def reference_continuations(path: Path, prompts: list[list[int]], n: int) -> lis
 
 def llmrun_continuations(path: Path, prompts: list[list[int]], n: int, threads: int, quant: str, weights: str,
                          int4: str) -> list[list[int]]:
-    from llmrun.engine import Engine, EngineOptions
-    from llmrun.generation_types import SamplingSettings
+    from llmrun.runtime.engine import Engine, EngineOptions
+    from llmrun.runtime.types import SamplingSettings
 
     engine = Engine.load(EngineOptions(model=str(path), threads=threads, quant=quant, weights=weights, int4=int4))
     settings = SamplingSettings(max_new_tokens=n, temperature=0.0)
@@ -88,8 +88,8 @@ def main() -> int:
     p.add_argument("--show", action="store_true", help="print every continuation")
     args = p.parse_args()
 
-    from llmrun.hub import resolve_model
     from llmrun.peers import llama_cpp
+    from llmrun.sources.hub import resolve_model
     from llmrun.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)

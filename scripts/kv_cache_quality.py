@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from llmrun.engine import Engine, EngineOptions
-from llmrun.kv_cache import KVCache, LayerCache
-from llmrun.perplexity import cached_hidden, perplexity_of, score_window, text_ids, window_input
+from llmrun.eval.perplexity import cached_hidden, perplexity_of, score_window, text_ids, window_input
+from llmrun.runtime.engine import Engine, EngineOptions
+from llmrun.runtime.kv_cache import KVCache, LayerCache
 
 
 def q8_0(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=512)
     args = p.parse_args()
     engine = Engine.load(EngineOptions(model=args.model, quant=args.quant))
-    from llmrun.commands.eval import builtin_text_path
+    from llmrun.cli.eval import builtin_text_path
 
     ids, bos = text_ids(engine.tokenizer, builtin_text_path().read_text())
     ids = ids[:args.max_tokens + (0 if bos is not None else 1)]

@@ -10,14 +10,14 @@ import torch
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from llmrun.shipped import shipped_models
+    from llmrun.sources.shipped import shipped_models
 
     return shipped_models()["smollm2-135m"].path()
 
 
 @pytest.fixture(scope="session")
 def gemma3_path():
-    from llmrun.shipped import shipped_models
+    from llmrun.sources.shipped import shipped_models
 
     return shipped_models()["gemma3-270m"].path()
 
@@ -25,7 +25,7 @@ def gemma3_path():
 def _load_pair(path):
     """(llmrun model, llmrun tokenizer, transformers model) for a GGUF file, fp32."""
     transformers = pytest.importorskip("transformers")
-    from llmrun.loader import load_model, open_checkpoint
+    from llmrun.formats.checkpoint import load_model, open_checkpoint
     from llmrun.tokenizer import Tokenizer
 
     ours = load_model(open_checkpoint(path, "gguf"), torch.float32)

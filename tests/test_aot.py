@@ -1,4 +1,4 @@
-"""AOTInductor packages (llmrun.aot): a second process loads instead of compiling, a damaged
+"""AOTInductor packages (llmrun.runtime.aot): a second process loads instead of compiling, a damaged
 package is rebuilt, packages share the model's tensors instead of copying them."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from llmrun.engine import Engine, EngineOptions
-from llmrun.generation_types import SamplingSettings
+from llmrun.runtime.engine import Engine, EngineOptions
+from llmrun.runtime.types import SamplingSettings
 
 ARGS = ["generate", "--raw", "-p", "The Eiffel Tower is in the city of", "--temperature", "0",
         "--max-new-tokens", "6"]
@@ -35,8 +35,8 @@ def test_second_process_loads_packages_instead_of_compiling():
 
 
 def test_damaged_package_is_rebuilt_and_stale_ones_deleted(tiny_hf_dir, tmp_path):
-    from llmrun.aot import STALE_DAYS
     from llmrun.cache_dir import llmrun_cache_dir
+    from llmrun.runtime.aot import STALE_DAYS
 
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     args = ["generate", "-m", str(tiny_hf_dir), "--raw", "-p", "The capital of", "--temperature", "0",
@@ -87,8 +87,8 @@ def test_packages_use_the_models_tensors_without_copies(tiny_hf_dir):
 def test_build_failure_is_one_clear_error(tiny_hf_dir, tmp_path, monkeypatch):
     import pytest
 
-    from llmrun import aot
     from llmrun.errors import LlmrunError
+    from llmrun.runtime import aot
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached packages
 
@@ -112,7 +112,7 @@ def _live_cpu_tensors() -> dict[int, int]:
 def test_building_a_package_neither_copies_nor_keeps_weights(tiny_hf_dir, tmp_path):
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from llmrun import aot
+    from llmrun.runtime import aot
 
     engine = Engine.load(EngineOptions(model=str(tiny_hf_dir), quant="int4", compile=False, threads=1))
     step = aot._Step(engine.model, engine.generator.ensure_cache(64), last_only=False)

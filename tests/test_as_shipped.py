@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import llmrun
-from llmrun.generate import Generator
-from llmrun.generation_types import SamplingSettings
+from llmrun.formats.checkpoint import load_model, open_checkpoint
 from llmrun.kernels import Int4Linear, RescoredLinear
 from llmrun.kernels.block_linear import BlockLinear
-from llmrun.loader import load_model, open_checkpoint
-from llmrun.quant import QuantTransform, TiedEmbedding, prepare_int4_model
+from llmrun.quant.transform import QuantTransform, TiedEmbedding, prepare_int4_model
+from llmrun.runtime.generator import Generator
+from llmrun.runtime.types import SamplingSettings
 
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
@@ -71,7 +71,7 @@ PPL_EXCESS_BOUND = 0.015
 
 
 def test_perplexity_close_to_unquantized(shipped, request):
-    from llmrun.perplexity import perplexity
+    from llmrun.eval.perplexity import perplexity
     from llmrun.tokenizer import Tokenizer
 
     name, path, model = shipped
@@ -100,7 +100,7 @@ def test_greedy_answer_is_the_unquantized_models(shipped):
 def test_saved_directory_keeps_the_blocks(smollm2_path, tmp_path):
     """A saved as-shipped model (neutral block layout; the exact head and its tied embedding)
     loads back to the same outputs, bit for bit."""
-    from llmrun.quantized_format import load_quantized, save_quantized
+    from llmrun.formats.quantized_dir import load_quantized, save_quantized
     from llmrun.tokenizer import Tokenizer
 
     model = load_model(open_checkpoint(smollm2_path, "gguf", keep_blocks=True), torch.float32,
@@ -121,16 +121,16 @@ def test_old_cache_entry_is_rebuilt(tmp_path, monkeypatch, smollm2_path):
     """A cache entry written in an older saved format is never read: the engine rebuilds it."""
     import json
 
-    from llmrun import quantized_format
-    from llmrun.engine import Engine, EngineOptions
+    from llmrun.formats import quantized_dir
+    from llmrun.runtime.engine import Engine, EngineOptions
 
-    monkeypatch.setattr("llmrun.shipped.llmrun_cache_dir", lambda: tmp_path)
-    entry = quantized_format.cache_path(smollm2_path, "int4", 32, "int8", "as-shipped")
+    monkeypatch.setattr("llmrun.sources.shipped.llmrun_cache_dir", lambda: tmp_path)
+    entry = quantized_dir.cache_path(smollm2_path, "int4", 32, "int8", "as-shipped")
     assert str(entry).startswith(str(tmp_path))
     entry.mkdir(parents=True)
     (entry / "config.json").write_text(json.dumps({"llmrun": {"format": "llmrun-quantized-v0"}}))
     (entry / "model.safetensors").write_bytes(b"not what v2 reads")
     engine = Engine.load(EngineOptions(model=str(smollm2_path), quant="int4", head="int8"))
     assert engine.quant_label == "as shipped (Q4_1, Q8_0)"
-    assert quantized_format.read_scheme(entry)["weights"] == "as-shipped"
+    assert quantized_dir.read_scheme(entry)["weights"] == "as-shipped"
     assert isinstance(engine.model.lm_head, BlockLinear)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from llmrun.errors import LlmrunError
-from llmrun.loader import load_model, open_checkpoint
+from llmrun.formats.checkpoint import load_model, open_checkpoint
 
 CONFIG = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32,
               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,

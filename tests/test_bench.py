@@ -78,7 +78,7 @@ def test_every_path_end_to_end_json(all_paths_report):
             assert len(built) == len(set(built)) <= 2 and {b.split(":")[0] for b in built} <= {"prefill", "decode-b1"}, built
         assert (res["quantize_s"] > 0) == path.endswith("int4")
         if path.endswith("int4"):  # llmrun as it runs by default: its activation dtype and scheme
-            from llmrun.engine import EngineOptions
+            from llmrun.runtime.engine import EngineOptions
 
             assert res["dtype"] == EngineOptions().dtype and res["weights"].startswith("int4-")
     assert [(r["path"], r["test"]) for r in report["rows"]] == [(p, t) for p in paths for t in ("pp16", "tg8")]
@@ -147,7 +147,7 @@ def test_greedy_match_and_summary():
 @pytest.mark.parametrize("int4,head", [(False, None), (True, "int8"), (True, "int4-rescored"), (True, "int4")])
 def test_synthetic_builder_true_shapes_and_forward(int4, head):
     from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
-    from llmrun.quant import Int8Embedding, TiedEmbedding
+    from llmrun.quant.transform import Int8Embedding, TiedEmbedding
 
     cfg = synthetic.model_config("tiny")
     model, timings = synthetic.build_llmrun(cfg, torch.bfloat16, int4, group_size=0, head=head or "int8")
@@ -212,7 +212,7 @@ def test_kernels_flag_delegates_to_the_kernel_bench(monkeypatch):
 
 def test_bytes_read_per_token_count_a_tied_head_once_and_the_kv_cache_read():
     from llmrun.bench import worker
-    from llmrun.kv_cache import KVCache
+    from llmrun.runtime.kv_cache import KVCache
 
     cfg = synthetic.model_config("tiny")
     model, _ = synthetic.build_llmrun(cfg, torch.bfloat16, False)

@@ -190,7 +190,7 @@ def test_fusion_keeps_each_layers_bytes():
     """fuse_quantized fuses block layers of one code width and group size (symmetric beside
     asymmetric: explicit offsets, the same weights) and leaves other mixes apart rather than
     widening them (4-bit to 8-bit codes would double the bytes read)."""
-    from llmrun.quant import fuse_quantized
+    from llmrun.quant.transform import fuse_quantized
 
     q5_0 = BlockLinear.from_blocks(random_blocks(32, 96, 8, 32, False, seed=1))
     q8_0 = BlockLinear.from_blocks(random_blocks(16, 96, 8, 32, False, seed=2))

@@ -86,7 +86,7 @@ def test_rescored_head_scan_takes_the_int4_kind(int4):
 
     from llmrun.kernels import Int4Linear, RescoredLinear
     from llmrun.kernels.block_linear import BlockLinear
-    from llmrun.quant import RESCORE_ASYMMETRIC_GROUP, QuantTransform
+    from llmrun.quant.transform import RESCORE_ASYMMETRIC_GROUP, QuantTransform
 
     torch.manual_seed(0)
     linear = nn.Linear(96, 5000, bias=False)

@@ -20,7 +20,7 @@ from llmrun.chat.dialogs import ConversationsDialog, SettingsDialog  # noqa: E40
 from llmrun.chat.store import DB_NAME, ChatStore  # noqa: E402
 from llmrun.chat.widgets import LoadPanel, MessageInput, MessageView, Notice, StatsBar  # noqa: E402
 from llmrun.errors import LlmrunError  # noqa: E402
-from llmrun.generation_types import (  # noqa: E402
+from llmrun.runtime.types import (  # noqa: E402
     ChatMessage, GenerationChunk, GenerationStats, LoadProgress, SamplingSettings)
 
 SIZE = (100, 32)

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from llmrun.generation_types import SamplingSettings
+from llmrun.runtime.types import SamplingSettings
 
 QUESTION = "What is the capital of France?"
 
 
 def shipped_installed() -> bool:
-    from llmrun.shipped import shipped_models
+    from llmrun.sources.shipped import shipped_models
 
     return shipped_models()["smollm2-135m"].is_installed()
 
@@ -29,7 +29,7 @@ def test_real_model_answers_in_the_app(tmp_path):
     from llmrun.chat.app import ChatApp
     from llmrun.chat.store import DB_NAME, ChatStore
     from llmrun.chat.widgets import MessageInput, MessageView, StatsBar
-    from llmrun.engine import Engine, EngineOptions
+    from llmrun.runtime.engine import Engine, EngineOptions
 
     progress_stages = []
 

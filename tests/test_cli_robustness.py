@@ -45,19 +45,19 @@ def test_disk_full_keeps_old_output(quantized_smollm2, monkeypatch, tmp_path):
     import safetensors.torch
     import torch
 
-    from llmrun import quantized_format
     from llmrun.errors import LlmrunError
+    from llmrun.formats import quantized_dir
 
     before = sorted((p.name, p.stat().st_size) for p in quantized_smollm2.iterdir())
-    model = quantized_format.load_quantized(quantized_smollm2, torch.float32)
+    model = quantized_dir.load_quantized(quantized_smollm2, torch.float32)
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(quantized_format, "save_file", full_disk)
+    monkeypatch.setattr(quantized_dir, "save_file", full_disk)
     with pytest.raises(OSError):
-        quantized_format.save_quantized(model, _tokenizer(quantized_smollm2), {"quant": "int4"},
-                                        quantized_smollm2, force=True)
+        quantized_dir.save_quantized(model, _tokenizer(quantized_smollm2), {"quant": "int4"},
+                                   quantized_smollm2, force=True)
     after = sorted((p.name, p.stat().st_size) for p in quantized_smollm2.iterdir())
     assert after == before
     leftovers = [p.name for p in quantized_smollm2.parent.iterdir() if p.name.startswith(".")]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmrun.engine import Engine, EngineOptions
-from llmrun.generate import SLOT
-from llmrun.generation_types import SamplingSettings
+from llmrun.runtime.engine import Engine, EngineOptions
+from llmrun.runtime.generator import SLOT
+from llmrun.runtime.types import SamplingSettings
 
 GREEDY = SamplingSettings(max_new_tokens=24, temperature=0)
 # (prompt, word the int4 answer holds), prompts these int4 models answer with a margin. After

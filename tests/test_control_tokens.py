@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from llmrun.generate import Generator
-from llmrun.generation_types import SamplingSettings
-from llmrun.loader import load_model, open_checkpoint
+from llmrun.formats.checkpoint import load_model, open_checkpoint
+from llmrun.runtime.generator import Generator
+from llmrun.runtime.types import SamplingSettings
 from llmrun.tokenizer import Tokenizer
 
 

@@ -1,4 +1,4 @@
-"""`llmrun eval` and llmrun.perplexity: the window recipe, agreement with transformers' loss on
+"""`llmrun eval` and llmrun.eval.perplexity: the window recipe, agreement with transformers' loss on
 the shipped SmolLM2 (fp32), int4 sanity, the CLI's JSON and its one-line errors."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from llmrun.commands.eval import builtin_text_path
-from llmrun.perplexity import Window, perplexity, text_ids, windows
+from llmrun.cli.eval import builtin_text_path
+from llmrun.eval.perplexity import Window, perplexity, text_ids, windows
 
 N_TOKENS, CONTEXT, STRIDE = 400, 128, 64
 
@@ -115,7 +115,7 @@ def test_ppl_matches_transformers(smollm2_pair, alice_ids, fp32_result):
 
 @pytest.mark.slow  # loads Gemma twice (shared with test_real_models in a full run)
 def test_bos_first_in_every_window_matches_transformers(gemma3_pair):
-    # Gemma's tokenizer puts BOS in front: every window gets it (see llmrun.perplexity)
+    # Gemma's tokenizer puts BOS in front: every window gets it (see llmrun.eval.perplexity)
     ours, tok, hf = gemma3_pair
     ids, bos = text_ids(tok, builtin_text_path().read_text(encoding="utf-8"))
     assert bos == tok.bos_id and ids[0] != bos
@@ -174,7 +174,7 @@ def test_left_context_lowers_perplexity(smollm2_pair, alice_ids, fp32_result):
 
 
 def test_int4_per_channel_ppl_is_sane(alice_ids, fp32_result):
-    from llmrun.engine import Engine, EngineOptions
+    from llmrun.runtime.engine import Engine, EngineOptions
 
     engine = Engine.load(EngineOptions(model="smollm2-135m", quant="int4", group_size=0))
     int4 = perplexity(engine.model, alice_ids, CONTEXT, STRIDE)

@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from llmrun.loader import load_model, open_checkpoint  # noqa: E402
+from llmrun.formats.checkpoint import load_model, open_checkpoint  # noqa: E402
 
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -70,7 +70,7 @@ def test_kv_cache_decode_equals_full_forward(name, kernels, kv_dtype, tmp_path):
     cache attention kernels (where this CPU has them) and the masked attention over slots; a
     bf16 cache within its rounding (keys and values to 8 bits of mantissa)."""
     from llmrun.kernels.attention import cache_attention_available
-    from llmrun.kv_cache import KVCache
+    from llmrun.runtime.kv_cache import KVCache
 
     _save_tiny(name, tmp_path)
     model = load_model(open_checkpoint(tmp_path, "hf-dir"), torch.float32)

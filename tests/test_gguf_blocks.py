@@ -1,4 +1,4 @@
-"""llmrun.weights.gguf_blocks: GGUF block bytes decoded to BlockWeight must dequantize to exactly
+"""llmrun.formats.gguf_blocks: GGUF block bytes decoded to BlockWeight must dequantize to exactly
 what gguf's own dequantize gives, bit for bit (compared as int32 views, so -0.0 != +0.0)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from llmrun.weights.gguf_blocks import SHIPPED_TYPES, decode
+from llmrun.formats.gguf_blocks import SHIPPED_TYPES, decode
 
 # Byte offsets of each type's fp16 fields (d, m, dmin) within a block.
 FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
@@ -73,7 +73,7 @@ def test_every_code_value_maps(qtype):
 
 
 def _shipped_tensors(alias: str):
-    from llmrun.shipped import shipped_models
+    from llmrun.sources.shipped import shipped_models
 
     model = shipped_models()[alias]
     if not model.is_installed():

@@ -1,4 +1,4 @@
-"""Model resolution (llmrun.hub, llmrun.catalogue, llmrun.shipped) and `llmrun list`.
+"""Model resolution (llmrun.sources.hub, llmrun.sources.catalogue, llmrun.sources.shipped) and `llmrun list`.
 
 The hub is unreachable here, so every repo test runs the real `huggingface_hub` client in
 offline mode (HF_HUB_OFFLINE=1) against a cache built on disk exactly as the hub lays it out:
@@ -25,9 +25,9 @@ from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from safetensors.numpy import save as save_safetensors
 
-from llmrun import catalogue, hub, shipped
 from llmrun.errors import LlmrunError
-from llmrun.hub import ResolvedModel, resolve_model
+from llmrun.sources import catalogue, hub, shipped
+from llmrun.sources.hub import ResolvedModel, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "HuggingFaceTB/SmolLM2-360M-Instruct"  # catalogue alias smollm2-360m, nothing shipped

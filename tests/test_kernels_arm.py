@@ -307,6 +307,6 @@ def test_block_formats_run_the_reference_after_one_warning(bits):
 def test_default_int4_is_what_the_platform_runs_natively():
     """Asymmetric int4 needs llmrun's block kernel (x86); on Arm the default is symmetric,
     the only int4 KleidiAI takes."""
-    from llmrun.head_schemes import DEFAULT_INT4
+    from llmrun.quant.schemes import DEFAULT_INT4
 
     assert DEFAULT_INT4 == ("symmetric" if ON_ARM else "asymmetric")

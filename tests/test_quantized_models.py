@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmrun.generate import Generator
-from llmrun.generation_types import SamplingSettings
-from llmrun.loader import load_model, open_checkpoint
-from llmrun.quant import QuantTransform
+from llmrun.formats.checkpoint import load_model, open_checkpoint
+from llmrun.quant.transform import QuantTransform
+from llmrun.runtime.generator import Generator
+from llmrun.runtime.types import SamplingSettings
 
 # (prompt, word the int4 answer holds): see tests/test_compiled.py for why Gemma's differs
 ANSWER = {"smollm2": ("The capital of France is", "Paris"), "gemma3": ("Paris is the capital of", "France")}
@@ -48,7 +48,7 @@ def test_perplexity_close_to_fp32(quantized, request):
     from pathlib import Path
 
     import llmrun
-    from llmrun.perplexity import perplexity
+    from llmrun.eval.perplexity import perplexity
     from llmrun.tokenizer import Tokenizer
 
     name, group, path, model = quantized
@@ -70,9 +70,9 @@ def test_rescored_head_answers_as_the_int8_head(quantized, tmp_path):
     from pathlib import Path
 
     import llmrun
+    from llmrun.eval.perplexity import perplexity
+    from llmrun.formats.quantized_dir import load_quantized, save_quantized
     from llmrun.kernels import RescoredLinear
-    from llmrun.perplexity import perplexity
-    from llmrun.quantized_format import load_quantized, save_quantized
     from llmrun.tokenizer import Tokenizer
 
     name, group, path, model = quantized
@@ -109,8 +109,8 @@ def test_saved_directory_loads_back(quantized, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from llmrun.quant import TiedEmbedding
-    from llmrun.quantized_format import load_quantized, save_quantized
+    from llmrun.formats.quantized_dir import load_quantized, save_quantized
+    from llmrun.quant.transform import TiedEmbedding
     from llmrun.tokenizer import Tokenizer
 
     name, group, path, model = quantized
@@ -148,9 +148,9 @@ def test_saved_directory_loads_back(quantized, tmp_path):
 def test_int4_head_option_has_its_own_cache_entry(smollm2_path, tmp_path, monkeypatch):
     """`--head int4`: the head runs the int4 kernel, and its quantized cache entry is not the
     default scheme's (one must never be loaded for the other)."""
-    from llmrun.engine import Engine, EngineOptions
+    from llmrun.formats.quantized_dir import cache_path
     from llmrun.kernels.block_linear import BlockLinear
-    from llmrun.quantized_format import cache_path
+    from llmrun.runtime.engine import Engine, EngineOptions
 
     shipped = "as-shipped"  # the engine's default weights for a GGUF file
     assert cache_path(smollm2_path, "int4", 32, "int4", shipped) != cache_path(smollm2_path, "int4", 32,

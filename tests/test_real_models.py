@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmrun.generate import Generator
-from llmrun.generation_types import SamplingSettings
-from llmrun.kv_cache import KVCache
+from llmrun.runtime.generator import Generator
+from llmrun.runtime.kv_cache import KVCache
+from llmrun.runtime.types import SamplingSettings
 
 PROMPT = ("The quick brown fox jumps over the lazy dog. Meanwhile, in a small village by the "
           "sea, an old fisherman was mending his nets and telling stories about")

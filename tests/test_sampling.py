@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llmrun.errors import LlmrunError
-from llmrun.generation_types import SamplingSettings
-from llmrun.sampling import apply_repetition_penalty, sample, validate
+from llmrun.runtime.sampling import apply_repetition_penalty, sample, validate
+from llmrun.runtime.types import SamplingSettings
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))
 

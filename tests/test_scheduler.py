@@ -1,4 +1,4 @@
-"""The batched runtime (llmrun.scheduler) on the shipped SmolLM2 in int4: many requests at once
+"""The batched runtime (llmrun.runtime.scheduler) on the shipped SmolLM2 in int4: many requests at once
 give each request the tokens it gets alone (whatever its sampling settings and seed), a
 cancelled request ends at once and frees its slot, prefill of a new prompt runs between
 decode steps, and a prompt that begins with what a slot holds prefills only the rest."""
@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from llmrun.engine import Engine, EngineOptions
 from llmrun.errors import LlmrunError
-from llmrun.generation_types import SamplingSettings
-from llmrun.scheduler import INTERLEAVED_CHUNK, Scheduler
+from llmrun.runtime.engine import Engine, EngineOptions
+from llmrun.runtime.scheduler import INTERLEAVED_CHUNK, Scheduler
+from llmrun.runtime.types import SamplingSettings
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived a",
            "def fibonacci(n):", "The three primary colors are"]

@@ -18,10 +18,10 @@ import time
 import jinja2
 import pytest
 
-from llmrun.chat_template import GEMMA_CHAT_TEMPLATE, ChatTemplateError
 from llmrun.errors import LlmrunError
-from llmrun.gguf_tokenizer import build_bpe_tokenizer, build_spm_model_proto, read_gguf_vocab
 from llmrun.tokenizer import Tokenizer
+from llmrun.tokenizer.chat_template import GEMMA_CHAT_TEMPLATE, ChatTemplateError
+from llmrun.tokenizer.gguf import build_bpe_tokenizer, build_spm_model_proto, read_gguf_vocab
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -387,7 +387,7 @@ def test_stream_decoder_flush_emits_incomplete_character(gemma):
 def test_unknown_pre_tokenizer_falls_back_to_gpt2_with_warning(smol_path, caplog):
     vocab = read_gguf_vocab(smol_path)
     vocab.pre = "no-such-pre-tokenizer"
-    with caplog.at_level(logging.WARNING, logger="llmrun.gguf_tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="llmrun.tokenizer.gguf"):
         tok = build_bpe_tokenizer(vocab)
     assert "no-such-pre-tokenizer" in caplog.text and "GPT-2" in caplog.text
     assert tok.decode(tok.encode("hello world").ids) == "hello world"

@@ -15,8 +15,8 @@ FORMAT_OF_PATH = {"llama.cpp": "as-shipped", "llama.cpp-q4_0": "q4_0"}
 
 def run_llama_cpp(spec, result: dict, log, repeat, timed, tg_prompt: int, warmup: int, quality_prompt: str) -> None:
     from llmrun.errors import LlmrunError
-    from llmrun.hub import resolve_model
     from llmrun.peers import llama_cpp
+    from llmrun.sources.hub import resolve_model
     from llmrun.tokenizer import Tokenizer
 
     if spec.synthetic:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from llmrun.bench import EXTRA_PATHS, PATHS, PEER_MODULES, is_quantized, machine
 from llmrun.bench.worker import SHORT, Spec
 from llmrun.errors import LlmrunError
-from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4
+from llmrun.quant.schemes import DEFAULT_HEAD, DEFAULT_INT4
 
 MEMORY_MARGIN = 1.5 * 2**30  # torch, compile and activations beside the weights
 
@@ -31,12 +31,12 @@ class BenchOptions:
     pp: int = 512
     tg: int = 128
     reps: int = 5
-    group_size: int | None = None  # None: llmrun's default scheme (quant.DEFAULT_GROUP_SIZE)
-    head: str = DEFAULT_HEAD  # int4 paths: the output head's scheme (llmrun.head_schemes)
+    group_size: int | None = None  # None: llmrun's default scheme (quant.schemes.DEFAULT_GROUP_SIZE)
+    head: str = DEFAULT_HEAD  # int4 paths: the output head's scheme (llmrun.quant.schemes)
     dtype: str | None = None  # None: see path_dtype
-    int4: str = DEFAULT_INT4  # int4 paths: asymmetric or symmetric groups (llmrun.head_schemes)
+    int4: str = DEFAULT_INT4  # int4 paths: asymmetric or symmetric groups (llmrun.quant.schemes)
     batches: tuple[int, ...] = (1,)  # tg with this many sequences per decode step (llmrun paths)
-    kv_cache: str = "auto"  # llmrun paths' KV cache dtype (llmrun.kv_cache.kv_dtype)
+    kv_cache: str = "auto"  # llmrun paths' KV cache dtype (llmrun.runtime.kv_cache.kv_dtype)
 
 
 def parse_paths(text: str | None) -> tuple[str, ...]:
@@ -61,7 +61,7 @@ def parse_batches(text: str) -> tuple[int, ...]:
 
 
 def validate(opts: BenchOptions) -> None:
-    from llmrun.quant import GROUP_SIZES
+    from llmrun.quant.schemes import GROUP_SIZES
 
     if opts.pp < 0 or opts.tg < 0 or opts.pp + opts.tg == 0:
         raise LlmrunError("-p and -n must be >= 0 and not both 0")
@@ -72,7 +72,7 @@ def validate(opts: BenchOptions) -> None:
     if opts.threads is not None and opts.threads < 1:
         raise LlmrunError(f"--threads {opts.threads} must be >= 1")
     if opts.group_size is None:
-        from llmrun.quant import DEFAULT_GROUP_SIZE
+        from llmrun.quant.schemes import DEFAULT_GROUP_SIZE
 
         opts.group_size = DEFAULT_GROUP_SIZE
     if opts.group_size not in GROUP_SIZES:
@@ -84,7 +84,7 @@ def validate(opts: BenchOptions) -> None:
 
         hf_dict(opts.synthetic)
     else:  # fail here, in one line, rather than once per worker
-        from llmrun.hub import resolve_model
+        from llmrun.sources.hub import resolve_model
 
         resolve_model(opts.model)
 
@@ -98,7 +98,7 @@ def path_dtype(path: str, opts: BenchOptions) -> str:
     if opts.dtype:
         return opts.dtype
     if is_quantized(path):
-        from llmrun.engine import EngineOptions
+        from llmrun.runtime.engine import EngineOptions
 
         return EngineOptions().dtype
     return machine.default_dtype()
@@ -127,7 +127,7 @@ def peer_missing(path: str, opts: BenchOptions) -> str | None:
     if importlib.util.find_spec(module) is None:
         return f"{module} is not installed" + (" (pip install 'llmrun[llama-cpp]')" if module == "llama_cpp" else "")
     if module == "llama_cpp":
-        from llmrun.hub import resolve_model
+        from llmrun.sources.hub import resolve_model
 
         if opts.synthetic or resolve_model(opts.model).kind != "gguf":
             return "llama.cpp runs GGUF files only"

@@ -3,7 +3,7 @@
 The model is built on the meta device and filled module by module straight into the form the
 path runs: bf16/fp32 tensors for the float paths; for the int4 paths random neutral int4
 tensors (random uint8 nibbles, small positive scales; offsets for asymmetric groups), the
-head in the requested scheme and an int8 embedding, as llmrun.quant.QuantTransform lays a real
+head in the requested scheme and an int8 embedding, as llmrun.quant.transform.QuantTransform lays a real
 model out. So
 no full-precision copy of an int4 model ever exists (an 8B int4 model needs ~5 GB, never
 the 32 GB of its fp32 form).
@@ -110,9 +110,9 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _packed_head(q8: torch.Tensor, s8: torch.Tensor, scheme: str, group_size: int, g: torch.Generator):
-    """The output head in `scheme` (llmrun.head_schemes) from its random int8 table."""
+    """The output head in `scheme` (llmrun.quant.schemes) from its random int8 table."""
     from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
-    from llmrun.quant import RESCORE_GROUP, RESCORE_K
+    from llmrun.quant.transform import RESCORE_GROUP, RESCORE_K
 
     N, K = q8.shape
     if scheme == "int8":
@@ -143,12 +143,12 @@ def _random_int4_layer(N: int, K: int, group_size: int, kind: str, g: torch.Gene
 def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed: int = 0, head: str = "int8",
                  int4_kind: str = "asymmetric"):
     """(model, {"load_s", "quantize_s"}): llmrun's Transformer with random weights, the int4
-    paths' layers of `int4_kind` (llmrun.head_schemes.INT4_KINDS) and output head in scheme
+    paths' layers of `int4_kind` (llmrun.quant.schemes.INT4_KINDS) and output head in scheme
     `head`. For int4, quantize_s is the time spent packing the neutral tensors into the
     kernel's layout."""
-    from llmrun.memory import release_free_heap
     from llmrun.models import build_on_meta
-    from llmrun.quant import Int8Embedding, TiedEmbedding, tied_table
+    from llmrun.quant.transform import Int8Embedding, TiedEmbedding, tied_table
+    from llmrun.runtime.memory import release_free_heap
 
     start = time.perf_counter()
     pack_s = 0.0

@@ -1,7 +1,7 @@
 """One benchmark path in its own process: `python -m llmrun.bench.worker SPEC.json OUT.json`.
 
 Builds the path's model, then times (warm-up excluded, `reps` repetitions):
-  pp  one prefill of `pp` synthetic tokens (chunks of generate.PREFILL_CHUNK, as generate does)
+  pp  one prefill of `pp` synthetic tokens (chunks of generator.PREFILL_CHUNK, as generate does)
   tg  `tg` single-token decode steps after a short synthetic prompt
 calling only the model's step functions (Generator.prefill_fn / decode_fn, or the
 transformers model's forward): no tokenizer, no sampling. Then, for real models, the greedy
@@ -21,8 +21,8 @@ import torch
 
 from llmrun.bench import is_quantized
 from llmrun.bench.llama_cpp_path import FORMAT_OF_PATH, run_llama_cpp
-from llmrun.head_schemes import DEFAULT_HEAD, DEFAULT_INT4
-from llmrun.memory import peak_rss_bytes
+from llmrun.quant.schemes import DEFAULT_HEAD, DEFAULT_INT4
+from llmrun.runtime.memory import peak_rss_bytes
 
 TG_PROMPT = 8  # tokens before the tg test's decode steps
 WARMUP_DECODE = 4  # untimed decode steps before tg
@@ -42,13 +42,13 @@ class Spec:
     tg: int = 128
     reps: int = 5
     group_size: int = 32
-    head: str = DEFAULT_HEAD  # int4 paths: the output head's scheme (llmrun.head_schemes)
+    head: str = DEFAULT_HEAD  # int4 paths: the output head's scheme (llmrun.quant.schemes)
     dtype: str = "bfloat16"  # compute dtype of the path (int4 paths: of the activations)
     int4: str = DEFAULT_INT4  # int4 paths: asymmetric or symmetric groups
     quality_tokens: int = QUALITY_TOKENS
     seed: int = 0
     batches: tuple[int, ...] = (1,)  # tg also with this many sequences in each decode step
-    kv_cache: str = "auto"  # the KV cache's dtype (llmrun.kv_cache.kv_dtype)
+    kv_cache: str = "auto"  # the KV cache's dtype (llmrun.runtime.kv_cache.kv_dtype)
 
     @property
     def quantized(self) -> bool:
@@ -60,7 +60,7 @@ class Spec:
 
     @property
     def backend(self) -> str | None:
-        """The compile backend of the path (llmrun.engine.COMPILE_BACKENDS), None if eager."""
+        """The compile backend of the path (llmrun.runtime.engine.COMPILE_BACKENDS), None if eager."""
         return "aot" if self.path.startswith("compiled") else "jit" if self.path.startswith("jit") else None
 
     @property
@@ -73,7 +73,7 @@ def log(spec: Spec, msg: str) -> None:
 
 
 def weights_label(spec: Spec, scheme=None) -> str:
-    """The path's weights, KV cache and activations; scheme: the loaded pipeline.Scheme, where
+    """The path's weights, KV cache and activations; scheme: the loaded quant.schemes.Scheme, where
     it may differ from what the spec asked (a quantized directory's own)."""
     kv = "" if spec.kv_cache == "auto" else f"{SHORT[spec.kv_cache]} KV"
     if not spec.quantized:
@@ -90,7 +90,7 @@ def weights_label(spec: Spec, scheme=None) -> str:
 def load_llmrun(spec: Spec):
     """(model as it runs, tokenizer or None, timings, model name, the weights' label)."""
     from llmrun.errors import LlmrunError
-    from llmrun.quant import prepare_int4_model
+    from llmrun.quant.transform import prepare_int4_model
 
     dtype = DTYPES[spec.dtype]
     if spec.synthetic:
@@ -104,13 +104,14 @@ def load_llmrun(spec: Spec):
         if spec.quantized:  # as the engine runs it
             prepare_int4_model(model)
         return model, None, timings, f"{spec.synthetic} (synthetic)", weights_label(spec)
-    from llmrun import pipeline
-    from llmrun.hub import resolve_model
+    from llmrun.quant.schemes import Scheme
+    from llmrun.runtime import pipeline
+    from llmrun.sources.hub import resolve_model
 
     resolved = resolve_model(spec.model)
     if spec.as_shipped and resolved.kind != "gguf":
         raise LlmrunError(f"{spec.path} runs a GGUF file's weights as shipped; {resolved.path} is not one")
-    asked = pipeline.Scheme("int4" if spec.quantized else "none", spec.group_size, spec.head,
+    asked = Scheme("int4" if spec.quantized else "none", spec.group_size, spec.head,
                             "as-shipped" if spec.as_shipped else "int4", spec.int4)
     loaded = pipeline.load(spec.model, asked, dtype, cache=False)  # quantized here: its time is measured
     if loaded.scheme.quant != asked.quant:
@@ -143,7 +144,7 @@ def mean_tg_context(spec) -> float:
 def stored_bytes(model, cache=None, attended: float | None = None) -> dict:
     """Bytes a decode step reads: every weight tensor once, the embedding table one row (unless
     it is also the head), a rescored head's int8 table the panels of its k rows, and the KV
-    cache (llmrun.kv_cache.KVCache): all of it (masked attention), or `attended` of its
+    cache (llmrun.runtime.kv_cache.KVCache): all of it (masked attention), or `attended` of its
     positions on average (the decode attention kernel reads only the filled ones)."""
     from llmrun.kernels import RescoredLinear
 
@@ -172,8 +173,8 @@ def stored_bytes(model, cache=None, attended: float | None = None) -> dict:
 
 
 def run_llmrun(spec: Spec, result: dict) -> None:
-    from llmrun.generate import PREFILL_CHUNK, SLOT, Generator
-    from llmrun.kv_cache import kv_dtype
+    from llmrun.runtime.generator import PREFILL_CHUNK, SLOT, Generator
+    from llmrun.runtime.kv_cache import kv_dtype
 
     log(spec, "loading" + (" and quantizing" if spec.quantized else ""))
     model, tokenizer, timings, name, weights = load_llmrun(spec)
@@ -181,7 +182,7 @@ def run_llmrun(spec: Spec, result: dict) -> None:
     log(spec, f"load {timings['load_s']:.2f} s" + (f"  quantize {timings['quantize_s']:.2f} s" if spec.quantized else ""))
     gen = Generator(model, tokenizer, kv_dtype=kv_dtype(spec.kv_cache, model.compute_dtype))
     if spec.compiled:
-        from llmrun.engine import compile_steps
+        from llmrun.runtime.engine import compile_steps
 
         steps = compile_steps(spec.backend, lambda message: log(spec, message))
         gen.prefill_fn, gen.decode_fn = steps.prefill, steps.decode
@@ -254,9 +255,9 @@ def run_llmrun(spec: Spec, result: dict) -> None:
 
 def _batched_decode(gen, model, spec: Spec, batch: int, g: torch.Generator) -> dict:
     """tg with `batch` sequences, each in its own slot of one cache, in every decode step (as
-    llmrun.scheduler runs them): the timed steps, and the bytes such a step reads."""
-    from llmrun.generate import cache_length
-    from llmrun.kv_cache import KVCache
+    llmrun.runtime.scheduler runs them): the timed steps, and the bytes such a step reads."""
+    from llmrun.runtime.generator import cache_length
+    from llmrun.runtime.kv_cache import KVCache
 
     vocab = model.config.vocab_size
     cache = KVCache(model.config, batch, cache_length(TG_PROMPT + spec.tg, model.config.max_seq_len),
@@ -281,7 +282,7 @@ def _batched_decode(gen, model, spec: Spec, batch: int, g: torch.Generator) -> d
 
 def _greedy_llmrun(gen, model, tokenizer, spec: Spec) -> list[int]:
     """Greedy tokens of QUALITY_PROMPT, through the same decode step that tg timed."""
-    from llmrun.generate import SLOT
+    from llmrun.runtime.generator import SLOT
 
     ids = tokenizer.encode(QUALITY_PROMPT)[:32]
     cache = gen.cache
@@ -308,7 +309,7 @@ def load_transformers(spec: Spec):
         return model, None, seconds, f"{spec.synthetic} (synthetic)"
     from transformers import AutoModelForCausalLM
 
-    from llmrun.hub import resolve_model
+    from llmrun.sources.hub import resolve_model
     from llmrun.tokenizer import Tokenizer
 
     resolved = resolve_model(spec.model)

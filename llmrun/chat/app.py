@@ -23,7 +23,7 @@ from llmrun.chat.dialogs import ConversationsDialog, Opened, SettingsDialog
 from llmrun.chat.store import ChatStore, Conversation, ConversationSettings, StoredMessage
 from llmrun.chat.widgets import LoadPanel, MessageInput, MessageView, Notice, StatsBar
 from llmrun.errors import LlmrunError
-from llmrun.generation_types import ChatMessage, GenerationChunk, GenerationStats, SamplingSettings
+from llmrun.runtime.types import ChatMessage, GenerationChunk, GenerationStats, SamplingSettings
 
 FINISH_NOTES = {
     "stop": "",

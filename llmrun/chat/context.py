@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmrun.errors import LlmrunError
-from llmrun.generation_types import ChatMessage
+from llmrun.runtime.types import ChatMessage
 
 
 @dataclass

@@ -13,7 +13,7 @@ from textual.widgets import Button, Input, Label, OptionList, TextArea
 from textual.widgets.option_list import Option
 
 from llmrun.chat.store import ChatStore, Conversation, ConversationSettings
-from llmrun.generation_types import SamplingSettings
+from llmrun.runtime.types import SamplingSettings
 
 
 

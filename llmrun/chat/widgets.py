@@ -10,7 +10,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Label, Markdown, ProgressBar, Static, TextArea
 
-from llmrun.generation_types import GenerationStats, LoadProgress
+from llmrun.runtime.types import GenerationStats, LoadProgress
 
 class MessageInput(TextArea):
     """Multi-line input: Enter sends, Shift+Enter / Ctrl+J add a line; pastes keep their lines."""

@@ -1,5 +1,5 @@
 """One config dataclass for every family. Family modules fill it from a checkpoint's
-config.json (`from_hf`) or from GGUF metadata (`llmrun.weights.gguf_file`)."""
+config.json (`from_hf`) or from GGUF metadata (`llmrun.formats.gguf_file`)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 (model.layers.N.self_attn.q_proj, ...) so safetensors load with no name map; per-family
 behaviour comes only from ModelConfig fields.
 
-The model keeps no runtime state: the KV cache (llmrun.kv_cache, laid out in slots) is the
+The model keeps no runtime state: the KV cache (llmrun.runtime.kv_cache, laid out in slots) is the
 runtime's and comes into each forward with per-row positions (B, T) and a slot per row, so
 prefill and decode of any mix of sequences are the same forward with different arguments."""
 
@@ -284,7 +284,7 @@ class Transformer(nn.Module):
 
     def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, cache=None,
                slots: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids. With a cache (llmrun.kv_cache.KVCache): input_pos (B, T), the
+        """idx: (B, T) token ids. With a cache (llmrun.runtime.kv_cache.KVCache): input_pos (B, T), the
         tokens' positions, and slots (B,), the slot each row's sequence lives in (default: row b
         in slot b); the tokens' keys and values are written there. With no cache: a plain
         forward over these tokens alone, at positions 0..T-1. Returns the final-norm outputs

@@ -134,12 +134,12 @@ def window_logits(llm, tokens: list[int]):
 
 def perplexity(source: Path, fmt: str, ids, context: int, stride: int, bos_id: int | None, threads: int,
                on_window=None, progress=None):
-    """llama.cpp's perplexity of the token stream `ids` over exactly llmrun.perplexity's
+    """llama.cpp's perplexity of the token stream `ids` over exactly llmrun.eval.perplexity's
     windows and scoring (the same ids, BOS handling and float32 log-softmax). Returns
     (PerplexityResult, the file llama.cpp ran)."""
     import torch
 
-    from llmrun.perplexity import perplexity_of, score_window, window_input
+    from llmrun.eval.perplexity import perplexity_of, score_window, window_input
 
     path = model_file(source, fmt, progress)
     llm = load(path, threads, n_ctx=context, logits_all=True, n_batch=context)

@@ -1,1 +1,0 @@
-"""One module per `llmrun` subcommand; each exposes add_parser(subparsers)."""

@@ -1,0 +1,1 @@
+"""Quality measures: perplexity over sliding windows, the same windows for every runtime."""

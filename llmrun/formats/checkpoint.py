@@ -1,0 +1,140 @@
+"""Checkpoint -> model: build on the meta device, then assign tensors one at a time as the
+reader streams them (converted to the compute dtype, optionally replaced by a quantized
+module as soon as a layer's weights are complete). No second full copy in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmrun.errors import LlmrunError
+from llmrun.kernels.blocks import BlockWeight
+from llmrun.models import ModelConfig, Transformer, build_on_meta
+from llmrun.runtime.memory import release_free_heap
+
+# (qualified module name, loaded module, its block-quantized weights by leaf name) -> module to
+# use instead (e.g. a quantized linear). A leaf whose weight arrived block-quantized (a GGUF
+# tensor kept as shipped) is a meta tensor in the loaded module: the transform builds from the blocks.
+ModuleTransform = Callable[[str, nn.Module, dict[str, BlockWeight]], nn.Module]
+# (stage, done, total)
+ProgressFn = Callable[[str, int, int], None]
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_IGNORED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                     "model.multi_modal_projector.")
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    n_tensors: int
+    path: Path
+
+
+def open_checkpoint(path: Path, kind: str, keep_blocks: bool = False) -> Checkpoint:
+    """keep_blocks: GGUF tensors of the block formats llmrun runs as shipped arrive as
+    BlockWeight (exact codes and scales) instead of dequantized float32."""
+    if kind == "gguf":
+        from llmrun.formats import gguf_file
+
+        reader = gguf_file.open_reader(path)
+        cfg = gguf_file.read_config(reader)
+        return Checkpoint(cfg, gguf_file.tensor_stream(reader, cfg, path, keep_blocks),
+                          len(reader.tensors), path)
+    from llmrun.formats import safetensors_dir
+
+    cfg = safetensors_dir.read_config(path)
+    files = safetensors_dir.weight_files(path)
+    count = 0
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                count += len(list(f.keys()))
+        except Exception as exc:
+            raise LlmrunError(f"cannot read {file}: {exc} (the file is truncated or corrupt; "
+                              "download it again)") from None
+    return Checkpoint(cfg, safetensors_dir.tensor_stream(path), count, path)
+
+
+def _canonical(name: str) -> str | None:
+    if name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES):
+        return None
+    for prefix in ("language_model.model.", "model.language_model."):
+        if name.startswith(prefix):
+            return "model." + name[len(prefix):]
+    if name.startswith("language_model.lm_head."):
+        return name[len("language_model."):]
+    return name
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform | None = None,
+               progress: ProgressFn | None = None) -> Transformer:
+    model = build_on_meta(ckpt.config)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    pending = {name: sum(1 for _ in mod.parameters(recurse=False)) for name, mod in modules.items()}
+    seen: set[str] = set()
+    blocks: dict[str, dict[str, BlockWeight]] = {}  # module name -> leaf -> block weights
+    for i, (raw_name, tensor) in enumerate(ckpt.tensors, 1):
+        if progress:
+            progress("load", i, ckpt.n_tensors)
+        name = _canonical(raw_name)
+        if name is None or (name == "lm_head.weight" and ckpt.config.tie_embeddings):
+            continue  # tied heads read the embedding table
+        if name not in expected:
+            raise LlmrunError(f"{ckpt.path}: unexpected tensor {raw_name!r} for a "
+                              f"{ckpt.config.family} model (the checkpoint does not match its config)")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise LlmrunError(f"{ckpt.path}: tensor {raw_name!r} has shape {tuple(tensor.shape)}, "
+                              f"config.json implies {tuple(expected[name].shape)}")
+        module_name, _, leaf = name.rpartition(".")
+        module = modules[module_name]
+        if isinstance(tensor, BlockWeight) and transform is None:
+            tensor = tensor.dequantize()
+        if isinstance(tensor, BlockWeight):
+            blocks.setdefault(module_name, {})[leaf] = tensor
+            tensor = torch.empty(tensor.shape, device="meta")
+        elif not tensor.is_floating_point():
+            raise LlmrunError(f"{ckpt.path}: tensor {raw_name!r} has dtype {tensor.dtype}; "
+                              "expected floating point weights")
+        module._parameters[leaf] = nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=False)
+        seen.add(name)
+        pending[module_name] -= 1
+        if name == "model.embed_tokens.weight" and ckpt.config.tie_embeddings:
+            # the head reads the same table: tie (and transform it) before the embedding changes
+            model.lm_head.weight = module.weight
+            seen.add("lm_head.weight")
+            if transform is not None:
+                _replace(model, modules, "lm_head", transform("lm_head", model.lm_head, blocks.get(module_name, {})))
+        if pending[module_name] == 0 and transform is not None:
+            own = blocks.pop(module_name, {})
+            replaced = _replace(model, modules, module_name, transform(module_name, module, own))
+            if own and not replaced:
+                raise LlmrunError(f"{ckpt.path}: {module_name} holds block-quantized weights that "
+                                  "the quantization scheme cannot take")
+            if replaced:
+                release_free_heap()  # the float weights and packing intermediates just freed
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise LlmrunError(f"{ckpt.path}: missing tensors {shown} (the checkpoint is incomplete)")
+    model.eval()
+    return model
+
+
+def _replace(model: nn.Module, modules: dict, name: str, new: nn.Module) -> bool:
+    """Put `new` in the place of module `name`; False when it is the module already there."""
+    if new is modules[name]:
+        return False
+    parent_name, _, child = name.rpartition(".")
+    setattr(modules[parent_name] if parent_name else model, child, new)
+    modules[name] = new
+    return True
+

@@ -1,0 +1,202 @@
+"""Many sequences at once (continuous batching). One engine thread owns a KV cache of several
+slots: it admits waiting requests into free slots, prefills a new prompt a chunk at a time
+between decode steps (running streams keep flowing), runs one decode step over every decoding
+sequence together (decode is bandwidth-bound: one pass over the weights serves them all) and
+retires finished or cancelled sequences at once.
+
+Each request owns a llmrun.runtime.sequence.Sequence (its sampling settings, seed, repetition state,
+stop tokens): the scheduler only chooses which steps run, so a request's tokens do not depend
+on what else runs (the int4 kernels compute every row alike whatever the batch). A retired
+sequence's slot keeps its tokens' K and V: a later prompt that begins with them (the next turn
+of a conversation) takes that slot and prefills only the rest."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import torch
+
+from llmrun.models import Transformer
+from llmrun.runtime.generator import PREFILL_CHUNK, decode_one, prefill
+from llmrun.runtime.kv_cache import KVCache
+from llmrun.runtime.sequence import Sequence, common_prefix
+from llmrun.runtime.types import GenerationChunk, SamplingSettings
+
+INTERLEAVED_CHUNK = 128  # prefill chunk while others decode: their tokens wait at most this long
+
+
+class Request:
+    """A submitted prompt. Iterate it for its chunks (the last one carries the stats; an error
+    in its steps is raised here); `cancel()` ends it at the next step, also while it waits or
+    prefills, and frees its slot."""
+
+    def __init__(self, seq: Sequence, wake: Callable[[], None]):
+        self.seq = seq
+        self.slot: int | None = None
+        self.fed = 0  # prompt tokens in the slot's cache
+        self.cancelled = threading.Event()
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = wake
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self._wake()
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        while True:
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+    @property
+    def decoding(self) -> bool:
+        return self.fed == len(self.seq.prompt)
+
+
+class Scheduler:
+    """`submit` from any thread; the steps run on the scheduler's own thread. `batch_sizes`:
+    the decode batch sizes the steps are built for (compiled steps have static shapes): a
+    step's rows are padded up to the next one by repeating its last row, which writes the same
+    K and V to the same place. None: any size."""
+
+    def __init__(self, model: Transformer, tokenizer, slots: int, length: int,
+                 prefill_fn: Callable = prefill, decode_fn: Callable = decode_one,
+                 batch_sizes: tuple[int, ...] | None = None, kv_dtype: torch.dtype | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
+        self.length = min(length, model.config.max_seq_len)
+        self.cache = KVCache(model.config, slots, self.length, kv_dtype or model.compute_dtype)
+        self.batch_sizes = batch_sizes
+        self.held: list[list[int]] = [[] for _ in range(slots)]  # tokens each slot holds from position 0
+        self._last_used = [0] * slots
+        self._clock = itertools.count(1)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._wakeup = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="llmrun-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ any thread
+
+    def submit(self, prompt_ids: list[int], settings: SamplingSettings,
+               ignore_eos: bool = False) -> Request:
+        """Queue a prompt (bad settings or a prompt over the cache's length raise here)."""
+        request = Request(Sequence(self.tokenizer, prompt_ids, settings, self.length, ignore_eos),
+                          self._wake)
+        with self._wakeup:
+            if self._closing:
+                raise RuntimeError("the scheduler is closed")
+            self.waiting.append(request)
+            self._wakeup.notify()
+        return request
+
+    def close(self) -> None:
+        """Cancel what runs or waits and stop the thread."""
+        with self._wakeup:
+            self._closing = True
+            self._wakeup.notify()
+        self._thread.join()
+
+    def _wake(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify()
+
+    # ------------------------------------------------------------------ the scheduler's thread
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not (self._closing or self.waiting or self.running):
+                        self._wakeup.wait()
+                    if self._closing:
+                        for request in [*self.waiting, *self.running]:
+                            self._retire(request, "cancelled")
+                        return
+                    self._admit()
+                for request in [r for r in self.running if r.cancelled.is_set()]:
+                    self._retire(request, "cancelled")
+                prefilling = [r for r in self.running if not r.decoding]
+                decoding = [r for r in self.running if r.decoding]
+                if prefilling:
+                    self._guarded([prefilling[0]], self._prefill_chunk, prefilling[0],
+                                  INTERLEAVED_CHUNK if decoding else PREFILL_CHUNK)
+                if decoding:
+                    self._guarded(decoding, self._decode_step, decoding)
+
+    def _admit(self) -> None:
+        """Waiting requests into free slots (caller holds the lock); the cancelled ones end."""
+        for request in [r for r in self.waiting if r.cancelled.is_set()]:
+            self.waiting.remove(request)
+            self._retire(request, "cancelled")
+        busy = {r.slot for r in self.running}
+        free = [s for s in range(len(self.held)) if s not in busy]
+        while self.waiting and free:
+            request = self.waiting.popleft()
+            prompt = request.seq.prompt
+
+            def reuse(slot: int) -> int:  # the prompt's last token is always fed: its logits
+                return min(common_prefix(self.held[slot], prompt), len(prompt) - 1)
+
+            # the longest reuse; else the slot unused the longest (recent ones may be reused soon)
+            slot = max(free, key=lambda s: (reuse(s), -self._last_used[s]))
+            free.remove(slot)
+            request.slot, request.fed = slot, reuse(slot)
+            del self.held[slot][request.fed:]
+            request.seq.start_prefill(request.fed)
+            self.running.append(request)
+
+    def _guarded(self, requests: list[Request], step: Callable, *args) -> None:
+        """Run one step; if it fails, its requests end with the error (the others go on)."""
+        try:
+            step(*args)
+        except Exception as exc:  # noqa: BLE001 - handed to the requests' own threads
+            for request in requests:
+                if request in self.running:
+                    self.running.remove(request)
+                    request._chunks.put(exc)
+
+    def _prefill_chunk(self, request: Request, chunk: int) -> None:
+        seq, slot = request.seq, request.slot
+        lo, hi = request.fed, min(request.fed + chunk, len(seq.prompt))
+        ids = torch.tensor([seq.prompt[lo:hi]], dtype=torch.long)
+        # ids: (1, T), positions (1, T), slot (1,) -> logits of the last position (1, 1, vocab)
+        logits = self.prefill_fn(self.model, self.cache, ids, torch.arange(lo, hi)[None],
+                                 torch.tensor([slot]))
+        request.fed = hi
+        self.held[slot] = seq.prompt[:hi]
+        if request.decoding:
+            self._emit(request, seq.first(logits[0, -1]))
+
+    def _decode_step(self, requests: list[Request]) -> None:
+        rows = len(requests)
+        padded = rows if self.batch_sizes is None else next(
+            (b for b in self.batch_sizes if b >= rows), rows)
+        order = requests + [requests[-1]] * (padded - rows)
+        tokens = torch.tensor([[r.seq.token] for r in order])  # (B, 1)
+        positions = torch.tensor([[r.seq.pos] for r in order])  # (B, 1)
+        slots = torch.tensor([r.slot for r in order])  # (B,)
+        logits = self.decode_fn(self.model, self.cache, tokens, positions, slots)  # (B, 1, vocab)
+        for i, request in enumerate(requests):
+            self.held[request.slot].append(request.seq.token)
+            self._emit(request, request.seq.next(logits[i, -1]))
+
+    def _emit(self, request: Request, chunk: GenerationChunk | None) -> None:
+        if chunk is not None:  # None: the model ended the answer
+            request._chunks.put(chunk)
+        if request.seq.finished:
+            self._retire(request, None)
+
+    def _retire(self, request: Request, reason: str | None) -> None:
+        if request in self.running:
+            self.running.remove(request)
+            self._last_used[request.slot] = next(self._clock)
+        request._chunks.put(request.seq.finish(reason))
