@@ -1,7 +1,7 @@
-"""The batched runtime (llmrun.runtime.scheduler) on the shipped SmolLM2 in int4: many requests at once
-give each request the tokens it gets alone (whatever its sampling settings and seed), a
-cancelled request ends at once and frees its slot, prefill of a new prompt runs between
-decode steps, and a prompt that begins with what a slot holds prefills only the rest."""
+"""The batched runtime (llmrun.runtime.scheduler) on the shipped SmolLM2 in int4 (and fp32): many
+requests at once give each request the tokens it gets alone (whatever its sampling settings and
+seed), a cancelled request ends at once and frees its slot, prefill of a new prompt runs
+between decode steps, and a prompt that begins with what a slot holds prefills only the rest."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def engine():
     return Engine.load(EngineOptions(model="smollm2-135m", quant="int4"))
 
 
+@pytest.fixture(scope="module")
+def fp32_engine():
+    return Engine.load(EngineOptions(model="smollm2-135m", quant="none"))
+
+
 def _tokens(chunks):
     return [c.token for c in chunks if c.token is not None]
 
@@ -37,10 +42,13 @@ def _alone(engine, ids, settings):
     return _tokens(engine.stream_generate(ids, settings, ignore_eos=True))
 
 
-@pytest.mark.parametrize("batch_sizes", [None, (4,)], ids=["exact", "padded"])
-def test_batched_requests_get_the_tokens_they_get_alone(engine, batch_sizes):
+@pytest.mark.parametrize("weights,batch_sizes", [("int4", None), ("int4", (4,)), ("fp32", None)],
+                         ids=["int4", "int4-padded", "fp32"])
+def test_batched_requests_get_the_tokens_they_get_alone(request, weights, batch_sizes):
     """Four requests on three slots (one waits for a slot), greedy and seeded sampling mixed;
-    padded: every step runs 4 rows (compiled steps' static batch sizes), the extra ones repeats."""
+    padded: every step runs 4 rows (compiled steps' static batch sizes), the extra ones repeats.
+    Every row is computed alike whatever the batch: the tokens are exactly equal."""
+    engine = request.getfixturevalue("engine" if weights == "int4" else "fp32_engine")
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     expected = [_alone(engine, i, s) for i, s in zip(ids, SETTINGS)]
     scheduler = Scheduler(engine.model, engine.tokenizer, 3, 256, batch_sizes=batch_sizes)

@@ -229,6 +229,8 @@ def greedy_match(tokens: list[int] | None, reference: list[int] | None) -> tuple
 def planned_tests(opts: BenchOptions) -> list[tuple[str, str, int, int]]:
     """(key in a worker's result tests, row label, tokens per sequence, sequences) per test."""
     tests = [("pp", f"pp{opts.pp}", opts.pp, 1)] if opts.pp else []
+    if opts.pp:
+        tests += [(f"pp_b{b}", f"pp{opts.pp} +{b - 1} decoding", opts.pp, b) for b in sorted(set(opts.batches)) if b > 1]
     if opts.tg:
         tests += [("tg" if b == 1 else f"tg_b{b}", f"tg{opts.tg}" if b == 1 else f"tg{opts.tg} x{b}", opts.tg, b)
                   for b in sorted(set(opts.batches) | {1})]
@@ -236,7 +238,8 @@ def planned_tests(opts: BenchOptions) -> list[tuple[str, str, int, int]]:
 
 
 def build_rows(results: dict, paths: list[str], threads: int, opts: BenchOptions) -> list[dict]:
-    """One row per path and test; a batched test's t/s is the aggregate over its sequences."""
+    """One row per path and test; a batched tg's t/s is the aggregate over its sequences, a pp
+    beside running decodes that of the prompt (per stream: each decoding one's t/s meanwhile)."""
     rows = []
     default = results.get("default", {})
     model_name = next((r["model"] for r in results.values() if r.get("model")),
@@ -249,7 +252,7 @@ def build_rows(results: dict, paths: list[str], threads: int, opts: BenchOptions
             data = (res.get("tests") or {}).get(key)
             note = res.get("skipped") or (f"error: {res['error']}" if res.get("error") else None)
             if batch > 1 and not data and not note:
-                note = "batched decode: llmrun paths only"
+                note = "many sequences: llmrun paths only"
             row = {"model": res.get("model") or model_name, "weights": res.get("weights") or
                    SHORT.get(res.get("dtype", ""), ""), "path": path, "threads": threads,
                    "test": label, "n_tokens": n, "batch": batch, "tps_mean": None, "tps_sd": None,
@@ -257,14 +260,17 @@ def build_rows(results: dict, paths: list[str], threads: int, opts: BenchOptions
                    "roofline_tps": None, "roofline_pct": None, "bytes_per_token": None,
                    "greedy_match": list(match) if match and batch == 1 else None,
                    "pp_argmax_match": None, "note": note}
+            prefill = key.startswith("pp")
             if data:
-                row.update(samples_s=data["samples_s"], **summarize(data["samples_s"], n * batch))
-                if key != "pp":
+                row.update(samples_s=data["samples_s"], **summarize(data["samples_s"], n if prefill else n * batch))
+                if not prefill:
                     row["per_stream_tps"] = row["tps_mean"] / batch
+                elif batch > 1:
+                    row["per_stream_tps"] = statistics.fmean(data["decode_steps"] / s for s in data["samples_s"])
                 base = ((default.get("tests") or {}).get(key) or {}).get("samples_s")
                 if base:
-                    row["vs_default"] = row["tps_mean"] / summarize(base, n * batch)["tps_mean"]
-                if key != "pp" and res.get("weights_bytes"):
+                    row["vs_default"] = row["tps_mean"] / summarize(base, n if prefill else n * batch)["tps_mean"]
+                if not prefill and res.get("weights_bytes"):
                     # one step reads the weights once and every sequence's KV
                     per_step = res["weights_bytes"] + data.get("kv_bytes", res.get("kv_bytes", 0))
                     roof = machine.BANDWIDTH_GBPS * 1e9 / per_step * batch

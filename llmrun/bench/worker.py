@@ -244,6 +244,8 @@ def run_llmrun(spec: Spec, result: dict) -> None:
             result.update(stored_bytes(model, cache, attended))
         for batch in (b for b in spec.batches if b > 1 and spec.tg):
             result["tests"][f"tg_b{batch}"] = _batched_decode(gen, model, spec, batch, g)
+        for batch in (b for b in spec.batches if b > 1 and spec.pp):
+            result["tests"][f"pp_b{batch}"] = _prefill_beside_decode(gen, model, spec, batch, g)
         if tokenizer is not None:
             result["greedy_tokens"] = _greedy_llmrun(gen, model, tokenizer, spec)
     result["compile_s"] = compile_s if spec.compiled else None
@@ -278,6 +280,40 @@ def _batched_decode(gen, model, spec: Spec, batch: int, g: torch.Generator) -> d
     attended = mean_tg_context(spec) if model.attention.kernels else None
     return {"n": spec.tg, "batch": batch, "samples_s": samples,
             "kv_bytes": stored_bytes(model, cache, attended)["kv_bytes"]}
+
+
+def _prefill_beside_decode(gen, model, spec: Spec, batch: int, g: torch.Generator) -> dict:
+    """pp while batch - 1 other sequences decode, interleaved as llmrun.runtime.scheduler runs
+    them: a prefill chunk of INTERLEAVED_CHUNK tokens, then one decode step of the others
+    (padded to a compiled batch size), until the prompt is in. Timed: the whole prompt; the
+    others' decode steps per second follow from `decode_steps`."""
+    from llmrun.runtime.generator import DECODE_BATCH_SIZES, cache_length
+    from llmrun.runtime.kv_cache import KVCache
+    from llmrun.runtime.scheduler import INTERLEAVED_CHUNK
+
+    vocab = model.config.vocab_size
+    chunks = [(lo, min(lo + INTERLEAVED_CHUNK, spec.pp)) for lo in range(0, spec.pp, INTERLEAVED_CHUNK)]
+    cache = KVCache(model.config, batch, cache_length(max(spec.pp, TG_PROMPT + len(chunks)), model.config.max_seq_len),
+                    gen.kv_dtype)
+    prompt = torch.randint(0, vocab, (1, spec.pp), generator=g)
+    others = batch - 1
+    rows = next((b for b in DECODE_BATCH_SIZES if b >= others), others) if spec.compiled else others
+    slots = torch.arange(1, batch)[torch.arange(rows).clamp(max=others - 1)]  # (rows,): slots 1.., repeats
+    tokens = torch.randint(0, vocab, (rows, 1), generator=g)
+    for i in range(TG_PROMPT):  # the others' prompts, untimed
+        gen.decode_fn(model, cache, tokens, torch.full((rows, 1), i), slots)
+
+    def interleaved():
+        for step, (lo, hi) in enumerate(chunks):
+            gen.prefill_fn(model, cache, prompt[:, lo:hi], torch.arange(lo, hi)[None], torch.zeros(1, dtype=torch.long))
+            gen.decode_fn(model, cache, tokens, torch.full((rows, 1), TG_PROMPT + step), slots)
+
+    start = time.perf_counter()
+    interleaved()  # untimed: compiles what is new
+    if spec.compiled:
+        log(spec, f"first prefill beside {others} decoding (compile) {time.perf_counter() - start:.1f} s")
+    samples = _repeat(spec, "pp", interleaved, label=f" beside {others} decoding")
+    return {"n": spec.pp, "batch": batch, "samples_s": samples, "decode_steps": len(chunks)}
 
 
 def _greedy_llmrun(gen, model, tokenizer, spec: Spec) -> list[int]:
