@@ -230,7 +230,8 @@ def planned_tests(opts: BenchOptions) -> list[tuple[str, str, int, int]]:
     """(key in a worker's result tests, row label, tokens per sequence, sequences) per test."""
     tests = [("pp", f"pp{opts.pp}", opts.pp, 1)] if opts.pp else []
     if opts.pp:
-        tests += [(f"pp_b{b}", f"pp{opts.pp} +{b - 1} decoding", opts.pp, b) for b in sorted(set(opts.batches)) if b > 1]
+        tests += [(f"pp_b{b}", f"pp{opts.pp} +{b - 1} decoding", opts.pp, b)
+                  for b in sorted(set(opts.batches)) if b > 1]
     if opts.tg:
         tests += [("tg" if b == 1 else f"tg_b{b}", f"tg{opts.tg}" if b == 1 else f"tg{opts.tg} x{b}", opts.tg, b)
                   for b in sorted(set(opts.batches) | {1})]

@@ -446,7 +446,7 @@ def _repeat(spec: Spec, test: str, fn, setup=None, label: str = "") -> list[floa
         seconds, _ = _timed(fn)
         samples.append(seconds)
         log(spec, f"{test}{n}{label} rep {r + 1}/{spec.reps}: {n / seconds:.2f} t/s"
-            + (" per sequence" if label else ""))
+            + (" per sequence" if label and test == "tg" else ""))
     return samples
 
 

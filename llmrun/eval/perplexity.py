@@ -136,9 +136,8 @@ def cached_hidden(model, idx: torch.Tensor, cache) -> torch.Tensor:
 
     length = idx.shape[1]
     slot = torch.zeros(1, dtype=torch.long)
-    return torch.cat([model.hidden(idx[:, lo:lo + PREFILL_CHUNK], torch.arange(lo, min(lo + PREFILL_CHUNK, length))[None],
-                                   cache, slot)[0]
-                      for lo in range(0, length, PREFILL_CHUNK)])
+    chunks = [(lo, min(lo + PREFILL_CHUNK, length)) for lo in range(0, length, PREFILL_CHUNK)]
+    return torch.cat([model.hidden(idx[:, lo:hi], torch.arange(lo, hi)[None], cache, slot)[0] for lo, hi in chunks])
 
 
 def window_nll(model, ids: torch.Tensor, window: Window, bos_id: int | None = None,

@@ -105,7 +105,8 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
     from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
     from llmrun.kernels.block_linear import BlockLinear
     from llmrun.kernels.blocks import BlockWeight
-    from llmrun.quant.transform import RESCORE_GROUP, RESCORE_K, BlockEmbedding, Int8Embedding, TiedEmbedding, tied_table
+    from llmrun.quant.transform import (RESCORE_GROUP, RESCORE_K, BlockEmbedding, Int8Embedding, TiedEmbedding,
+                                        tied_table)
 
     meta = json.loads((directory / "config.json").read_text())["llmrun"]
     cfg = config_from_dict(meta["model_config"])

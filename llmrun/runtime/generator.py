@@ -1,6 +1,7 @@
 """The one streaming generator. gpt-fast shape: `prefill` and `decode_one` are separate
 functions over a static KV cache written by index (the compile layer wraps them); the
-Generator owns that cache (llmrun.runtime.kv_cache) and `stream` drives the steps, hands each step's logits to the request's llmrun.runtime.sequence.Sequence and yields its chunks."""
+Generator owns that cache (llmrun.runtime.kv_cache) and `stream` drives the steps, hands each
+step's logits to the request's llmrun.runtime.sequence.Sequence and yields its chunks."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One request's generation state, whatever runs its steps: its sampling settings and seeded
 generator, repetition history, stop tokens, incremental detokenizer and stats. The single
-stream (llmrun.runtime.generator) and the batched scheduler (llmrun.runtime.scheduler) both drive it: they feed
-it each step's logits row and pass on the chunks it returns."""
+stream (llmrun.runtime.generator) and the batched scheduler (llmrun.runtime.scheduler) both
+drive it: they feed it each step's logits row and pass on the chunks it returns."""
 
 from __future__ import annotations
 
