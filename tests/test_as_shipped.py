@@ -124,7 +124,7 @@ def test_old_cache_entry_is_rebuilt(tmp_path, monkeypatch, smollm2_path):
     from llmrun.formats import quantized_dir
     from llmrun.runtime.engine import Engine, EngineOptions
 
-    monkeypatch.setattr("llmrun.sources.shipped.llmrun_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr("llmrun.cache_dir.llmrun_cache_dir", lambda: tmp_path)
     entry = quantized_dir.cache_path(smollm2_path, "int4", 32, "int8", "as-shipped")
     assert str(entry).startswith(str(tmp_path))
     entry.mkdir(parents=True)

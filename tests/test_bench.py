@@ -29,7 +29,7 @@ META_FIELDS = ("cpu", "isa", "torch", "commit", "threads", "load_average_start",
 
 def _bench(*args, timeout=170):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "llmrun.cli", "bench", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "llmrun", "bench", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
     return proc
 
