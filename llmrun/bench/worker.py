@@ -287,7 +287,7 @@ def _prefill_beside_decode(gen, model, spec: Spec, batch: int, g: torch.Generato
     them: a prefill chunk of INTERLEAVED_CHUNK tokens, then one decode step of the others
     (padded to a compiled batch size), until the prompt is in. Timed: the whole prompt; the
     others' decode steps per second follow from `decode_steps`."""
-    from llmrun.runtime.generator import DECODE_BATCH_SIZES, cache_length
+    from llmrun.runtime.generator import DECODE_BATCH_SIZES, cache_length, padded_batch
     from llmrun.runtime.kv_cache import KVCache
     from llmrun.runtime.scheduler import INTERLEAVED_CHUNK
 
@@ -297,7 +297,7 @@ def _prefill_beside_decode(gen, model, spec: Spec, batch: int, g: torch.Generato
                     gen.kv_dtype)
     prompt = torch.randint(0, vocab, (1, spec.pp), generator=g)
     others = batch - 1
-    rows = next((b for b in DECODE_BATCH_SIZES if b >= others), others) if spec.compiled else others
+    rows = padded_batch(others, DECODE_BATCH_SIZES if spec.compiled else None)
     slots = torch.arange(1, batch)[torch.arange(rows).clamp(max=others - 1)]  # (rows,): slots 1.., repeats
     tokens = torch.randint(0, vocab, (rows, 1), generator=g)
     for i in range(TG_PROMPT):  # the others' prompts, untimed

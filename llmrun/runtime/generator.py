@@ -33,6 +33,14 @@ def decode_one(model: Transformer, cache: KVCache, token: torch.Tensor, input_po
     return model(token, input_pos, cache, slots)
 
 
+def padded_batch(rows: int, batch_sizes: tuple[int, ...] | None) -> int:
+    """The batch size a step of `rows` sequences runs at: the next of `batch_sizes` (compiled
+    steps' static sizes), or `rows` itself when any size runs (None) or none is that large."""
+    if batch_sizes is None:
+        return rows
+    return next((b for b in batch_sizes if b >= rows), rows)
+
+
 def cache_length(needed: int, context: int) -> int:
     length = MIN_CACHE
     while length < needed:

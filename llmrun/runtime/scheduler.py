@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from llmrun.models import Transformer
-from llmrun.runtime.generator import PREFILL_CHUNK, decode_one, prefill
+from llmrun.runtime.generator import PREFILL_CHUNK, decode_one, padded_batch, prefill
 from llmrun.runtime.kv_cache import KVCache
 from llmrun.runtime.sequence import Sequence, common_prefix
 from llmrun.runtime.types import GenerationChunk, SamplingSettings
@@ -178,8 +178,7 @@ class Scheduler:
 
     def _decode_step(self, requests: list[Request]) -> None:
         rows = len(requests)
-        padded = rows if self.batch_sizes is None else next(
-            (b for b in self.batch_sizes if b >= rows), rows)
+        padded = padded_batch(rows, self.batch_sizes)
         order = requests + [requests[-1]] * (padded - rows)
         tokens = torch.tensor([[r.seq.token] for r in order])  # (B, 1)
         positions = torch.tensor([[r.seq.pos] for r in order])  # (B, 1)
