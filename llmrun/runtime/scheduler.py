@@ -24,6 +24,7 @@ from llmrun.models import Transformer
 from llmrun.runtime.generator import PREFILL_CHUNK, decode_one, padded_batch, prefill
 from llmrun.runtime.kv_cache import KVCache
 from llmrun.runtime.sequence import Sequence, common_prefix
+from llmrun.runtime.threads import release_openmp_pool
 from llmrun.runtime.types import GenerationChunk, SamplingSettings
 
 INTERLEAVED_CHUNK = 128  # prefill chunk while others decode: their tokens wait at most this long
@@ -81,6 +82,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._wakeup = threading.Condition()
         self._closing = False
+        release_openmp_pool()  # the steps run on the scheduler's thread only (threads.py)
         self._thread = threading.Thread(target=self._run, name="llmrun-scheduler", daemon=True)
         self._thread.start()
 
