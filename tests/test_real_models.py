@@ -100,7 +100,7 @@ def test_prefix_reuse_gives_the_tokens_of_a_full_prefill(pair):
     extra = tok.encode(" Then, the sea")[-4:]
     requests = [  # (prompt, tokens the cache must hold of it, max_new)
         (first + answer + extra, len(first) + len(answer) - 1, 600),  # the answer's last id was never fed
-        (first + answer + extra, len(first + answer + extra) - 1, None),
+        (first + answer + extra, len(first + answer + extra) - 2, None),  # two fed: sequence.prefill_end
         (first[:10] + extra, 10, None),
     ]
     for ids, reused, max_new in requests:

@@ -136,3 +136,35 @@ def test_bad_requests_fail_in_the_callers_thread(engine):
             scheduler.submit([1, 2], SamplingSettings(top_p=0))
     finally:
         scheduler.close()
+
+
+def test_a_prompt_gives_the_same_logits_however_it_is_split_or_reused(engine):
+    """Chunks and reuse never leave one token alone (sequence.prefill_end): every split of a
+    prompt into prefill chunks gives exactly the logits of one whole prefill."""
+    import torch
+
+    from llmrun.runtime.generator import prefill
+    from llmrun.runtime.kv_cache import KVCache
+    from llmrun.runtime.sequence import prefill_end, reusable
+
+    assert [prefill_end(0, n, 512) for n in (1, 2, 512, 513, 514)] == [1, 2, 512, 511, 512]
+    assert prefill_end(5, 6, 128) == 6 and reusable([1, 2, 3], [1, 2, 3]) == 1 and reusable([1], [1]) == 0
+    ids = engine.tokenizer.encode(" ".join(PROMPTS) * 3)
+    n = len(ids)
+    cache = KVCache(engine.model.config, 1, 512, torch.float32)
+    slot = torch.tensor([0])
+
+    def logits_of(chunk: int, reused: int) -> torch.Tensor:
+        if reused:
+            prefill(engine.model, cache, torch.tensor([ids[:reused]]), torch.arange(reused)[None], slot)
+        lo = reused
+        while lo < n:
+            hi = prefill_end(lo, n, chunk)
+            out = prefill(engine.model, cache, torch.tensor([ids[lo:hi]]), torch.arange(lo, hi)[None], slot)
+            lo = hi
+        return out[0, -1]
+
+    with torch.inference_mode():
+        whole = logits_of(n, 0)
+        for chunk, reused in [(n - 1, 0), (7, 0), (n, reusable(ids, ids)), (16, 20)]:
+            assert torch.equal(logits_of(chunk, reused), whole), (chunk, reused)

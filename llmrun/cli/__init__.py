@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "llmrun.cli.bench",
     "llmrun.cli.chat",
     "llmrun.cli.eval",
+    "llmrun.cli.serve",
 ]
 
 

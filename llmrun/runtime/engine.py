@@ -67,8 +67,10 @@ class Engine:
         return self.options.dtype if self.scheme.quant == "none" else self.scheme.label
 
     @classmethod
-    def load(cls, options: EngineOptions,
-             progress: Callable[[LoadProgress], None] | None = None) -> "Engine":
+    def load(cls, options: EngineOptions, progress: Callable[[LoadProgress], None] | None = None,
+             stream: bool = True) -> "Engine":
+        """`stream`: also build stream_generate's compiled steps (a server runs its scheduler's
+        steps alone)."""
         if options.threads:
             if options.threads < 1:
                 raise LlmrunError(f"--threads {options.threads} must be >= 1")
@@ -87,7 +89,7 @@ class Engine:
         loaded = load(options.model, Scheme(options.quant, options.group_size, options.head, options.weights,
                                             options.int4), DTYPES[options.dtype], report)
         engine = cls(loaded, options)
-        if options.compile:
+        if options.compile and stream:
             start = time.perf_counter()
             engine.steps = compile_steps(options.compile_backend,
                                          lambda message: report(LoadProgress("compile", message=message)))
@@ -139,18 +141,19 @@ class Engine:
         return self.generator.stream(prompt_ids, settings, stop, ignore_eos)
 
     def scheduler(self, slots: int, length: int | None = None,
-                  report: Callable[[str], None] | None = None) -> Scheduler:
+                  report: Callable[[str], None] | None = None, warm: bool = False) -> Scheduler:
         """The batch API beside stream_generate: a llmrun.runtime.scheduler.Scheduler running up to
         `slots` sequences at once, each up to `length` positions (default: the context), on
-        steps compiled as this engine's are. `submit` requests to it; `close` it when done."""
+        steps compiled as this engine's are (`warm`: every step built before its `ready`).
+        `submit` requests to it; `close` it when done."""
         if slots < 1:
             raise LlmrunError(f"{slots} slots: a scheduler needs at least one")
         if self.options.compile:
             steps = compile_steps(self.options.compile_backend, report or (lambda message: None))
             return Scheduler(self.model, self.tokenizer, slots, length or self.context_length,
-                             steps.prefill, steps.decode, steps.batch_sizes, self.kv_dtype)
+                             steps.prefill, steps.decode, steps.batch_sizes, self.kv_dtype, warm)
         return Scheduler(self.model, self.tokenizer, slots, length or self.context_length,
-                         kv_dtype=self.kv_dtype)
+                         kv_dtype=self.kv_dtype, warm=warm)
 
 
 def compile_steps(backend: str, report: Callable[[str], None]):

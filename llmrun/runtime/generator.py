@@ -12,7 +12,7 @@ import torch
 
 from llmrun.models import Transformer
 from llmrun.runtime.kv_cache import KVCache
-from llmrun.runtime.sequence import Sequence, common_prefix
+from llmrun.runtime.sequence import Sequence, prefill_end, reusable
 from llmrun.runtime.types import GenerationChunk, SamplingSettings
 
 PREFILL_CHUNK = 512  # long prompts prefill in chunks: bounded activation memory
@@ -103,19 +103,20 @@ class Generator:
                ) -> Iterator[GenerationChunk]:
         seq = Sequence(self.tokenizer, prompt_ids, settings, self.context, ignore_eos)
         n_prompt = len(prompt_ids)
-        # the prompt's last token is always fed: its logits give the first new token
-        reused = min(common_prefix(self.cached, seq.prompt), n_prompt - 1)
+        reused = reusable(self.cached, seq.prompt)
         cache = self._cache_for(n_prompt + seq.max_new, keep=reused)
         del self.cached[reused:]
         seq.start_prefill(reused)
         ids = torch.tensor([prompt_ids], dtype=torch.long)
-        for lo in range(reused, n_prompt, PREFILL_CHUNK):
+        lo = reused
+        while lo < n_prompt:
             if stop is not None and stop.is_set():
                 yield seq.finish("cancelled")
                 return
-            hi = min(lo + PREFILL_CHUNK, n_prompt)
+            hi = prefill_end(lo, n_prompt, PREFILL_CHUNK)
             logits = self.prefill_fn(self.model, cache, ids[:, lo:hi], torch.arange(lo, hi)[None], SLOT)
             self.cached = seq.prompt[:hi]
+            lo = hi
         chunk = seq.first(logits[0, -1])
         while True:
             if chunk is not None:  # None: the model ended the answer

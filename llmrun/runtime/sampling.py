@@ -8,6 +8,8 @@ import torch
 from llmrun.errors import LlmrunError
 from llmrun.runtime.types import SamplingSettings
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
 
 def validate(s: SamplingSettings) -> None:
     problems = []
@@ -21,6 +23,8 @@ def validate(s: SamplingSettings) -> None:
         problems.append(f"top-k {s.top_k} must be >= 0")
     if s.repetition_penalty <= 0:
         problems.append(f"repetition penalty {s.repetition_penalty} must be > 0")
+    if s.logprobs is not None and not 0 <= s.logprobs <= MAX_TOP_LOGPROBS:
+        problems.append(f"logprobs {s.logprobs} must be in [0, {MAX_TOP_LOGPROBS}]")
     if s.max_new_tokens < 1:
         problems.append(f"max new tokens {s.max_new_tokens} must be >= 1")
     if problems:

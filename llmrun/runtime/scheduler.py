@@ -23,7 +23,7 @@ import torch
 from llmrun.models import Transformer
 from llmrun.runtime.generator import PREFILL_CHUNK, decode_one, padded_batch, prefill
 from llmrun.runtime.kv_cache import KVCache
-from llmrun.runtime.sequence import Sequence, common_prefix
+from llmrun.runtime.sequence import Sequence, prefill_end, reusable
 from llmrun.runtime.threads import release_openmp_pool
 from llmrun.runtime.types import GenerationChunk, SamplingSettings
 
@@ -32,15 +32,19 @@ INTERLEAVED_CHUNK = 128  # prefill chunk while others decode: their tokens wait 
 
 class Request:
     """A submitted prompt. Iterate it for its chunks (the last one carries the stats; an error
-    in its steps is raised here); `cancel()` ends it at the next step, also while it waits or
-    prefills, and frees its slot."""
+    in its steps is raised here), unless it was submitted with a `deliver` callback, which then
+    gets each chunk (and the error) on the scheduler's thread instead; `cancel()` ends it at the
+    next step, also while it waits or prefills, and frees its slot."""
 
-    def __init__(self, seq: Sequence, wake: Callable[[], None]):
+    def __init__(self, seq: Sequence, wake: Callable[[], None],
+                 deliver: Callable[[GenerationChunk | BaseException], None] | None = None):
         self.seq = seq
         self.slot: int | None = None
         self.fed = 0  # prompt tokens in the slot's cache
         self.cancelled = threading.Event()
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._deliver = deliver or self._chunks.put
+        self._iterable = deliver is None
         self._wake = wake
 
     def cancel(self) -> None:
@@ -48,6 +52,8 @@ class Request:
         self._wake()
 
     def __iter__(self) -> Iterator[GenerationChunk]:
+        if not self._iterable:
+            raise RuntimeError("this request delivers its chunks to its callback")
         while True:
             item = self._chunks.get()
             if isinstance(item, BaseException):
@@ -69,7 +75,8 @@ class Scheduler:
 
     def __init__(self, model: Transformer, tokenizer, slots: int, length: int,
                  prefill_fn: Callable = prefill, decode_fn: Callable = decode_one,
-                 batch_sizes: tuple[int, ...] | None = None, kv_dtype: torch.dtype | None = None):
+                 batch_sizes: tuple[int, ...] | None = None, kv_dtype: torch.dtype | None = None,
+                 warm: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
         self.length = min(length, model.config.max_seq_len)
@@ -82,17 +89,20 @@ class Scheduler:
         self.running: list[Request] = []
         self._wakeup = threading.Condition()
         self._closing = False
+        self._warm = warm
+        self.ready = threading.Event()  # set once the thread runs requests (after warm-up)
+        self.warm_error: BaseException | None = None  # why warm-up failed (the steps will too)
         release_openmp_pool()  # the steps run on the scheduler's thread only (threads.py)
         self._thread = threading.Thread(target=self._run, name="llmrun-scheduler", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ any thread
 
-    def submit(self, prompt_ids: list[int], settings: SamplingSettings,
-               ignore_eos: bool = False) -> Request:
+    def submit(self, prompt_ids: list[int], settings: SamplingSettings, ignore_eos: bool = False,
+               deliver: Callable[[GenerationChunk | BaseException], None] | None = None) -> Request:
         """Queue a prompt (bad settings or a prompt over the cache's length raise here)."""
         request = Request(Sequence(self.tokenizer, prompt_ids, settings, self.length, ignore_eos),
-                          self._wake)
+                          self._wake, deliver)
         with self._wakeup:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
@@ -113,8 +123,19 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the scheduler's thread
 
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(waiting, running) requests, read from any thread."""
+        return len(self.waiting), len(self.running)
+
     def _run(self) -> None:
         with torch.inference_mode():
+            if self._warm:
+                try:
+                    self._warm_up()
+                except Exception as exc:  # noqa: BLE001 - the owner reads it from warm_error
+                    self.warm_error = exc
+            self.ready.set()
             while True:
                 with self._wakeup:
                     while not (self._closing or self.waiting or self.running):
@@ -134,6 +155,16 @@ class Scheduler:
                 if decoding:
                     self._guarded(decoding, self._decode_step, decoding)
 
+    def _warm_up(self) -> None:
+        """Build or load every step a request can meet (compiled steps build on first use): a
+        prefill chunk and each decode batch size up to the slots, on slot 0's first position,
+        which no prompt reuses (slot 0 holds no tokens yet) and a prefill overwrites."""
+        one = torch.zeros((1, 1), dtype=torch.long)
+        self.prefill_fn(self.model, self.cache, one, one, torch.zeros(1, dtype=torch.long))
+        for rows in sorted({padded_batch(n, self.batch_sizes) for n in range(1, len(self.held) + 1)}):
+            zeros = torch.zeros((rows, 1), dtype=torch.long)
+            self.decode_fn(self.model, self.cache, zeros, zeros, torch.zeros(rows, dtype=torch.long))
+
     def _admit(self) -> None:
         """Waiting requests into free slots (caller holds the lock); the cancelled ones end."""
         for request in [r for r in self.waiting if r.cancelled.is_set()]:
@@ -145,8 +176,8 @@ class Scheduler:
             request = self.waiting.popleft()
             prompt = request.seq.prompt
 
-            def reuse(slot: int) -> int:  # the prompt's last token is always fed: its logits
-                return min(common_prefix(self.held[slot], prompt), len(prompt) - 1)
+            def reuse(slot: int) -> int:
+                return reusable(self.held[slot], prompt)
 
             # the longest reuse; else the slot unused the longest (recent ones may be reused soon)
             slot = max(free, key=lambda s: (reuse(s), -self._last_used[s]))
@@ -164,11 +195,12 @@ class Scheduler:
             for request in requests:
                 if request in self.running:
                     self.running.remove(request)
-                    request._chunks.put(exc)
+                    request._deliver(exc)
 
     def _prefill_chunk(self, request: Request, chunk: int) -> None:
         seq, slot = request.seq, request.slot
-        lo, hi = request.fed, min(request.fed + chunk, len(seq.prompt))
+        lo = request.fed
+        hi = prefill_end(lo, len(seq.prompt), chunk)
         ids = torch.tensor([seq.prompt[lo:hi]], dtype=torch.long)
         # ids: (1, T), positions (1, T), slot (1,) -> logits of the last position (1, 1, vocab)
         logits = self.prefill_fn(self.model, self.cache, ids, torch.arange(lo, hi)[None],
@@ -192,7 +224,7 @@ class Scheduler:
 
     def _emit(self, request: Request, chunk: GenerationChunk | None) -> None:
         if chunk is not None:  # None: the model ended the answer
-            request._chunks.put(chunk)
+            request._deliver(chunk)
         if request.seq.finished:
             self._retire(request, None)
 
@@ -200,4 +232,4 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
             self._last_used[request.slot] = next(self._clock)
-        request._chunks.put(request.seq.finish(reason))
+        request._deliver(request.seq.finish(reason))

@@ -31,6 +31,23 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def reusable(cached: list[int], prompt: list[int]) -> int:
+    """How many of `prompt`'s first tokens a cache holding `cached` can keep: the common
+    prefix, leaving at least two tokens to feed (the last one's logits give the first new
+    token) unless the prompt has one. See prefill_end for why never one alone."""
+    return max(0, min(common_prefix(cached, prompt), len(prompt) - 2))
+
+
+def prefill_end(lo: int, n: int, chunk: int) -> int:
+    """Where a prefill chunk that starts at `lo` of an n-token prompt ends: at most `chunk`
+    tokens, and never leaving one token for a chunk of its own. A one-token step attends
+    through the decode kernel, whose rounding differs from the prefill kernel's, and a prompt
+    would then give other logits (and greedy tokens) depending on how it was split or reused;
+    chunks of two or more give every position the same result whatever the split."""
+    hi = min(lo + chunk, n)
+    return hi - 1 if n - hi == 1 and hi - lo > 1 else hi
+
+
 class Sequence:
     """Call `start_prefill(reused)`, then `first(logits)` once the prompt is in the cache, then
     `next(logits)` after each decode step; each returns the chunk to pass on. `token` is the
@@ -58,6 +75,7 @@ class Sequence:
         self.finished = False
         self.decode_steps = 0
         self._start = self._first = 0.0
+        self._logprobs = None  # (logits row, sampled id) while settings.logprobs asks for them
 
     @property
     def pos(self) -> int:
@@ -95,7 +113,21 @@ class Sequence:
         return GenerationChunk(text=self.decoder.flush(), stats=self.stats, finished=True)
 
     def _sample(self, logits: torch.Tensor) -> int:
-        return sample(logits, self.settings, self.generator, self.seen)
+        token = sample(logits, self.settings, self.generator, self.seen)
+        self._logprobs = None if self.settings.logprobs is None else (logits, token)
+        return token
+
+    def _logprob_fields(self) -> dict:
+        """The sampled token's log-probability under the model's distribution (before sampling
+        settings), and the settings.logprobs likeliest tokens'."""
+        if self._logprobs is None:
+            return {}
+        logits, token = self._logprobs
+        logp = logits.float().log_softmax(-1)  # (vocab,)
+        top = torch.topk(logp, self.settings.logprobs) if self.settings.logprobs else None
+        return {"logprob": float(logp[token]),
+                "top_logprobs": () if top is None else
+                tuple(zip(top.indices.tolist(), top.values.tolist()))}
 
     def _take(self, token: int) -> GenerationChunk | None:
         if token in self.eos:
@@ -107,4 +139,4 @@ class Sequence:
         if len(self.generated) >= self.max_new:
             self.stats.finish_reason = "context" if self.context_limited else "length"
             self.finished = True
-        return GenerationChunk(text=self.decoder.push(token), token=token)
+        return GenerationChunk(text=self.decoder.push(token), token=token, **self._logprob_fields())

@@ -15,6 +15,7 @@ class SamplingSettings:
     min_p: float = 0.0  # 0 disables
     repetition_penalty: float = 1.0  # 1 disables
     seed: int | None = None
+    logprobs: int | None = None  # None: none; N >= 0: each token's log-probability and the N likeliest
 
 
 @dataclass
@@ -38,6 +39,8 @@ class GenerationChunk:
     token: int | None = None
     stats: GenerationStats | None = None  # set on the final chunk only
     finished: bool = False
+    logprob: float | None = None  # the token's log-probability under the model (settings.logprobs)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (id, log-probability), likeliest first
 
 
 @dataclass

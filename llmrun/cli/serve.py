@@ -1,0 +1,89 @@
+"""`llmrun serve`: the OpenAI-compatible HTTP server (llmrun.serve)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llmrun.cli.common import add_model_args
+
+DRAIN_SECONDS = 5  # on Ctrl-C / SIGTERM: running requests get this long to finish
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="Serve the model over an OpenAI-compatible HTTP API "
+                       "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--parallel", "-np", type=int, default=4,
+                   help="sequences decoding together, each with its own KV cache slot (default 4)")
+    p.add_argument("--ctx-size", "-c", type=int, default=None,
+                   help="positions per slot: prompt + answer (default: the model's context, at most 4096)")
+    p.add_argument("--queue", type=int, default=32,
+                   help="requests that may wait for a slot; more get 503 with Retry-After (default 32)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (not on /health)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; default: none)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (default: --model, or the shipped model's name)")
+    for flag, kind in (("--temperature", float), ("--top-k", int), ("--top-p", float), ("--min-p", float),
+                       ("--repetition-penalty", float)):
+        p.add_argument(flag, type=kind, default=None, help="default for requests that leave it out")
+    p.set_defaults(run=run, max_new_tokens=1, seed=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from llmrun.cli.loading import StderrProgress, check_sampling_flags, engine_options, sampling_settings
+    from llmrun.errors import LlmrunError
+    from llmrun.runtime.engine import Engine
+    from llmrun.serve.app import make_app
+    from llmrun.serve.state import Limits, ServerState
+
+    check_sampling_flags(args)
+    for flag, value, low in (("--parallel", args.parallel, 1), ("--queue", args.queue, 0),
+                             ("--ctx-size", args.ctx_size, 2), ("--port", args.port, 0)):
+        if value is not None and value < low:
+            raise LlmrunError(f"{flag} {value} must be >= {low}")
+    options = engine_options(args)
+    name = args.served_model_name or args.model or "smollm2-135m"
+    state = ServerState(Limits(args.parallel, args.ctx_size, args.queue), api_key=args.api_key,
+                        names=tuple(dict.fromkeys(n for n in (name, args.model) if n)))
+    report = lambda message: print(f"llmrun: {message}", file=sys.stderr, flush=True)  # noqa: E731
+
+    def load():
+        progress = StderrProgress()
+        try:
+            engine = Engine.load(options, progress, stream=False)
+        finally:
+            progress.close()
+        state.names = tuple(dict.fromkeys((*state.names, engine.source)))
+        return engine, sampling_settings(args, engine)
+
+    state.start_loading(load, report)
+    config = uvicorn.Config(make_app(state, args.cors_origin), host=args.host, port=args.port,
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=DRAIN_SECONDS)
+    server = uvicorn.Server(config)
+    _watch_load(state, server, report, f"http://{args.host}:{args.port}")
+    server.run()
+    if state.load_error:
+        raise LlmrunError(f"the model failed to load: {state.load_error}")
+    return 0
+
+
+def _watch_load(state, server, report, url: str) -> None:
+    """Say when the model is ready; stop the server if it failed to load."""
+    import threading
+
+    def watch() -> None:
+        state.ready.wait()
+        if state.load_error:
+            server.should_exit = True
+            return
+        report(f"serving {state.model_name} at {url}/v1 ({state.limits.parallel} parallel, "
+               f"{state.scheduler.length} positions each)")
+
+    threading.Thread(target=watch, name="llmrun-load-watch", daemon=True).start()
