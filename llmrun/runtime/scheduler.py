@@ -121,12 +121,12 @@ class Scheduler:
         with self._wakeup:
             self._wakeup.notify()
 
-    # ------------------------------------------------------------------ the scheduler's thread
-
     @property
     def counts(self) -> tuple[int, int]:
         """(waiting, running) requests, read from any thread."""
         return len(self.waiting), len(self.running)
+
+    # ------------------------------------------------------------------ the scheduler's thread
 
     def _run(self) -> None:
         with torch.inference_mode():
