@@ -50,9 +50,9 @@ def wait_ready(url: str, proc: subprocess.Popen, what: str, timeout: float = 180
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{what} exited with {proc.returncode}")
-        try:
-            if httpx.get(url.removesuffix("/v1") + "/health", timeout=2).status_code == 200 or \
-                    httpx.get(url + "/models", timeout=2).status_code == 200:
+        try:  # ready: /health says so where there is one (llmrun's lists the model while loading)
+            health = httpx.get(url.removesuffix("/v1") + "/health", timeout=2).status_code
+            if health == 200 or (health == 404 and httpx.get(url + "/models", timeout=2).json()["data"]):
                 return
         except httpx.TransportError:
             pass
