@@ -72,17 +72,20 @@ def start_llmrun(args) -> tuple[str, subprocess.Popen]:
     return url, proc
 
 
-def start_llama_cpp(args, gguf: str) -> tuple[str, subprocess.Popen] | None:
+def start_llama_cpp(args) -> tuple[str, subprocess.Popen] | None:
     try:
         import llama_cpp.server  # noqa: F401
     except ImportError:
         print("llama-cpp-python[server] is not installed: its column is left out", file=sys.stderr)
         return None
+    from llmrun.sources.shipped import shipped_models
+
+    gguf = args.gguf or str(shipped_models()["smollm2-135m"].path())
     port = free_port()
     threads = args.threads or os.cpu_count()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
            "--n_ctx", str(args.ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-           "--chat_format", "chatml"]
+           "--chat_format", "chatml", "--interrupt_requests", "False"]  # queue requests, not cut the running one
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     wait_ready(url, proc, "llama-cpp-python's server")
@@ -161,32 +164,27 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--ctx", type=int, default=1024, help="positions per sequence")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--servers", type=lambda s: s.split(","), default=["llmrun", "llama-cpp-python"])
     p.add_argument("--quiet", action="store_true", help="hide llmrun serve's log")
     args = p.parse_args()
 
-    servers: list[tuple[str, str, subprocess.Popen | None]] = []
-    try:
-        if args.url:
-            servers.append(("server", args.url, None))
-        else:
-            servers.append(("llmrun", *start_llmrun(args)))
-            from llmrun.sources.shipped import shipped_models
-
-            gguf = args.gguf or str(shipped_models()["smollm2-135m"].path())
-            peer = start_llama_cpp(args, gguf)
-            if peer:
-                servers.append(("llama-cpp-python", *peer))
-        table: dict[str, dict[int, dict]] = {}
-        for name, url, _ in servers:
+    table: dict[str, dict[int, dict]] = {}
+    starts = {"server": lambda: (args.url, None)} if args.url else \
+        {name: start for name, start in (("llmrun", lambda: start_llmrun(args)), ("llama-cpp-python", lambda: start_llama_cpp(args)))
+         if name in args.servers}
+    for name, start in starts.items():  # one server at a time: each has the whole machine
+        started = start()
+        if started is None:
+            continue
+        url, proc = started
+        try:
             load(url, argparse.Namespace(**{**vars(args), "requests": 2}), 1)  # warm-up, untimed
             table[name] = {}
             for c in args.concurrency:
-                table[name][c] = load(url, args, c)
-                r = table[name][c]
+                table[name][c] = r = load(url, args, c)
                 print(f"{name} c={c}: {r['aggregate']:.1f} t/s aggregate, TTFT p95 {r['ttft95'] * 1e3:.0f} ms",
                       file=sys.stderr, flush=True)
-    finally:
-        for _, _, proc in servers:
+        finally:
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -194,12 +192,12 @@ def main() -> int:
     names = list(table)
     print(f"{args.requests} streamed chat requests per concurrency; prompts of ~{args.prompt_tokens} tokens, "
           f"up to {args.max_tokens} new tokens, greedy\n")
-    header = "| concurrency | server | req/s | aggregate t/s | vs c=1 | per stream t/s | TTFT p50 / p95 | ITL p50 / p95 |"
-    print(header + "\n|---:|---|---:|---:|---:|---:|---:|---:|")
+    header = "| concurrency | server | req/s | tokens/answer | aggregate t/s | vs c=1 | per stream t/s | TTFT p50 / p95 | ITL p50 / p95 |"
+    print(header + "\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in args.concurrency:
         for name in names:
             r, base = table[name][c], table[name][args.concurrency[0]]
-            print(f"| {c} | {name} | {r['rps']:.2f} | {r['aggregate']:.1f} | {r['aggregate'] / base['aggregate']:.2f}x | "
+            print(f"| {c} | {name} | {r['rps']:.2f} | {r['tokens'] / args.requests:.0f} | {r['aggregate']:.1f} | {r['aggregate'] / base['aggregate']:.2f}x | "
                   f"{r['per_stream']:.1f} | {r['ttft50'] * 1e3:.0f} / {r['ttft95'] * 1e3:.0f} ms | "
                   f"{r['itl50'] * 1e3:.1f} / {r['itl95'] * 1e3:.1f} ms |")
     if len(names) == 2:

@@ -96,6 +96,22 @@ def test_block_linear_bitexact_with_integer_scales(backend, fmt):
         assert torch.equal(mod(x), block_linear_reference(x, bw)), (backend, M)
 
 
+
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_largest_group_sums_are_exact(backend, asym):
+    """The largest sums a group can have (every code 15, every activation +127 or -127): a
+    kernel that sums a group's products in narrower lanes than they need (AVX2 sums 4-bit
+    groups in int16) would saturate or wrap here."""
+    N, K = 37, 96
+    bw = random_blocks(N, K, 4, 32, asym, seed=8, unit=True)
+    bw.codes = torch.full_like(bw.codes, 0xFF)
+    mod = BlockLinear.from_blocks(bw, backend=backend)
+    for M in MS:
+        x = torch.full((M, K), 127.0)
+        x[1::2] = -127.0  # rows alternate the sign
+        x[2::3, 32:64] *= -1  # and some groups flip theirs
+        assert torch.equal(mod(x), block_linear_reference(x, bw)), (backend, M)
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"b{f[0]}g{f[1]}{'a' if f[2] else 's'}")
 def test_packed_layout_round_trips_exactly(backend, fmt):
     bits, gs, asym = fmt

@@ -210,7 +210,15 @@ namespace avx2 {
 #define ABS8(q) _mm256_abs_epi8(q)
 #define DOT8S(acc, qabs, q, a) \
   _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((qabs), _mm256_sign_epi8((a), (q))), _mm256_set1_epi16(1)))
+#define I16ACC 1
+#define DOT16(acc, w, a) _mm256_add_epi16((acc), _mm256_maddubs_epi16((w), (a)))
+#define WIDEN16(acc) _mm256_madd_epi16((acc), _mm256_set1_epi16(1))
+#define ADD16(x, y) _mm256_add_epi16((x), (y))
 #include "blockmm_body.inc"
+#undef I16ACC
+#undef DOT16
+#undef WIDEN16
+#undef ADD16
 #undef DOT8
 #undef SIGNED8
 #undef Q8
