@@ -7,14 +7,19 @@
 // bit for bit int8_mm's value.
 // rescore_top_k_blocks does the same against a block-quantized table (block_mm's panels; the
 // tied tables of GGUF files as shipped), from float activations.
-// One pass over y with a k-entry min-heap per thread (almost every entry fails the compare
-// with the heap's minimum), then one k-row dot per pick. NaN entries are never picked.
+// Per row a threshold from a sample, one pass over y collecting the entries above it, the k
+// largest of those, then one k-row dot per pick. NaN entries are never picked.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <functional>
 #include <utility>
 #include <vector>
@@ -23,22 +28,24 @@ namespace llmrun_rescore {
 
 using Entry = std::pair<float, int64_t>;  // (value, column)
 
-// Adds the entries of v[begin, end) that belong to the k largest seen so far to `heap`
-// (a min-heap by value of at most k entries).
-static void push_top(const float* v, int64_t begin, int64_t end, int64_t k, std::vector<Entry>& heap) {
-  auto greater = std::greater<Entry>();
-  for (int64_t n = begin; n < end; n++) {
-    const float x = v[n];
-    if ((int64_t)heap.size() == k) {
-      if (!(x > heap.front().first)) continue;  // also drops NaN
-      std::pop_heap(heap.begin(), heap.end(), greater);
-      heap.back() = {x, n};
-      std::push_heap(heap.begin(), heap.end(), greater);
-    } else if (x == x) {
-      heap.push_back({x, n});
-      std::push_heap(heap.begin(), heap.end(), greater);
-    }
-  }
+// A value t at most v's k-th largest: the k-th largest of every 8th entry (of every entry
+// when that sample is smaller than k; -inf when it holds fewer than k numbers), so at least k
+// entries (or every number) are >= t, and the sample is cheap beside the full scan.
+static float top_k_threshold(const float* v, int64_t N, int64_t k) {
+  const int64_t stride = N / 8 >= k ? 8 : 1;
+  std::vector<float> sample;
+  sample.reserve(N / stride + 1);
+  for (int64_t n = 0; n < N; n += stride)
+    if (v[n] == v[n]) sample.push_back(v[n]);
+  if ((int64_t)sample.size() < k) return -INFINITY;
+  std::nth_element(sample.begin(), sample.begin() + (k - 1), sample.end(), std::greater<float>());
+  return sample[k - 1];
+}
+
+// The entries of v[begin, end) >= t (NaN never is), appended to `out`.
+static void collect_at_least(const float* v, int64_t begin, int64_t end, float t, std::vector<Entry>& out) {
+  for (int64_t n = begin; n < end; n++)
+    if (v[n] >= t) out.push_back({v[n], n});
 }
 
 static int32_t row_dot(const uint8_t* a, const uint8_t* w, int64_t K4, int64_t n) {
@@ -49,28 +56,28 @@ static int32_t row_dot(const uint8_t* a, const uint8_t* w, int64_t K4, int64_t n
   return acc;
 }
 
-// out = y with each row's k largest entries replaced by value(m, n) (a row of the exact table
-// against row m's activations).
-template <typename Value>
-static at::Tensor rescore_with(const at::Tensor& y, int64_t k, const Value& value) {
+// out = y with each row's k largest entries replaced by their exact values: values(m, picks,
+// count, o) writes o[n] for the columns n of picks[0, count) (rows of the exact table against
+// row m's activations).
+template <typename Values>
+static at::Tensor rescore_with(const at::Tensor& y, int64_t k, const Values& values) {
   TORCH_CHECK(k >= 0, "rescore_top_k: k must be >= 0");
   const int64_t M = y.size(0), N = y.size(1);
   k = std::min(k, N);
   at::Tensor out = y.contiguous().clone();
   if (M == 0 || k == 0) return out;
   float* o = out.data_ptr<float>();
-  // One row's picks: its columns split in `parts` slices, one heap each, merged to k.
+  // One row's picks, its k largest entries by (value, column): the entries at least a
+  // threshold (top_k_threshold), collected in `parts` slices, then the k largest of those.
   auto picks = [&](int64_t m, int64_t parts) {
-    std::vector<std::vector<Entry>> heaps(parts);
-    auto scan = [&](int64_t b, int64_t e) {
-      for (int64_t s = b; s < e; s++) {
-        heaps[s].reserve(k);
-        push_top(o + m * N, s * N / parts, (s + 1) * N / parts, k, heaps[s]);
-      }
-    };
-    at::parallel_for(0, parts, 1, scan);  // inline when called inside the rows' parallel_for
+    const float* row = o + m * N;
+    const float t = top_k_threshold(row, N, k);
+    std::vector<std::vector<Entry>> found(parts);
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {  // inline inside the rows' parallel_for
+      for (int64_t s = b; s < e; s++) collect_at_least(row, s * N / parts, (s + 1) * N / parts, t, found[s]);
+    });
     std::vector<Entry> all;
-    for (auto& h : heaps) all.insert(all.end(), h.begin(), h.end());
+    for (auto& f : found) all.insert(all.end(), f.begin(), f.end());
     if ((int64_t)all.size() > k) {
       std::nth_element(all.begin(), all.begin() + k, all.end(), std::greater<Entry>());
       all.resize(k);
@@ -78,7 +85,7 @@ static at::Tensor rescore_with(const at::Tensor& y, int64_t k, const Value& valu
     return all;
   };
   auto rescore = [&](int64_t m, const std::vector<Entry>& chosen, int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; i++) o[m * N + chosen[i].second] = value(m, chosen[i].second);
+    values(m, chosen.data() + b, e - b, o + m * N);
   };
   if (M == 1) {  // decode: both stages split across the threads
     const std::vector<Entry> chosen = picks(0, at::get_num_threads());
@@ -110,38 +117,112 @@ static at::Tensor rescore_top_k(const at::Tensor& y, const at::Tensor& a, const 
   const float* sap = sa.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = sc.data_ptr<float>();
-  return rescore_with(y, k, [&](int64_t m, int64_t n) {
-    return (float)row_dot(ap + m * K4 * 4, wp, K4, n) * (sp[n] * sap[m]);
+  return rescore_with(y, k, [&](int64_t m, const Entry* picks, int64_t count, float* o) {
+    for (int64_t i = 0; i < count; i++) {
+      const int64_t n = picks[i].second;
+      o[n] = (float)row_dot(ap + m * K4 * 4, wp, K4, n) * (sp[n] * sap[m]);
+    }
   });
 }
 
-// Row n of a block-quantized table (block_mm's panels, blockmm_body.inc) against float x [K]:
-// per group s * sum x (u - zero), or s * sum x u + o * sum x, in float32.
+// Rows of a block-quantized table (block_mm's panels, blockmm_body.inc) against float x [K]:
+// per group s * sum x (u - zero), or s * sum x u + o * sum x, in float32, each sum in k order
+// (sx [G]: the groups' sums of x, the same for every row). With AVX2, 16 rows at a time, one
+// per vector lane: each lane does its row's float operations in the same order (a multiply,
+// then an add: no FMA), so both paths give the same bits.
 template <int BITS, typename S>
-static float block_row(const float* x, int64_t K, const uint8_t* w, int64_t L, const S* sc, const S* of, int64_t G,
-                       int64_t gs, int64_t n) {
-  const uint8_t* col = w + (n / 16) * L * 64 + (n % 16) * 4;  // line l at col + 64 l
-  const int64_t soff = (n / 16) * G * 16 + n % 16;
-  const float zero = of ? 0.f : (float)(1 << (BITS - 1));
-  float total = 0.f;
-  for (int64_t g = 0; g < G; g++) {
-    float sw = 0.f, sx = 0.f;
-    for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); k++) {
-      int u;
-      if constexpr (BITS == 8) {
-        u = col[(k / 4) * 64 + k % 4];
-      } else {
-        const uint8_t byte = col[(k / 8) * 64 + (k % 8) % 4];
-        u = (k % 8) < 4 ? (byte & 15) : (byte >> 4);
-      }
-      sw += x[k] * ((float)u - zero);
-      sx += x[k];
-    }
-    const float s = static_cast<float>(sc[soff + g * 16]);
-    total += of ? s * sw + static_cast<float>(of[soff + g * 16]) * sx : s * sw;
+struct BlockRows {
+  const float* x;
+  const float* sx;
+  int64_t K;
+  const uint8_t* w;
+  int64_t L;  // 64-byte lines per panel
+  const S* sc;
+  const S* of;  // nullptr: symmetric
+  int64_t G, gs;
+  static constexpr int KPL = BITS == 4 ? 8 : 4;  // k per line
+  static constexpr float ZERO_SYM = (float)(1 << (BITS - 1));
+
+  int64_t col(int64_t n) const { return (n / 16) * L * 64 + (n % 16) * 4; }  // line l at col + 64 l
+  int64_t soff(int64_t n) const { return (n / 16) * G * 16 + n % 16; }
+  static int code(uint32_t bytes, int j) {  // code j of a column's 4 bytes in a line
+    return BITS == 8 ? (bytes >> (8 * j)) & 255 : (bytes >> (8 * (j % 4) + 4 * (j / 4))) & 15;
   }
-  return total;
-}
+  float finish(float total, float sw, int64_t n, int64_t g) const {
+    const float s = static_cast<float>(sc[soff(n) + g * 16]);
+    return of ? total + (s * sw + static_cast<float>(of[soff(n) + g * 16]) * sx[g]) : total + s * sw;
+  }
+
+  float one(int64_t n) const {
+    const uint8_t* c = w + col(n);
+    const float zero = of ? 0.f : ZERO_SYM;
+    float total = 0.f;
+    for (int64_t g = 0; g < G; g++) {
+      float sw = 0.f;
+      for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); k++) {
+        uint32_t bytes;
+        std::memcpy(&bytes, c + (k / KPL) * 64, 4);
+        sw += x[k] * ((float)code(bytes, (int)(k % KPL)) - zero);
+      }
+      total = finish(total, sw, n, g);
+    }
+    return total;
+  }
+
+  // rows ns[0, count), count <= LANES: two vectors of 8 lanes (two add chains in flight)
+  static constexpr int LANES = 16;
+  __attribute__((target("avx2,f16c"))) void lanes(const int64_t* ns, int count, float* o) const {
+    alignas(32) int32_t offs[LANES];
+    for (int i = 0; i < LANES; i++) offs[i] = (int32_t)col(ns[std::min(i, count - 1)]);
+    __m256i voff[2];
+    for (int h = 0; h < 2; h++) voff[h] = _mm256_load_si256((const __m256i*)(offs + 8 * h));
+    const __m256 zero = _mm256_set1_ps(of ? 0.f : ZERO_SYM);
+    const __m256i mask = _mm256_set1_epi32(BITS == 8 ? 255 : 15);
+    __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < G; g++) {
+      __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+      const int64_t k1 = std::min(K, (g + 1) * gs);
+      for (int64_t k = g * gs; k < k1;) {
+        const int* line = (const int*)(w + (k / KPL) * 64);
+        const __m256i bytes[2] = {_mm256_i32gather_epi32(line, voff[0], 1), _mm256_i32gather_epi32(line, voff[1], 1)};
+        for (int j = (int)(k % KPL); j < KPL && k < k1; j++, k++) {
+          const int shift = BITS == 8 ? 8 * j : 8 * (j % 4) + 4 * (j / 4);
+          const __m256 xk = _mm256_set1_ps(x[k]);
+          for (int h = 0; h < 2; h++) {
+            const __m256i u = _mm256_and_si256(_mm256_srli_epi32(bytes[h], shift), mask);
+            const __m256 d = _mm256_sub_ps(_mm256_cvtepi32_ps(u), zero);
+            acc[h] = _mm256_add_ps(acc[h], _mm256_mul_ps(xk, d));
+          }
+        }
+      }
+      // total + s * sw (+ o * sx), as finish() does per row
+      const __m256 sxg = _mm256_set1_ps(sx[g]);
+      for (int h = 0; h < 2; h++) {
+        const __m256 sv = scales(sc, ns, count, 8 * h, g);
+        const __m256 part = _mm256_mul_ps(sv, acc[h]);
+        total[h] = _mm256_add_ps(total[h], of ? _mm256_add_ps(part, _mm256_mul_ps(scales(of, ns, count, 8 * h, g), sxg)) : part);
+      }
+    }
+    alignas(32) float t[LANES];
+    for (int h = 0; h < 2; h++) _mm256_store_ps(t + 8 * h, total[h]);
+    for (int i = 0; i < count; i++) o[ns[i]] = t[i];
+  }
+
+  // group g's scales (or offsets) of rows ns[first, first + 8) (past count: the last row's)
+  __attribute__((target("avx2,f16c"))) __m256 scales(const S* base, const int64_t* ns, int count, int first,
+                                                    int64_t g) const {
+    const S* at = base + g * 16;
+    if constexpr (std::is_same_v<S, float>) {
+      alignas(32) float v[8];
+      for (int i = 0; i < 8; i++) v[i] = at[soff(ns[std::min(first + i, count - 1)])];
+      return _mm256_load_ps(v);
+    } else {  // fp16 widens exactly
+      alignas(16) uint16_t v[8];
+      for (int i = 0; i < 8; i++) v[i] = at[soff(ns[std::min(first + i, count - 1)])].x;
+      return _mm256_cvtph_ps(_mm_load_si128((const __m128i*)v));
+    }
+  }
+};
 
 static at::Tensor rescore_top_k_blocks(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
                                        const at::Tensor& sc, const at::Tensor& of, int64_t bits, int64_t group_size,
@@ -163,15 +244,35 @@ static at::Tensor rescore_top_k_blocks(const at::Tensor& y, const at::Tensor& x,
   TORCH_CHECK(y.size(1) <= w.size(0) * 16, "rescore_top_k_blocks: y wider than the table");
   const at::Tensor xc = x.contiguous();
   const float* xp = xc.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  auto run = [&](auto sp, auto op) {
-    if (bits == 8)
-      return rescore_with(y, k, [&](int64_t m, int64_t n) { return block_row<8>(xp + m * K, K, wp, L, sp, op, G, group_size, n); });
-    return rescore_with(y, k, [&](int64_t m, int64_t n) { return block_row<4>(xp + m * K, K, wp, L, sp, op, G, group_size, n); });
+  const int64_t M = x.size(0);
+  std::vector<float> sx(M * G, 0.f);  // each row's sums of x per group, in k order
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t g = 0; g < G; g++)
+      for (int64_t kk = g * group_size; kk < std::min(K, (g + 1) * group_size); kk++) sx[m * G + g] += xp[m * K + kk];
+  // lanes gather with int32 offsets
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && w.numel() <= INT32_MAX;
+  auto run = [&](auto bits_tag, auto sp, auto op) {
+    constexpr int BITS = decltype(bits_tag)::value;
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
+    return rescore_with(y, k, [&](int64_t m, const Entry* picks, int64_t count, float* o) {
+      const BlockRows<BITS, S> rows{xp + m * K, sx.data() + m * G, K, w.data_ptr<uint8_t>(), L, sp, op, G, group_size};
+      int64_t i = 0;
+      if (avx2)
+        for (int64_t ns[rows.LANES]; i < count; i += rows.LANES) {
+          const int c = (int)std::min<int64_t>(rows.LANES, count - i);
+          for (int j = 0; j < c; j++) ns[j] = picks[i + j].second;
+          rows.lanes(ns, c, o);
+        }
+      for (; i < count; i++) o[picks[i].second] = rows.one(picks[i].second);
+    });
+  };
+  auto by_bits = [&](auto sp, auto op) {
+    return bits == 8 ? run(std::integral_constant<int, 8>{}, sp, op) : run(std::integral_constant<int, 4>{}, sp, op);
   };
   if (sc.scalar_type() == at::kHalf)
-    return run(sc.data_ptr<at::Half>(), asym ? of.data_ptr<at::Half>() : (const at::Half*)nullptr);
-  return run(sc.data_ptr<float>(), asym ? of.data_ptr<float>() : (const float*)nullptr);
+    return by_bits(sc.data_ptr<at::Half>(), asym ? of.data_ptr<at::Half>() : (const at::Half*)nullptr);
+  return by_bits(sc.data_ptr<float>(), asym ? of.data_ptr<float>() : (const float*)nullptr);
 }
 
 }  // namespace llmrun_rescore
