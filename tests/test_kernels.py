@@ -379,7 +379,8 @@ def _garbage_past(k, v, slots, last):
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                     (torch.bfloat16, torch.bfloat16)])
-@pytest.mark.parametrize("shape", [(1, 6, 2, 37, 40), (2, 4, 1, 20, 256), (1, 3, 3, 9, 8), (3, 6, 2, 33, 24)])  # B, H, Hkv, S, D
+@pytest.mark.parametrize("shape", [(1, 6, 2, 37, 40), (2, 4, 1, 20, 256), (1, 3, 3, 9, 8), (3, 6, 2, 33, 24),
+                                   (2, 4, 2, 23, 36)])  # B, H, Hkv, S, D (36: not whole 8-lane vectors)
 def test_decode_attention_matches_reference(dtypes, shape, attention_isa):
     """Each row over its own slot at its own position (rows at different lengths in one call)."""
     from llmrun.kernels.attention import decode_attention, decode_attention_reference
