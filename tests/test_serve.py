@@ -130,6 +130,78 @@ def test_completion_prompt_as_text_or_ids_streamed_or_not(server):
     assert streamed == text
 
 
+def test_tokenize_messages_is_the_chat_prompt_and_token_ids_come_back(server):
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Name a colour."}]
+    ids = server.http("POST", "/tokenize", json={"messages": messages}).json()["tokens"]
+    assert chat(server, "Name a colour.", max_tokens=1).usage.prompt_tokens == len(ids)
+    for body in ({"content": "x", "messages": messages}, {}):
+        r = server.http("POST", "/tokenize", json=body)
+        assert r.status_code == 400 and r.json()["error"]["message"] == "give either content or messages"
+    # return_token_ids (vLLM's): the prompt's ids first, then each piece's; they decode to the text
+    ids = server.http("POST", "/tokenize", json={"content": COUNTING, "add_special": True}).json()["tokens"]
+    body = {"model": "smollm2-135m", "prompt": ids, "max_tokens": 9, "temperature": 0, "return_token_ids": True}
+    whole = server.http("POST", "/v1/completions", json=body).json()["choices"][0]
+    assert whole["prompt_token_ids"] == ids and len(whole["token_ids"]) == 9
+    assert server.http("POST", "/detokenize", json={"tokens": whole["token_ids"]}).json()["content"] == whole["text"]
+    stream = complete(server, ids, max_tokens=9, stream=True, extra_body={"return_token_ids": True})
+    streamed = [c.choices[0].model_extra for c in stream if c.choices]
+    assert streamed[0]["prompt_token_ids"] == ids
+    assert [t for c in streamed for t in c["token_ids"]] == whole["token_ids"]
+
+
+def test_chat_client_through_the_server(server, tmp_path):
+    """`llmrun chat --server`: the TUI's engine is the server's model (its name, context and
+    template); an answer streams token by token, equal to the same chat request's."""
+    from llmrun.chat.remote import RemoteEngine
+    from llmrun.errors import LlmrunError
+    from llmrun.runtime.types import ChatMessage, SamplingSettings
+
+    engine = RemoteEngine.connect(server.url, KEY)
+    assert (engine.name, engine.context_length, engine.threads) == ("smollm2-135m", CTX, None)
+    assert engine.generation_defaults()["temperature"] >= 0
+    turns = [ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", "Write a poem about rain.")]
+    chunks = list(engine.stream_generate(engine.chat_prompt_ids(turns), SamplingSettings(max_new_tokens=12)))
+    assert sum(c.token is not None for c in chunks) == 12 and chunks[-1].finished
+    stats = chunks[-1].stats
+    assert (stats.generated_tokens, stats.finish_reason) == (12, "length") and stats.ttft_s > 0
+    assert "".join(c.text for c in chunks) == chat(server, "Write a poem about rain.", max_tokens=12).choices[0].message.content
+    with pytest.raises(LlmrunError, match="answered 401"):
+        RemoteEngine.connect(server.url, "wrong-key")
+    with pytest.raises(LlmrunError, match="cannot reach the server"):
+        RemoteEngine.connect(f"http://127.0.0.1:{_free_port()}")
+    # the TUI itself on the remote engine: an answer arrives, the stats bar names the server
+    from llmrun.chat.app import ChatApp
+    from llmrun.chat.store import ChatStore
+    from llmrun.chat.widgets import MessageInput, StatsBar
+
+    async def scenario():
+        app = ChatApp(ChatStore.open(tmp_path), load_engine=lambda progress: RemoteEngine.connect(server.url, KEY),
+                      default_settings=lambda e: SamplingSettings(max_new_tokens=8))
+        async with app.run_test(size=(100, 32)) as pilot:
+            while app.engine is None:
+                await pilot.pause(0.05)
+            assert f"smollm2-135m · server 127.0.0.1:{server.url.rsplit(':', 1)[1]}" in str(app.query_one(StatsBar).render())
+            app.query_one(MessageInput).insert("Say hello.")
+            await pilot.press("enter")
+            await pilot.pause(0.1)
+            while app.answer is not None:
+                await pilot.pause(0.05)
+            return app.last_answer.tokens, app.last_answer.text
+
+    import asyncio
+
+    tokens, text = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    assert tokens == 8 and text
+
+
+def test_chat_server_flag_rejects_model_flags():
+    for flags, needle in ((["--server", "http://127.0.0.1:1", "--model", "x"], "leave out --model"),
+                          (["--api-key", "k"], "--api-key is for --server")):
+        proc = subprocess.run([sys.executable, "-m", "llmrun", "chat", *flags], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_stop_strings_never_leak_and_say_stop(server):
     full = complete(server, COUNTING, max_tokens=30).choices[0].text  # " 11, 12, 13, ..."
     stop = "4, 1"  # across token boundaries: "4", ",", " ", "1"

@@ -146,8 +146,9 @@ class StatsBar(Static):
     def on_mount(self) -> None:
         self.refresh_text()
 
-    def set_model(self, name: str, weights: str, threads: int) -> None:
-        self.model_part = f"{name} · {weights} · {threads} threads"
+    def set_model(self, name: str, weights: str, threads: int | None) -> None:
+        """threads: None where they are not ours to say (a remote server's)."""
+        self.model_part = f"{name} · {weights}" + (f" · {threads} threads" if threads is not None else "")
         self.refresh_text()
 
     def show_live(self, ttft_s: float | None, prompt_tokens: int, tokens: int,

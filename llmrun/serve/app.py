@@ -121,8 +121,9 @@ def admit(state: ServerState, scheduler) -> None:
 class Completion:
     """Renders one Generation in the shape of its endpoint (chat or text completion)."""
 
-    def __init__(self, state: ServerState, gen: Generation, chat: bool, include_usage: bool):
+    def __init__(self, state: ServerState, gen: Generation, chat: bool, include_usage: bool, token_ids: bool):
         self.state, self.gen, self.chat, self.include_usage = state, gen, chat, include_usage
+        self.token_ids = token_ids  # return_token_ids: the prompt's in the first choice, the answer's in each
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -152,16 +153,22 @@ class Completion:
             out["usage"] = usage
         return out
 
+    def _ids(self, choice: dict, tokens: list[int], first: bool) -> dict:
+        if self.token_ids:
+            choice.update(({"prompt_token_ids": self.gen.prompt_ids} if first else {}), token_ids=tokens)
+        return choice
+
     async def whole(self) -> dict:
-        text, entries, reason = [], [], None
+        text, tokens, entries, reason = [], [], [], None
         async for piece in self.gen.pieces():
             text.append(piece.text)
+            tokens += piece.tokens
             entries += piece.logprobs
             reason = piece.finish_reason or reason
         content = "".join(text)
         choice = {"index": 0, "logprobs": self._logprobs(entries), "finish_reason": reason}
         choice.update({"message": {"role": "assistant", "content": content}} if self.chat else {"text": content})
-        return self._envelope([choice], self.gen.usage.to_dict())
+        return self._envelope([self._ids(choice, tokens, True)], self.gen.usage.to_dict())
 
     def _chunk(self, piece: Piece, first: bool) -> dict:
         if self.chat:
@@ -171,7 +178,7 @@ class Completion:
         else:
             choice = {"index": 0, "text": piece.text}
         choice.update(logprobs=self._logprobs(piece.logprobs), finish_reason=piece.finish_reason)
-        return self._envelope([choice], chunk=True)
+        return self._envelope([self._ids(choice, piece.tokens, first)], chunk=True)
 
     async def events(self) -> AsyncIterator[str]:
         first = True
@@ -219,7 +226,8 @@ def make_app(state: ServerState, cors_origins: list[str] | None = None) -> Starl
         except ClientDisconnect:
             return Response(status_code=499)
         request.state.generation = gen
-        completion = Completion(state, gen, chat, bool(body.stream_options and body.stream_options.include_usage))
+        completion = Completion(state, gen, chat, bool(body.stream_options and body.stream_options.include_usage),
+                                body.return_token_ids)
         if body.stream:
             return StreamingResponse(_observed(state, gen, endpoint, completion.events()),
                                      media_type="text/event-stream",
@@ -250,7 +258,7 @@ def make_app(state: ServerState, cors_origins: list[str] | None = None) -> Starl
             data.append({"id": state.model_name, "object": "model", "created": 0, "owned_by": "llmrun",
                          "context_length": state.scheduler.length,
                          "meta": {"source": state.engine.source, "weights": state.engine.quant_label,
-                                  "slots": state.limits.parallel}})
+                                  "slots": state.limits.parallel, "sampling": sampling_defaults(state.defaults)}})
         return JSONResponse({"object": "list", "data": data})
 
     async def health(request: Request) -> Response:
@@ -271,7 +279,11 @@ def make_app(state: ServerState, cors_origins: list[str] | None = None) -> Starl
             engine, _ = require_model(state)
         except ApiError as exc:
             return error_response(exc)
-        ids = engine.tokenizer.encode(body.content, add_bos=body.add_special)
+        try:
+            ids = chat_ids(engine, body.messages) if body.messages is not None else \
+                engine.tokenizer.encode(body.content, add_bos=body.add_special)
+        except ApiError as exc:
+            return error_response(exc)
         return JSONResponse({"tokens": ids})
 
     async def detokenize(request: Request) -> Response:
@@ -301,13 +313,24 @@ def make_app(state: ServerState, cors_origins: list[str] | None = None) -> Starl
     return app
 
 
+def sampling_defaults(d: SamplingSettings) -> dict:
+    """What a request that leaves these fields out gets."""
+    return {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "min_p": d.min_p,
+            "repetition_penalty": d.repetition_penalty}
+
+
+def chat_ids(engine, messages: list) -> list[int]:
+    """protocol.Message list -> the prompt's ids, through the chat template."""
+    turns = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in messages]
+    try:
+        return engine.chat_prompt_ids(turns)
+    except Exception as exc:  # noqa: BLE001 - a template that refuses the conversation
+        raise ApiError(400, f"the chat template refused the messages: {exc}", param="messages") from None
+
+
 def prompt_ids(engine, body) -> list[int]:
     if isinstance(body, ChatRequest):
-        messages = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
-        try:
-            return engine.chat_prompt_ids(messages)
-        except Exception as exc:  # noqa: BLE001 - a template that refuses the conversation
-            raise ApiError(400, f"the chat template refused the messages: {exc}", param="messages") from None
+        return chat_ids(engine, body.messages)
     if isinstance(body.prompt, str):
         if not body.prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")

@@ -26,6 +26,7 @@ class TokenLogprob:
 @dataclass
 class Piece:
     text: str
+    tokens: list[int] = field(default_factory=list)  # the ids decoded into text (since the last piece)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # on the last piece: "stop" or "length"
 
@@ -51,6 +52,7 @@ class Generation:
         loop = asyncio.get_running_loop()
         self._items: asyncio.Queue = asyncio.Queue()
         self.arrived = arrived
+        self.prompt_ids = prompt_ids
         self.usage = Usage(prompt_tokens=len(prompt_ids))
         self.first_token_at: float | None = None
         self.token_gaps: list[float] = []  # seconds between consecutive tokens
@@ -64,6 +66,7 @@ class Generation:
 
     async def pieces(self) -> AsyncIterator[Piece]:
         pending: list[TokenLogprob] = []
+        tokens: list[int] = []
         last = None
         try:
             while True:
@@ -78,7 +81,7 @@ class Generation:
                     if not hit:
                         text += self._stops.flush()
                     reason = "stop" if self._stops.stopped else FINISH_REASONS.get(chunk.stats.finish_reason, "stop")
-                    yield Piece(text, pending, reason)
+                    yield Piece(text, tokens, pending, reason)
                     return
                 if self._stops.stopped:  # tokens decoded before the cancel took effect
                     continue
@@ -89,14 +92,15 @@ class Generation:
                     self.token_gaps.append(now - last)
                 last = now
                 self.usage.completion_tokens += 1
+                tokens.append(chunk.token)
                 if chunk.logprob is not None:
                     pending.append(TokenLogprob(chunk.token, chunk.logprob, chunk.top_logprobs))
                 text, hit = self._stops.push(chunk.text)
                 if hit:
                     self._request.cancel()  # the answer ends here; its final chunk follows
                 if text or hit:
-                    yield Piece(text, pending)
-                    pending = []
+                    yield Piece(text, tokens, pending)
+                    pending, tokens = [], []
         finally:
             if self.stats is None:  # left early: the client went away, or the loop is closing
                 self._request.cancel()

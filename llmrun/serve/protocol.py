@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmrun.runtime.sampling import MAX_TOP_LOGPROBS
 
@@ -25,6 +25,8 @@ def describe_validation(exc: ValidationError) -> tuple[str, str | None]:
         return f"unsupported field '{field}': llmrun does not implement it", field
     if err["type"] == "missing":
         return f"missing field '{field}'", field
+    if not field:  # the body as a whole (a model validator)
+        return err["msg"].removeprefix("Value error, "), None
     return f"bad value for '{field}': {err['msg']}", field
 
 
@@ -70,6 +72,7 @@ class _Sampling(_Body):
     seed: int | None = None
     n: Literal[1] = 1
     user: str | None = None  # an end-user id for the caller's own logs
+    return_token_ids: bool = False  # vLLM's: the prompt's and the answer's token ids beside the text
 
     @field_validator("stop")
     @classmethod
@@ -122,8 +125,18 @@ class CompletionRequest(_Sampling):
 
 
 class TokenizeRequest(_Body):
-    content: str
+    """`content` as text, or `messages` rendered through the chat template with the assistant's
+    turn opened (as vLLM's /tokenize takes them): what a chat request's prompt would be."""
+
+    content: str | None = None
+    messages: list[Message] | None = None
     add_special: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.content is None) == (self.messages is None):
+            raise ValueError("give either content or messages")
+        return self
 
 
 class DetokenizeRequest(_Body):
