@@ -7,8 +7,9 @@ aggregate and per-stream decode tokens/s, TTFT and inter-token latency p50/p95 p
     python scripts/serve_load.py [--model smollm2-135m] [--concurrency 1,2,4,8] [--requests 16]
     python scripts/serve_load.py --url http://127.0.0.1:8000/v1   # a server already running
 
-Each server starts here with the same threads and context per sequence, is warmed up (its
-compiled steps built) before any timed request, and is stopped at the end.
+Each server starts here in turn, alone on the machine, with the same threads and context per
+sequence, is warmed up (its compiled steps built) before any timed request, and is stopped
+before the next one starts.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--ctx", type=int, default=1024, help="positions per sequence")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--servers", type=lambda s: s.split(","), default=["llmrun", "llama-cpp-python"])
+    p.add_argument("--servers", type=lambda s: s.split(","), default=["llmrun", "llama-cpp-python"],
+                   help="which servers to start and measure (comma list)")
     p.add_argument("--quiet", action="store_true", help="hide llmrun serve's log")
     args = p.parse_args()
 

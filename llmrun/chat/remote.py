@@ -129,9 +129,6 @@ class RemoteEngine:
                                prefill_tps=(prompt - reused) / ttft if ttft else 0.0, decode_tps=decode,
                                finish_reason=FINISH_REASONS.get(reason, reason))
 
-    def close(self) -> None:
-        self._client.close()
-
 
 def _events(lines: Iterator[str]) -> Iterator[dict]:
     """Server-sent events' JSON payloads, up to `data: [DONE]`."""
