@@ -102,7 +102,8 @@ def test_rescored_head_scan_takes_the_int4_kind(int4):
     top = y.topk(8).indices
     assert torch.equal(top, exact.topk(8).indices)
     picked = y.gather(1, top)
-    # rescored as the table's kernel scores them, or (AVX2's block panels) against float activations
-    rows = head.exact.embed(top)  # (3, 8, 96)
-    floats = torch.einsum("mk,mpk->mp", x, rows)
-    assert torch.allclose(picked, exact.gather(1, top)) or torch.allclose(picked, floats, atol=1e-5)
+    if head.exact.backend.startswith("x86"):  # rescored as the table's own kernel scores them
+        assert torch.equal(picked, exact.gather(1, top))
+    else:  # the picked rows against the float activations
+        rows = head.exact.embed(top)  # (3, 8, 96)
+        torch.testing.assert_close(picked, torch.einsum("mk,mpk->mp", x, rows), rtol=1e-5, atol=1e-5)

@@ -96,8 +96,11 @@ def test_empty_prompt():
 def _interrupt_when(args, stream: str, marker: str, env=None):
     """Start llmrun, send SIGINT once `marker` shows on `stream`; return (exit code, stderr)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    # as from a terminal: SIGINT handled, even where pytest runs with it ignored (a job started
+    # in the background by a non-interactive shell), which Python would then leave ignored
     proc = subprocess.Popen([sys.executable, "-m", "llmrun", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = {"stdout": [], "stderr": []}
     readers = [threading.Thread(target=lambda n=n: seen[n].extend(iter(lambda: getattr(proc, n).read(1), "")),
                                 daemon=True) for n in seen]

@@ -313,8 +313,8 @@ def test_int8_linear(name):
 @pytest.mark.parametrize("name", ["x86-avx512vnni", "x86-avx2", "reference"])
 def test_rescored_linear_recomputes_each_rows_top_k(name):
     """RescoredLinear: each row's k largest int4 outputs are the int8 layer's (bit for bit on
-    the VNNI ISAs; x . (q8 * s8) from float activations on AVX2 and elsewhere), every other
-    output is the int4 layer's own (+ bias)."""
+    every x86 ISA, AVX2's block_mm panels included; x . (q8 * s8) from float activations
+    elsewhere), every other output is the int4 layer's own (+ bias)."""
     if name.startswith("x86"):
         _backend_or_skip(name)
     g = torch.Generator().manual_seed(5)
@@ -327,7 +327,7 @@ def test_rescored_linear_recomputes_each_rows_top_k(name):
         bias = torch.randn(N, generator=g)
         mod = RescoredLinear(scan, exact, k, bias)
         assert mod.exact_fraction_read() == min(1.0, (16 if name.startswith("x86") else 1) * min(k, N) / N)
-        int8_values = name in ("x86-avx512vnni", "x86-avxvnni")
+        int8_values = name.startswith("x86")
         w8 = q8.double() * s8.double()[:, None]
         for M in (1, 3, 17):
             x = torch.randn(M, K, generator=g)
@@ -465,9 +465,12 @@ def test_prefill_attention_matches_reference(dtypes, shape, attention_isa):  # s
 @pytest.mark.parametrize("shape", [(1, 6, 2, 170, 40), (2, 4, 1, 80, 256), (1, 3, 3, 9, 8), (1, 10, 2, 300, 64),
                                    (2, 16, 2, 40, 1), (3, 6, 3, 140, 32)])
 def test_prefill_attention_bf16_dots(shape, attention_isa):  # shape: B, H, Hkv, S, D
-    """bf16_dots against its emulation (operands and weights rounded to bf16, float64 sums): within
-    2e-4 where every query sees one slice of 128 positions, 1e-2 past it (the kernel rounds the
-    weights against a running max); exactly the fp32 op where the CPU or ISA cannot."""
+    """bf16_dots against its emulation (operands and weights rounded to bf16, float64 sums):
+    within one bf16 step of every weight (at most 2^-7 of it), that is 2^-7 sum_i w_i |v_i| / l
+    per output. A weight may round the other way than the emulation's where its score (summed
+    in fp32, not exactly) sits at a rounding boundary, or where the kernel rounded it against a
+    running max (rows that see more than one slice of 128 positions). Exactly the fp32 op where
+    the CPU or ISA cannot."""
     from llmrun.kernels.attention import (bf16_dots_available, prefill_attention, prefill_attention_bf16_reference,
                                           prefill_attention_reference)
 
@@ -479,7 +482,6 @@ def test_prefill_attention_bf16_dots(shape, attention_isa):  # shape: B, H, Hkv,
         rows = _prefill_rows(make(S), B)
         q = torch.randn(B, H, len(rows[0]), D, generator=g)
         kg, vg = _garbage_past(k, v, slots, [max(r) for r in rows])
-        tol = 2e-4 if max(map(max, rows)) < 128 else 1e-2
         for window in (0, 1, 7, 70):
             pos = torch.tensor(rows)
             got = prefill_attention(q, kg, vg, pos, sl, 0.3, window, bf16_dots=True)
@@ -487,7 +489,8 @@ def test_prefill_attention_bf16_dots(shape, attention_isa):  # shape: B, H, Hkv,
                 assert torch.equal(got, prefill_attention(q, k, v, pos, sl, 0.3, window))
                 continue
             ref = prefill_attention_bf16_reference(q, k, v, rows, slots, 0.3, window)
-            torch.testing.assert_close(got, ref, rtol=0, atol=tol)
+            step = prefill_attention_bf16_reference(q, k, v.abs(), rows, slots, 0.3, window) * 2.0 ** -7
+            assert bool(((got - ref).abs() <= step + 1e-5).all()), ((got - ref).abs().max(), window)
             if window != 1:  # and bf16 did run: fp32 sums of exact products would sit within 3e-5
                 exact = prefill_attention_reference(q, k, v, rows, slots, 0.3, window)
                 assert (got - exact).abs().max() > 1e-4

@@ -108,7 +108,11 @@ def test_a_new_prompt_prefills_in_chunks_between_decode_steps(engine):
     assert sum(submitted < t < answered for t in arrivals) >= 2
 
 
-def test_a_prompt_that_begins_with_a_slots_tokens_prefills_only_the_rest(engine):
+def test_a_prompt_that_begins_with_a_slots_tokens_prefills_only_the_rest(fp32_engine):
+    """The reused positions include an answer's, whose keys and values decode steps wrote: the
+    same tokens as a full prefill wherever prefill and decode attention both sum exactly in fp32
+    (the int4 models' prefill multiplies in bf16 on CPUs with AVX512-BF16, models.layers)."""
+    engine = fp32_engine
     tok = engine.tokenizer
     greedy = SamplingSettings(max_new_tokens=12, temperature=0)
     scheduler = engine.scheduler(2, 512)

@@ -324,8 +324,8 @@ class RescoredLinear(torch.nn.Module):
     an int4 copy scores every output, then each row's `k` highest are recomputed from the int8
     table. A call reads the int4 copy (about half the int8 table's bytes) and k int8 rows; the
     outputs that decide greedy, top-k and top-p picks are the int8 layer's (bit for bit on x86,
-    where they come from the same quantized activations; float activations elsewhere), the rest
-    carry int4 error.
+    where they come from the same quantized activations; elsewhere, and for a block table, the
+    picked rows against the float activations), the rest carry int4 error.
 
     scan: Int4Linear [N, K] without bias; exact: a layer [N, K] without bias that has
     embed(ids) (Int8Linear, BlockLinear); bias: [N] or None, added to every output.
@@ -350,11 +350,9 @@ class RescoredLinear(torch.nn.Module):
         x2 = x.reshape(-1, self.in_features).float()  # (M, K)
         y = self.scan(x2)  # (M, N) float32
         e = self.exact
-        if self._native and isinstance(e, Int8Linear) and not e.unsigned_codes:  # one pass, int8_mm's values
+        if self._native and isinstance(e, Int8Linear):  # one pass, the table's kernel's values
             a, sa = native.QUANT_ACT(x2, e.w.shape[1] * 4)  # (M, Kpad) uint8, (M,)
-            y = native.RESCORE_TOP_K(y, a, sa, e.w, e.sc, self.k)
-        elif self._native and isinstance(e, Int8Linear):  # block_mm's panels: picked rows, float activations
-            y = native.RESCORE_TOP_K_BLOCKS(y, x2, e.w, e.sc, e.sc[:0], 8, e.code_group, self.k)
+            y = native.RESCORE_TOP_K(y, a, sa, e.w, e.sc, self.k, e.unsigned_codes)
         elif self._native:  # a block table's picked rows against the float activations
             y = native.RESCORE_TOP_K_BLOCKS(y, x2, e.w, e.sc, e.of, e.bits, e.group_size, self.k)
         else:

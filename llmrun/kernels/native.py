@@ -149,7 +149,7 @@ def _register_fakes() -> None:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::rescore_top_k")
-    def _(y, a, sa, w, sc, k):
+    def _(y, a, sa, w, sc, k, unsigned_codes=False):
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::rescore_top_k_blocks")

@@ -1,10 +1,12 @@
 // Rescoring a wide layer's largest outputs (RescoredLinear in modules.py): y holds an
 // approximate x @ W^T (an int4 copy's); each row's k largest entries are recomputed as int8_mm
 // computes them (int4mm.cpp), from its int8 panel table (w uint8 [NP, K4, 64], byte 4c+j of
-// line l is q[16p+c][4l+j] as int8; sc fp32 [NP*16]) and the same quantized activations
-// (quant_act: a uint8 [M, K4*4] = a_int8 + 128, sa fp32 [M]):
+// line l is q[16p+c][4l+j] as int8, or with unsigned_codes u = q + 128 as block_mm reads the
+// same table on AVX2; sc fp32 [NP*16]) and the same quantized activations (quant_act: a uint8
+// [M, K4*4] = a_int8 + 128, sa fp32 [M]):
 //     out = y;  out[m, n] = float(sum_k a[m, k] q[n, k]) * (sc[n] * sa[m])   for n in top_k(y[m])
-// bit for bit int8_mm's value.
+// bit for bit int8_mm's value, and block_mm's for one group per row (its activations per group
+// are quant_act's per row, its sum S - 128 A is sum a q, its scale product the same).
 // rescore_top_k_blocks does the same against a block-quantized table (block_mm's panels; the
 // tied tables of GGUF files as shipped), from float activations.
 // Per row a threshold from a sample, one pass over y collecting the entries above it, the k
@@ -48,11 +50,12 @@ static void collect_at_least(const float* v, int64_t begin, int64_t end, float t
     if (v[n] >= t) out.push_back({v[n], n});
 }
 
-static int32_t row_dot(const uint8_t* a, const uint8_t* w, int64_t K4, int64_t n) {
-  const int8_t* q = (const int8_t*)w + (n / 16) * K4 * 64 + (n % 16) * 4;  // line l at q + 64 l
+// flip: 0x80 where the table holds u = q + 128 (q = int8(u ^ 0x80)), else 0
+static int32_t row_dot(const uint8_t* a, const uint8_t* w, int64_t K4, int64_t n, uint8_t flip) {
+  const uint8_t* c = w + (n / 16) * K4 * 64 + (n % 16) * 4;  // line l at c + 64 l
   int32_t acc = 0;
   for (int64_t l = 0; l < K4; l++)
-    for (int j = 0; j < 4; j++) acc += ((int32_t)a[4 * l + j] - 128) * (int32_t)q[64 * l + j];
+    for (int j = 0; j < 4; j++) acc += ((int32_t)a[4 * l + j] - 128) * (int32_t)(int8_t)(c[64 * l + j] ^ flip);
   return acc;
 }
 
@@ -102,7 +105,7 @@ static at::Tensor rescore_with(const at::Tensor& y, int64_t k, const Values& val
 }
 
 static at::Tensor rescore_top_k(const at::Tensor& y, const at::Tensor& a, const at::Tensor& sa, const at::Tensor& w,
-                                const at::Tensor& sc, int64_t k) {
+                                const at::Tensor& sc, int64_t k, bool unsigned_codes) {
   TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kFloat, "rescore_top_k: y must be float32 [M, N]");
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "rescore_top_k: bad packed int8 table");
@@ -117,10 +120,11 @@ static at::Tensor rescore_top_k(const at::Tensor& y, const at::Tensor& a, const 
   const float* sap = sa.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = sc.data_ptr<float>();
+  const uint8_t flip = unsigned_codes ? 0x80 : 0;
   return rescore_with(y, k, [&](int64_t m, const Entry* picks, int64_t count, float* o) {
     for (int64_t i = 0; i < count; i++) {
       const int64_t n = picks[i].second;
-      o[n] = (float)row_dot(ap + m * K4 * 4, wp, K4, n) * (sp[n] * sap[m]);
+      o[n] = (float)row_dot(ap + m * K4 * 4, wp, K4, n, flip) * (sp[n] * sap[m]);
     }
   });
 }
@@ -278,7 +282,7 @@ static at::Tensor rescore_top_k_blocks(const at::Tensor& y, const at::Tensor& x,
 }  // namespace llmrun_rescore
 
 TORCH_LIBRARY_FRAGMENT(llmrun, m) {
-  m.def("rescore_top_k(Tensor y, Tensor a, Tensor sa, Tensor w, Tensor sc, int k) -> Tensor");
+  m.def("rescore_top_k(Tensor y, Tensor a, Tensor sa, Tensor w, Tensor sc, int k, bool unsigned_codes=False) -> Tensor");
   m.def("rescore_top_k_blocks(Tensor y, Tensor x, Tensor w, Tensor sc, Tensor of, int bits, int group_size, int k) -> Tensor");
 }
 
