@@ -67,3 +67,16 @@ def tiny_hf_dir(tmp_path_factory):
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                          "unk_token": "<unk>"}))
     return d
+
+
+@pytest.fixture
+def own_cache(tmp_path):
+    """An XDG_CACHE_HOME of the test's own (no quantized, prepared or compiled models) that
+    shares only the built kernels (a build takes ~40 s)."""
+    from llmrun.cache_dir import llmrun_cache_dir
+
+    home = tmp_path / "cache"
+    (home / "llmrun").mkdir(parents=True)
+    (llmrun_cache_dir() / "ext").mkdir(parents=True, exist_ok=True)
+    (home / "llmrun" / "ext").symlink_to(llmrun_cache_dir() / "ext")
+    return home

@@ -26,30 +26,82 @@ def _llmrun(*args, env=None):
 
 
 def test_second_process_loads_packages_instead_of_compiling():
-    first = _llmrun(*ARGS)  # builds the packages unless an earlier run did
+    _llmrun("warmup")  # builds the packages unless an earlier run did
+    first = _llmrun(*ARGS)
     second = _llmrun(*ARGS)
-    assert "loaded compiled prefill step" in second.stderr, second.stderr
-    assert "loaded compiled decode step" in second.stderr, second.stderr
-    assert "compiling" not in second.stderr, second.stderr
+    for run in (first, second):
+        assert "loaded compiled prefill step" in run.stderr, run.stderr
+        assert "loaded compiled decode step" in run.stderr, run.stderr
+        assert "compiling" not in run.stderr and "background" not in run.stderr, run.stderr
     assert second.stdout == first.stdout and "Paris" in second.stdout
 
 
-def test_damaged_package_is_rebuilt_and_stale_ones_deleted(tiny_hf_dir, tmp_path):
-    from llmrun.cache_dir import llmrun_cache_dir
-    from llmrun.runtime.aot import STALE_DAYS
+def _builders(directory, timeout=600, until=lambda jobs: not jobs):
+    from llmrun.runtime.background_build import building
 
-    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        jobs = building(directory)
+        if until(jobs):
+            return jobs
+        time.sleep(0.2)
+    raise AssertionError(f"background builders still at {building(directory)}")
+
+
+def test_cold_run_answers_before_its_packages_exist_and_the_next_uses_them(tiny_hf_dir, own_cache, monkeypatch):
+    from llmrun import readiness
+
+    env, directory = {"XDG_CACHE_HOME": str(own_cache)}, own_cache / "llmrun" / "aoti"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(own_cache))  # for building() and readiness here
     args = ["generate", "-m", str(tiny_hf_dir), "--raw", "-p", "The capital of", "--temperature", "0",
             "--max-new-tokens", "5", "--threads", "1"]
-    directory = tmp_path / "llmrun" / "aoti"
+    eager = _llmrun(*args, "--no-compile", env=env)
+    cold = _llmrun(*args, env=env)  # no packages yet: answers eagerly, builds them in the background
+    assert cold.stderr.count("being built in the background") == 2, cold.stderr
+    assert cold.stdout == eager.stdout and cold.stdout.strip()
+    assert readiness.state(str(tiny_hf_dir.resolve())) in ("compiling", "yes")
+    _builders(directory)
+    packages = sorted(p.name.split("-")[0] for p in directory.glob("*.pt2"))
+    assert packages == ["decode", "prefill"], packages
+    assert readiness.state(str(tiny_hf_dir.resolve())) == "yes"
+    warm = _llmrun(*args, env=env)
+    assert warm.stderr.count("loaded compiled") == 2 and "background" not in warm.stderr, warm.stderr
+    assert warm.stdout.strip()
+
+
+def test_killed_background_build_leaves_nothing_trusted(tiny_hf_dir, own_cache, monkeypatch):
+    import signal
+
+    env, directory = {"XDG_CACHE_HOME": str(own_cache)}, own_cache / "llmrun" / "aoti"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(own_cache))
+    args = ["generate", "-m", str(tiny_hf_dir), "--raw", "-p", "The capital of", "--temperature", "0",
+            "--max-new-tokens", "3", "--threads", "1"]
+    _llmrun(*args, env=env)
+    jobs = _builders(directory, 120, lambda jobs: any(j["state"] == "compiling" for j in jobs))
+    for job in jobs:  # its compilers too: a builder leads its own process group
+        os.killpg(job["pid"], signal.SIGKILL)
+    _builders(directory, 60)
+    assert not [p for p in directory.iterdir() if p.name.endswith(".pt2")]
+    again = _llmrun(*args, env=env)  # the killed build is not trusted: built again
+    assert again.stderr.count("being built in the background") == 2, again.stderr
+    for job in _builders(directory, 60, lambda jobs: jobs):  # not left running past the test
+        os.killpg(job["pid"], signal.SIGKILL)
+
+
+def test_damaged_package_is_rebuilt_and_stale_ones_deleted(tiny_hf_dir, own_cache):
+    from llmrun.runtime.aot import STALE_DAYS
+
+    env = {"XDG_CACHE_HOME": str(own_cache)}
+    model = ["-m", str(tiny_hf_dir), "--threads", "1"]
+    args = ["generate", *model, "--raw", "-p", "The capital of", "--temperature", "0", "--max-new-tokens", "5"]
+    directory = own_cache / "llmrun" / "aoti"
     directory.mkdir(parents=True)
-    (llmrun_cache_dir() / "ext").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "llmrun" / "ext").symlink_to(llmrun_cache_dir() / "ext")  # the kernels, not rebuilt
     day = 86400
     stale, recent = directory / "decode-stale.pt2", directory / "decode-recent.pt2"
     for path, age in ((stale, STALE_DAYS + 1), (recent, STALE_DAYS - 1)):
         path.write_bytes(b"old")
         os.utime(path, (time.time() - age * day,) * 2)
+    _llmrun("warmup", *model, env=env)
     first = _llmrun(*args, env=env)
     assert not stale.exists() and recent.exists()  # building a package deleted the stale one
     recent.unlink()
@@ -57,8 +109,9 @@ def test_damaged_package_is_rebuilt_and_stale_ones_deleted(tiny_hf_dir, tmp_path
     assert [p.name.split("-")[0] for p in packages] == ["decode", "prefill"], packages
     for p in packages:
         p.write_bytes(b"PK\x03\x04 not a package")
+    rebuilt = _llmrun("warmup", *model, env=env)
+    assert rebuilt.stderr.count("rebuilding the compiled") == 2, rebuilt.stderr
     second = _llmrun(*args, env=env)
-    assert second.stderr.count("rebuilding the compiled") == 2, second.stderr
     assert second.stdout == first.stdout
     assert all(p.stat().st_size > 10000 for p in packages)
     for p in packages:  # unused for long, then loaded: marked as used

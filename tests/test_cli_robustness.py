@@ -137,16 +137,17 @@ def test_ctrl_c_exits_cleanly(stage, tmp_path):
         for part in ("ext", "quantized"):
             (llmrun_cache_dir() / part).mkdir(parents=True, exist_ok=True)
             (tmp_path / "llmrun" / part).symlink_to(llmrun_cache_dir() / part)
-        code, err = _interrupt_when(args, "stderr", "compiling", env={"XDG_CACHE_HOME": str(tmp_path)})
+        code, err = _interrupt_when(["warmup"], "stderr", "compiling", env={"XDG_CACHE_HOME": str(tmp_path)})
         assert not list(tmp_path.rglob("*.pt2")), "a half-built package was left"
     else:
         code, err = _interrupt_when(args + ["--quant", "none", "--no-compile"], "stdout", " ")
     _assert_interrupted(code, err)
-    quantized = llmrun_cache_dir() / "quantized"
-    if quantized.exists():  # nothing half-written: only complete entries
-        for entry in quantized.iterdir():
-            assert not entry.name.startswith("."), entry
-            assert (entry / "model.safetensors").exists() and (entry / "config.json").exists()
+    for kept, meta in (("quantized", "config.json"), ("prepared", "prepared.json")):
+        kept = llmrun_cache_dir() / kept
+        if kept.exists():  # nothing half-written: only complete entries
+            for entry in kept.iterdir():
+                assert not entry.name.startswith("."), entry
+                assert (entry / "model.safetensors").exists() and (entry / meta).exists()
 
 
 def test_ctrl_c_during_quantize_leaves_nothing(tmp_path):

@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "llmrun.cli.chat",
     "llmrun.cli.eval",
     "llmrun.cli.serve",
+    "llmrun.cli.warmup",
 ]
 
 

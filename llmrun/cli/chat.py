@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from llmrun.runtime.engine import Engine
 
-        load_engine = lambda progress: Engine.load(engine_options(args), progress)  # noqa: E731
+        load_engine = lambda progress: Engine.load(engine_options(args), progress, background=True)  # noqa: E731
     store = ChatStore.open(data_dir(args.data_dir))
     try:
         app = ChatApp(

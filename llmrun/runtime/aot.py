@@ -20,13 +20,15 @@ launches ~400 kernels; measured on SmolLM2 int4: 113 -> 173 t/s.
   reuses the package. Packages live in llmrun's cache dir, written atomically; a second process
   loads one in well under a second instead of compiling. Building one deletes those unused
   for STALE_DAYS (a load refreshes a package's mtime).
+- A missing package is built before the step runs, or (AotSteps' background mode, what
+  `generate` and `chat` use) by a background process while the step runs eagerly
+  (llmrun.runtime.background_build).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import hashlib
 import os
@@ -37,24 +39,16 @@ from pathlib import Path
 
 import torch
 
+from llmrun.cache_dir import source_digest
 from llmrun.errors import LlmrunError
-from llmrun.runtime.generator import DECODE_BATCH_SIZES, PREFILL_CHUNK
+from llmrun.runtime.generator import DECODE_BATCH_SIZES, PREFILL_CHUNK, decode_one, prefill
+from llmrun.runtime.kv_cache import KVCache
 from llmrun.runtime.memory import release_free_heap
 
 FORMAT = 1  # bump when the way packages are built changes
 # A package unused for this long is deleted when another is built: a new llmrun or torch, or a
 # model no longer run, leaves its packages behind (3-4 MB each). Loading one marks it used.
 STALE_DAYS = 30
-
-
-@functools.lru_cache(maxsize=1)
-def _source_digest() -> str:
-    root = Path(__file__).parents[1]  # the whole llmrun package
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp", ".inc", ".h")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -73,7 +67,7 @@ def _simple_attrs(module: torch.nn.Module) -> list[tuple[str, str]]:
 def package_key(step_module: torch.nn.Module, step: str) -> str:
     """What a step's package depends on (see the module docstring); step_module: a _Step."""
     h = hashlib.sha256()
-    for part in (str(FORMAT), torch.__version__, _source_digest(), step,
+    for part in (str(FORMAT), torch.__version__, source_digest(), step,
                  str(torch.get_num_threads()), repr(step_module.model.config)):
         h.update(part.encode() + b"\0")
     for name, module in step_module.named_modules():
@@ -189,6 +183,11 @@ class _Bound:
         loader.load_constants(self.constants, False, True, True, False)
         self.run = loader.boxed_run
         self.cache = step_module.cache
+        self.path = path
+
+
+def package_path(directory: Path, step_module: _Step, step: str) -> Path:
+    return directory / f"{step}-{package_key(step_module, step)}.pt2"
 
 
 class AotSteps:
@@ -196,29 +195,81 @@ class AotSteps:
 
     `report(message)` hears what is being built or loaded; `built` counts packages compiled in
     this process (tests use it to show that nothing is rebuilt as positions and prompt lengths
-    change). Steps are "prefill" and "decode-b{B}" (B sequences)."""
+    change). Steps are "prefill" and "decode-b{B}" (B sequences).
 
-    def __init__(self, report: Callable[[str], None] | None = None, directory: Path | None = None):
+    `background`: a missing package is built by a background process (runtime.background_build,
+    handed these engine options, runtime.engine.EngineOptions, to load the same model) while
+    the step runs eagerly here; the package is taken up once it is there. Else a missing
+    package is built here, before the step runs."""
+
+    RECHECK_S = 0.5  # how often a step that runs eagerly looks for its package
+
+    def __init__(self, report: Callable[[str], None] | None = None, directory: Path | None = None,
+                 background=None):
         self.report = report or (lambda message: None)
         self.directory = directory or packages_dir()
+        self.background = background
         self.built: list[str] = []
         self._bound: dict[str, _Bound] = {}  # step -> the package bound to the cache in use
+        self._waiting: dict[str, tuple[Path, KVCache, float]] = {}  # step -> package awaited, for which cache, when looked
+        self._builders, self._looked_for_builders = False, -self.RECHECK_S
         self.batch_sizes = DECODE_BATCH_SIZES  # decode is built for these batch sizes only
 
-    def _step(self, model, cache, step: str) -> Callable:
-        bound = self._bound.get(step)
-        if bound is None or bound.cache is not cache:
-            # a new cache (another length, or re-allocated): the old binding goes, and with it
-            # the package's pointers to the old tensors
-            self._bound.pop(step, None)
-            bound = self._bind(_Step(model, cache, step == "prefill"), step)
-        return bound.run
+    def _builders_at_work(self) -> bool:
+        """Whether a background builder works on this machine's packages (looked up at most
+        every RECHECK_S)."""
+        now = time.monotonic()
+        if now - self._looked_for_builders >= self.RECHECK_S:
+            from llmrun.runtime.background_build import building
 
-    def _bind(self, step_module: _Step, step: str) -> _Bound:
+            self._builders, self._looked_for_builders = bool(building(self.directory)), now
+        return self._builders
+
+    def _step(self, model, cache, step: str) -> Callable | None:
+        """The package's runner for `step` on `cache`, or None: while it is built elsewhere,
+        and in background mode while any builder works (see _one_thread)."""
+        if self.background is not None and self._waiting and self._builders_at_work():
+            return None
+        bound = self._bound.get(step)
+        if bound is not None and bound.cache is cache:
+            return bound.run
+        waiting = self._waiting.get(step)
+        if waiting is not None and waiting[1] is cache:  # built elsewhere: there yet?
+            path, _, looked = waiting
+            now = time.monotonic()
+            if now - looked < self.RECHECK_S:
+                return None
+            if not path.is_file():
+                self._waiting[step] = (path, cache, now)
+                return None
+        # a new cache (another length, or re-allocated): the old binding goes, and with it
+        # the package's pointers to the old tensors
+        self._bound.pop(step, None)
+        self._waiting.pop(step, None)
+        bound = self._bind(_Step(model, cache, step == "prefill"), step)
+        return None if bound is None else bound.run
+
+    def packages(self) -> list[Path]:
+        """The packages of the steps run so far: bound, or awaited from a background build."""
+        return [b.path for b in self._bound.values()] + [w[0] for w in self._waiting.values()]
+
+    def _bind(self, step_module: _Step, step: str) -> _Bound | None:
         cache = step_module.cache
-        path = self.directory / f"{step}-{package_key(step_module, step)}.pt2"
+        path = package_path(self.directory, step_module, step)
         rows = "" if step == "prefill" else f" for {step.removeprefix('decode-b')} sequence(s)"
         what = f"{step.split('-')[0]} step{rows} (KV cache of {cache.slots} x {cache.length} positions)"
+        if not path.is_file() and self.background is not None:
+            from llmrun.runtime import background_build
+
+            failed = background_build.failure(path)
+            if failed:
+                self.report(f"running the {what} eagerly: building it failed before ({failed})")
+            else:
+                pid = background_build.start(self.background, step, cache, path)
+                self.report(f"the compiled {what} is being built in the background (pid {pid}); "
+                            "this answer runs eagerly until it is there")
+            self._waiting[step] = (path, cache, time.monotonic())
+            return None
         if path.is_file():
             start = time.perf_counter()
             try:
@@ -246,10 +297,33 @@ class AotSteps:
         self._bound[step] = bound
         return bound
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _one_thread():
+        """An eager step runs on one thread while a builder works on the other cores. OpenMP
+        threads that wait at each op's barrier hand their core to any runnable process, even one
+        of the lowest priority, until the next scheduler tick: measured SmolLM2's eager decode
+        with two such processes at SCHED_IDLE on 2 cores, 2 threads 1.6 t/s, 1 thread 38 t/s
+        (alone: 42 and 39; eager decode is bound by Python, not by the cores)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
     def prefill(self, model, cache, ids: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         # ids: (1, T), input_pos: (1, T), T <= PREFILL_CHUNK, slots: (1,) -> (1, 1, vocab)
-        return self._step(model, cache, "prefill")([ids, input_pos, slots])[0]
+        run = self._step(model, cache, "prefill")
+        if run is not None:
+            return run([ids, input_pos, slots])[0]
+        with self._one_thread():
+            return prefill(model, cache, ids, input_pos, slots)
 
     def decode(self, model, cache, token: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         # token: (B, 1), input_pos: (B, 1), slots: (B,), B in batch_sizes -> (B, 1, vocab)
-        return self._step(model, cache, f"decode-b{token.shape[0]}")([token, input_pos, slots])[0]
+        run = self._step(model, cache, f"decode-b{token.shape[0]}")
+        if run is not None:
+            return run([token, input_pos, slots])[0]
+        with self._one_thread():
+            return decode_one(model, cache, token, input_pos, slots)

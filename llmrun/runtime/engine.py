@@ -68,9 +68,11 @@ class Engine:
 
     @classmethod
     def load(cls, options: EngineOptions, progress: Callable[[LoadProgress], None] | None = None,
-             stream: bool = True) -> "Engine":
+             stream: bool = True, background: bool = False) -> "Engine":
         """`stream`: also build stream_generate's compiled steps (a server runs its scheduler's
-        steps alone)."""
+        steps alone). `background`: compiled steps not built yet are built by a background
+        process while this one runs them eagerly (llmrun.runtime.aot.AotSteps), instead of
+        before the first answer."""
         if options.threads:
             if options.threads < 1:
                 raise LlmrunError(f"--threads {options.threads} must be >= 1")
@@ -92,11 +94,26 @@ class Engine:
         if options.compile and stream:
             start = time.perf_counter()
             engine.steps = compile_steps(options.compile_backend,
-                                         lambda message: report(LoadProgress("compile", message=message)))
+                                         lambda message: report(LoadProgress("compile", message=message)),
+                                         options if background else None)
             engine.generator.prefill_fn, engine.generator.decode_fn = engine.steps.prefill, engine.steps.decode
             engine.generator.warm_up()
             engine.timings["compile"] = time.perf_counter() - start
+            if hasattr(engine.steps, "packages"):
+                from llmrun import readiness
+
+                readiness.record(engine.readiness_source, engine.settings_label, engine.steps.packages())
         return engine
+
+    @property
+    def readiness_source(self) -> str:
+        """The model as llmrun.readiness names it: its source, or a local model's path."""
+        return str(self.resolved.path.resolve()) if self.source == "local" else self.source
+
+    @property
+    def settings_label(self) -> str:
+        """What decides the compiled steps beside the model: weights, dtype, KV cache, threads."""
+        return f"{self.quant_label}, {self.options.dtype}, kv {self.kv_dtype}, {self.threads} threads"
 
     def generation_defaults(self) -> dict:
         """Sampling defaults from the checkpoint's generation_config.json, if it has one."""
@@ -156,10 +173,10 @@ class Engine:
                          kv_dtype=self.kv_dtype, warm=warm)
 
 
-def compile_steps(backend: str, report: Callable[[str], None]):
+def compile_steps(backend: str, report: Callable[[str], None], background: EngineOptions | None = None):
     """Compiled prefill and decode steps of `backend` (see COMPILE_BACKENDS) for one Generator
     or Scheduler: llmrun.runtime.aot.AotSteps or llmrun.runtime.compiled.CompiledSteps (their .prefill, .decode
-    and .batch_sizes)."""
+    and .batch_sizes). `background`: AotSteps' (torch.compile compiles in this process)."""
     if backend == "jit":
         from llmrun.runtime.compiled import CompiledSteps
 
@@ -167,6 +184,6 @@ def compile_steps(backend: str, report: Callable[[str], None]):
         return CompiledSteps()
     from llmrun.runtime.aot import AotSteps
 
-    return AotSteps(report)
+    return AotSteps(report, background=background)
 
 

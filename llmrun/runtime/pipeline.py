@@ -45,9 +45,9 @@ def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
          prepare: bool = True) -> Loaded:
     """Load `spec` (as --model: None is the shipped default) with `scheme` (a quantized
     directory's own scheme wins) in `dtype`. cache: keep what is quantized here in llmrun's
-    cache and read it back next time (else quantize every time: the bench times it, `llmrun
-    quantize` writes it elsewhere). prepare: as it runs (quant.prepare_int4_model); `llmrun
-    quantize` saves unprepared layers."""
+    cache and read it back next time, and the model as it runs on this machine (else
+    quantize every time: the bench times it, `llmrun quantize` writes it elsewhere). prepare:
+    as it runs (quant.prepare_int4_model); `llmrun quantize` saves unprepared layers."""
     from llmrun.formats import quantized_dir
     from llmrun.formats.checkpoint import load_model, open_checkpoint
     from llmrun.sources.hub import resolve_model
@@ -64,6 +64,13 @@ def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
     stored = resolved.kind == "hf-dir" and quantized_dir.is_quantized_dir(resolved.path)
     if resolved.kind == "hf-dir" and not stored:
         open_checkpoint(resolved.path, resolved.kind)  # config and weights first: their errors say more
+    # the quantized directory the weights come from: the user's, or llmrun's cache entry
+    source = resolved.path if stored else _cache_entry(resolved, scheme) if cache and scheme.quant != "none" else None
+    runs_prepared = prepare and cache and source is not None
+    if runs_prepared and (hit := _read_prepared(source, dtype, report)) is not None:
+        model, tokenizer, scheme = hit
+        timings["load"] = time.perf_counter() - start
+        return Loaded(model, tokenizer, resolved, scheme, timings)
     tokenizer = Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf" else Tokenizer.from_hf_dir(resolved.path)
     quantize_s = 0.0
     if stored:
@@ -74,29 +81,72 @@ def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
                            lambda _, done, total: report(LoadProgress("load", done, total)))
         scheme = Scheme()
     else:
-        model, scheme, quantize_s = _quantized(resolved, tokenizer, scheme, dtype, report, cache)
+        model, scheme, quantize_s = _quantized(resolved, tokenizer, scheme, dtype, report, source)
     if prepare and scheme.quant != "none":
         from llmrun.quant.transform import prepare_int4_model
 
         prepare_int4_model(model)
+        if runs_prepared and quantized_dir.is_quantized_dir(source):
+            _write_prepared(model, tokenizer, scheme, source, dtype, report)
     timings["load"] = time.perf_counter() - start - quantize_s
     if quantize_s:
         timings["quantize"] = quantize_s
     return Loaded(model, tokenizer, resolved, scheme, timings)
 
 
-def _quantized(resolved, tokenizer, scheme: Scheme, dtype, report, cache: bool):
+def _cache_entry(resolved, scheme: Scheme):
+    """Where llmrun's cache keeps `resolved` quantized with `scheme`."""
+    from llmrun.formats import quantized_dir
+
+    as_shipped = scheme.weights == "as-shipped" and resolved.kind == "gguf"
+    return quantized_dir.cache_path(resolved.path, scheme.quant, scheme.group_size, scheme.head,
+                                    "as-shipped" if as_shipped else "int4", scheme.int4)
+
+
+def _read_prepared(source, dtype, report):
+    """(model, tokenizer, scheme) of the quantized directory `source` as prepared on this
+    machine before, configured to run; None when there is no current entry."""
+    from llmrun.formats import prepared_dir, quantized_dir
+    from llmrun.kernels.dispatch import default_backend
+    from llmrun.quant.transform import configure_int4_model
+
+    if not quantized_dir.is_quantized_dir(source):
+        return None
+    entry = prepared_dir.entry_path(source, dtype, default_backend())
+    if not prepared_dir.is_current(entry, prepared_dir.entry_key(source, dtype)):
+        return None
+    report(LoadProgress("load", message=f"mapping the prepared model {entry}"))
+    try:
+        model, tokenizer, scheme = prepared_dir.load_prepared(entry)
+    except (LlmrunError, OSError, ValueError, KeyError) as exc:  # damaged: prepared again from source
+        report(LoadProgress("load", message=f"preparing the model again ({type(exc).__name__}: {exc})"))
+        return None
+    configure_int4_model(model)
+    return model, tokenizer, Scheme.from_dict(scheme)
+
+
+def _write_prepared(model, tokenizer, scheme: Scheme, source, dtype, report) -> None:
+    from llmrun.formats import prepared_dir
+    from llmrun.kernels.dispatch import default_backend
+
+    entry = prepared_dir.entry_path(source, dtype, default_backend())
+    try:
+        prepared_dir.save_prepared(model, tokenizer, scheme.to_dict(str(source)), entry,
+                                   prepared_dir.entry_key(source, dtype))
+    except (OSError, prepared_dir.NotPreparable) as exc:  # costs only the next run's speed
+        report(LoadProgress("load", message=f"could not keep the prepared model ({exc})"))
+
+
+def _quantized(resolved, tokenizer, scheme: Scheme, dtype, report, path):
     """(model, scheme, seconds spent quantizing): quantized here, or read back from llmrun's
-    cache (keyed by the source file's identity and the scheme; a corrupt entry is rebuilt)."""
+    cache entry `path` (None: no cache; a corrupt entry is rebuilt)."""
     from llmrun.formats import quantized_dir
     from llmrun.formats import gguf_file
     from llmrun.formats.checkpoint import load_model, open_checkpoint
     from llmrun.quant.transform import make_transform
 
     as_shipped = scheme.weights == "as-shipped" and resolved.kind == "gguf"
-    path = quantized_dir.cache_path(resolved.path, scheme.quant, scheme.group_size, scheme.head,
-                                       "as-shipped" if as_shipped else "int4", scheme.int4)
-    if cache and quantized_dir.is_quantized_dir(path):
+    if path is not None and quantized_dir.is_quantized_dir(path):
         report(LoadProgress("load", message=f"loading quantized model from {path}"))
         try:
             return quantized_dir.load_quantized(path, dtype), Scheme.of_quantized_dir(path), 0.0
@@ -109,7 +159,7 @@ def _quantized(resolved, tokenizer, scheme: Scheme, dtype, report, cache: bool):
                        lambda _, done, total: report(LoadProgress("quantize", done, total)))
     used = replace(scheme, head=transform.inner.head, weights="as-shipped" if as_shipped else "int4",
                    shipped_formats=formats)
-    if cache:
+    if path is not None:
         try:
             quantized_dir.save_quantized(model, tokenizer, used.to_dict(str(resolved.path)), path, force=True)
         except OSError as exc:  # a cache that cannot be written costs only speed next time
