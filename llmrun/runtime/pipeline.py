@@ -6,6 +6,7 @@ used: callers' options are never written back."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from llmrun.errors import LlmrunError
+from llmrun.kernels.dispatch import available_backends
 from llmrun.quant.schemes import Scheme
 from llmrun.runtime.types import LoadProgress
 
@@ -56,6 +58,8 @@ def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
     report = report or (lambda p: None)
     timings = {}
     start = time.perf_counter()
+    # the kernels load (or build: once per machine, ~40 s) while the model is found and read
+    threading.Thread(target=available_backends, daemon=True).start()
     report(LoadProgress("download", message="resolving model"))
     resolved = resolve_model(spec)
     timings["resolve"] = time.perf_counter() - start

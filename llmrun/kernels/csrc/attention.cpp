@@ -20,7 +20,8 @@
 // Both bodies are compiled three times (AVX512, AVX2+FMA, baseline) and chosen at run time.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>

@@ -4,7 +4,8 @@
 // channel then costs only its group's precision, not its row's.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <immintrin.h>
 

@@ -7,7 +7,8 @@
 //   isa 2: AVX2,        vpmaddubsw + vpmaddwd (u8 x s8 pairs of |q| <= 8 never saturate)
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <immintrin.h>
 
 #include <algorithm>

@@ -13,7 +13,8 @@
 // largest of those, then one k-row dot per pick. NaN entries are never picked.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <immintrin.h>
 
