@@ -1,4 +1,4 @@
-"""Build, load and call the x86 C++ kernel (csrc/int4mm.cpp); pack to its private layout.
+"""Build, load and call the x86 C++ kernels (csrc/); pack to their private layouts.
 
 The extension is compiled once per machine with torch.utils.cpp_extension (ninja) into
 user_cache_dir("llmrun")/ext/<torch>-<source hash>-<cpu flags hash>/ and registered as the
@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("int4mm.cpp", "int4mm_body.inc", "blockmm.cpp", "blockmm.h", "blockmm_body.inc", "attention.cpp",
-            "attention_body.inc", "prefill_body.inc", "prefill_bf16.inc", "rescore.cpp")
+# the ops (ops.cpp registers them) and their kernel bodies, one translation unit per ISA
+# (matmul_*.cpp, attention_*.cpp): ninja compiles them side by side
+_SOURCES = sorted(p.name for p in _CSRC.iterdir() if p.suffix in (".cpp", ".h", ".inc"))
 _lock = threading.Lock()
 _state: dict = {}
 

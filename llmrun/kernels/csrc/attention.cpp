@@ -17,11 +17,7 @@
 //   out    (B, H, 1, D)        q's dtype
 // scores = scale * q.k (then softcap * tanh(scores / softcap) when softcap > 0), softmax in
 // float32 with the maximum subtracted, out = sum_j p_j v_j / sum_j p_j.
-// Both bodies are compiled three times (AVX512, AVX2+FMA, baseline) and chosen at run time.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+// Both bodies are compiled three times (AVX512, AVX2+FMA, baseline: attention_*.cpp) and chosen at run time.
 
 #include <algorithm>
 #include <atomic>
@@ -33,113 +29,15 @@
 #include <type_traits>
 #include <vector>
 
-namespace llmrun_attention {
+#include "attention.h"
+#include "ops.h"
 
-// What both ops read of their operands: q, the cache's k and v, their strides (elements)
-struct Operands {
-  const void* q;
-  const void* k;
-  const void* v;
-  int64_t H, rep, D;                  // query heads, query heads per kv head, head dim
-  int64_t q_sb, q_sh;                 // q strides (batch, head)
-  int64_t k_sb, k_sh, k_ss;           // k strides (batch, kv head, position)
-  int64_t v_sb, v_sh, v_ss;
-};
+namespace llmrun_attention {
 
 static Operands operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return {q.data_ptr(), k.data_ptr(), v.data_ptr(), q.size(1), q.size(1) / k.size(1), q.size(3),
           q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)};
 }
-
-struct Args : Operands {
-  void* out;
-  bool q_bf16, kv_bf16;
-  const int64_t* pos;                 // (B,) each row's position
-  const int64_t* slot;                // (B,) each row's cache slot
-  int64_t window;
-  float scale, softcap;
-  // attended positions of row b: [start, start + n)
-  int64_t start(int64_t b) const { return window > 0 ? std::max<int64_t>(0, pos[b] - window + 1) : 0; }
-  int64_t n(int64_t b) const { return pos[b] + 1 - start(b); }
-};
-
-struct PrefillArgs : Operands {
-  void* out;                          // (B, H, T, D) contiguous, q's dtype
-  bool q_bf16, kv_bf16;               // q and out are bf16 (else fp32); k and v are (a bf16 q: both)
-  int64_t B, T;
-  int64_t q_st;                       // q stride (query)
-  const int64_t* pos;                 // (B, T) the queries' cache positions, contiguous
-  const int64_t* slot;                // (B,) each row's cache slot
-  float scale;
-  int64_t window;
-};
-
-static inline float bf16_to_f(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline uint16_t f_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as torch does
-  return (uint16_t)(u >> 16);
-}
-
-#define ATTN_BODY_NS avx512
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")
-#include "attention_body.inc"
-#define PF_W 16
-#define PF_QK_R 8
-#define PF_QK_C 2
-#define PF_PV_R 8
-#define PF_PV_C 3
-#include "prefill_body.inc"
-#include "prefill_bf16.inc"
-#pragma GCC pop_options
-#undef ATTN_BODY_NS
-#undef PF_W
-#undef PF_QK_R
-#undef PF_QK_C
-#undef PF_PV_R
-#undef PF_PV_C
-
-#define ATTN_BODY_NS avx2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#include "attention_body.inc"
-#define PF_W 8
-#define PF_QK_R 6
-#define PF_QK_C 2
-#define PF_PV_R 4
-#define PF_PV_C 3
-#include "prefill_body.inc"
-#pragma GCC pop_options
-#undef ATTN_BODY_NS
-#undef PF_W
-#undef PF_QK_R
-#undef PF_QK_C
-#undef PF_PV_R
-#undef PF_PV_C
-
-#define ATTN_BODY_NS baseline
-#include "attention_body.inc"
-#define PF_W 4
-#define PF_QK_R 4
-#define PF_QK_C 2
-#define PF_PV_R 4
-#define PF_PV_C 2
-#include "prefill_body.inc"
-#undef ATTN_BODY_NS
-#undef PF_W
-#undef PF_QK_R
-#undef PF_QK_C
-#undef PF_PV_R
-#undef PF_PV_C
 
 // The best ISA this CPU runs: 2 AVX512, 1 AVX2 + FMA, 0 baseline
 static int best_isa() {
@@ -161,10 +59,10 @@ static int g_isa_cap = 2;  // tests lower it to run the narrower bodies (set_att
 static int attention_isa() { return std::min(best_isa(), g_isa_cap); }
 
 // Whether prefill_attention's bf16_dots takes effect (the AVX512 body on an AVX512-BF16 CPU)
-static bool prefill_bf16_dots_available() { return attention_isa() == 2 && has_avx512bf16(); }
+bool prefill_bf16_dots_available() { return attention_isa() == 2 && has_avx512bf16(); }
 
 // Caps the ISA both ops use (tests); returns the ISA now in use.
-static int64_t set_attention_isa(int64_t cap) {
+int64_t set_attention_isa(int64_t cap) {
   g_isa_cap = (int)std::clamp<int64_t>(cap, 0, 2);
   return attention_isa();
 }
@@ -189,7 +87,7 @@ static void check_operands(const at::Tensor& q, const at::Tensor& k, const at::T
   }
 }
 
-static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& input_pos, const at::Tensor& slots, double scale, double softcap,
                                    int64_t window) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D)");
@@ -201,7 +99,7 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16,
                 "decode_attention: tensors must be fp32 or bf16");
   TORCH_CHECK(q.size(3) <= 512, "decode_attention: head_dim above 512");
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_cpu(q.sizes(), q.scalar_type());
   Args a;
   static_cast<Operands&>(a) = operands(q, k, v);
   a.out = out.data_ptr();
@@ -214,7 +112,7 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
   a.softcap = (float)softcap;
   const int isa = attention_isa();
   void (*head)(const Args&, int64_t, float*) =
-      isa == 2 ? avx512::one_head : isa == 1 ? avx2::one_head : baseline::one_head;
+      isa == 2 ? avx512::decode_head : isa == 1 ? avx2::decode_head : baseline::decode_head;
   const int64_t B = q.size(0), heads = B * a.H;
   int64_t n_max = 1, n_sum = 0;
   for (int64_t b = 0; b < B; b++) n_max = std::max(n_max, a.n(b)), n_sum += a.n(b);
@@ -247,7 +145,7 @@ static at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, con
 // Positions past a row's last are never read; those between the lowest position some query
 // of a work item sees and its last must hold finite values (as a cache filled in order
 // does): a query's weight 0 times an inf there would still be NaN.
-static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& input_pos, const at::Tensor& slots, double scale, int64_t window,
                                     bool bf16_dots) {
   TORCH_CHECK(q.dim() == 4, "prefill_attention: q must be (B, H, T, D)");
@@ -264,7 +162,7 @@ static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(S <= INT32_MAX, "prefill_attention: a cache of over 2^31 positions");  // lanes hold int32
   const int64_t* pos = pos_t.data_ptr<int64_t>();
   const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_cpu(q.sizes(), q.scalar_type());
   if (out.numel() == 0) return out;
   PrefillArgs a;
   static_cast<Operands&>(a) = operands(qc, k, v);
@@ -279,25 +177,11 @@ static at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, co
   a.scale = (float)scale;
   a.window = window;
   const int isa = attention_isa();
-  if (bf16_dots && !a.q_bf16 && !a.kv_bf16 && prefill_bf16_dots_available()) avx512::prefill::run_bf16(a);
-  else if (isa == 2) avx512::prefill::run(a);
-  else if (isa == 1) avx2::prefill::run(a);
-  else baseline::prefill::run(a);
+  if (bf16_dots && !a.q_bf16 && !a.kv_bf16 && prefill_bf16_dots_available()) avx512::prefill_run_bf16(a);
+  else if (isa == 2) avx512::prefill_run(a);
+  else if (isa == 1) avx2::prefill_run(a);
+  else baseline::prefill_run(a);
   return out;
 }
 
 }  // namespace llmrun_attention
-
-TORCH_LIBRARY_FRAGMENT(llmrun, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, Tensor slots, float scale, "
-        "float softcap, int window) -> Tensor");
-  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, Tensor slots, float scale, "
-        "int window, bool bf16_dots=False) -> Tensor");
-  m.def("set_attention_isa(int cap) -> int", &llmrun_attention::set_attention_isa);
-  m.def("prefill_bf16_dots_available() -> bool", &llmrun_attention::prefill_bf16_dots_available);
-}
-
-TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
-  m.impl("decode_attention", &llmrun_attention::decode_attention);
-  m.impl("prefill_attention", &llmrun_attention::prefill_attention);
-}

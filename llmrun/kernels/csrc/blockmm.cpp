@@ -1,11 +1,7 @@
 // llmrun::block_mm: block-quantized weights x int8 activations (the kernel bodies and the
-// layout: blockmm_body.inc, compiled per ISA in int4mm.cpp). Activations are quantized with a
+// layout: blockmm_body.inc, compiled per ISA in matmul_*.cpp). Activations are quantized with a
 // scale per row and weight group (llama.cpp's Q8_0 activations do the same per 32): an outlier
 // channel then costs only its group's precision, not its row's.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
 #include <immintrin.h>
 
@@ -14,6 +10,7 @@
 #include <type_traits>
 
 #include "blockmm.h"
+#include "ops.h"
 
 namespace llmrun_kernels {
 
@@ -97,7 +94,7 @@ static void quantize_grouped(const T* x, int64_t M, int64_t K, int64_t Kpad, int
   if (M * K >= (1 << 16)) at::parallel_for(0, M, 1, body); else body(0, M);
 }
 
-static at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& of,
+at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& of,
                            int64_t bits, int64_t group_size, int64_t K, int64_t N, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "block_mm: x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "block_mm: x must be fp32 or bf16");
@@ -116,11 +113,11 @@ static at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, const at::T
   TORCH_CHECK(N <= NP * 16 && K <= Kpad, "block_mm: N or K larger than the packed weight");
   const at::Tensor xc = x.contiguous();
   const int64_t M = x.size(0);
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = empty_cpu({M, N}, x.scalar_type());
   if (M == 0 || N == 0) return out;
-  at::Tensor a = at::empty({M, Kpad}, x.options().dtype(at::kChar));
-  at::Tensor sa = at::empty({M, G}, x.options().dtype(at::kFloat));
-  at::Tensor asum = at::empty({M, G}, x.options().dtype(at::kInt));
+  at::Tensor a = empty_cpu({M, Kpad}, at::kChar);
+  at::Tensor sa = empty_cpu({M, G}, at::kFloat);
+  at::Tensor asum = empty_cpu({M, G}, at::kInt);
   if (x.scalar_type() == at::kFloat)
     quantize_grouped(xc.data_ptr<float>(), M, K, Kpad, group_size, a.data_ptr<int8_t>(), sa.data_ptr<float>(),
                      asum.data_ptr<int32_t>());
@@ -181,11 +178,3 @@ static at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, const at::T
 }
 
 }  // namespace llmrun_kernels
-
-TORCH_LIBRARY_FRAGMENT(llmrun, m) {
-  m.def("block_mm(Tensor x, Tensor w, Tensor sc, Tensor of, int bits, int group_size, int K, int N, int isa) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
-  m.impl("block_mm", &llmrun_kernels::block_mm);
-}

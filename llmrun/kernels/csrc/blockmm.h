@@ -1,7 +1,6 @@
-// What int4mm.cpp (the per-ISA kernel bodies) and blockmm.cpp (the block_mm op) share.
+// What the block_mm op (blockmm.cpp) and its per-ISA kernel bodies (matmul_*.cpp, compiled from
+// blockmm_body.inc) share. No torch headers: the bodies compile without them.
 #pragma once
-#include <ATen/core/Tensor.h>
-
 #include <cstdint>
 
 namespace llmrun_kernels {
@@ -45,8 +44,5 @@ namespace avx512 { void block_run_panels(const BlockArgs& p, int64_t p_begin, in
 namespace avxvnni { void block_run_panels(const BlockArgs& p, int64_t p_begin, int64_t p_end, int rt, int ct); }
 namespace avxvnni_evex { void block_run_panels(const BlockArgs& p, int64_t p_begin, int64_t p_end, int rt, int ct); }
 namespace avx2 { void block_run_panels(const BlockArgs& p, int64_t p_begin, int64_t p_end, int rt, int ct); }
-
-// int4mm.cpp: the CPU's ISA bits (1 zmm VNNI, 2 ymm VNNI VEX, 4 ymm VNNI EVEX, 8 AVX2)
-int64_t isa_support();
 
 }  // namespace llmrun_kernels

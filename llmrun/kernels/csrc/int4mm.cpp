@@ -1,231 +1,28 @@
-// llmrun x86 int4-weight x int8-activation matmul (see int4mm_body.inc for the kernel and
-// the private weight layout). One shared object carries three ISA paths, each compiled with
-// a per-function target attribute and chosen at run time:
+// llmrun's int4-weight x int8-activation matmul ops (int4_mm, int8_mm, quant_act): argument
+// checks, activation quantization and the choice of tile shape and ISA. The kernel bodies
+// (int4mm_body.inc, the private weight layout included) are compiled once per ISA, each in
+// its own translation unit (matmul_*.cpp), and chosen at run time:
 //   isa 0: AVX512-VNNI, zmm vpdpbusd, one panel (16 columns) per vector
 //   isa 1: AVX-VNNI,    ymm vpdpbusd, two vectors per panel (VEX encoding when the CPU has
 //          AVX-VNNI, else the same ymm code in EVEX encoding on AVX512-VNNI + VL CPUs)
 //   isa 2: AVX2,        vpmaddubsw + vpmaddwd (u8 x s8 pairs of |q| <= 8 never saturate)
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <immintrin.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <utility>
 
-#include "blockmm.h"
+#include "int4mm.h"
+#include "ops.h"
 
 namespace llmrun_kernels {
-
-struct RunArgs {
-  const uint8_t* a;   // quantized activations [M][Kpad], a_u = a + 128
-  const float* sa;    // activation scales [M]
-  const uint8_t* w;   // packed panels
-  int64_t wps;        // bytes per panel (Kpad / 2 * 16)
-  const void* sc;
-  bool sf16;
-  const void* corr;
-  int64_t M, N, Kpad;
-  int G, lpg;
-  bool grouped;
-  bool int8;
-  void* out;
-  bool out_f32;
-  int64_t pf;
-};
-
-static inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as torch does
-  return (uint16_t)(u >> 16);
-}
 
 // Software prefetch distance in bytes for GEMM (M > 3); 4 KiB measured 5-8% faster than 1-2 KiB.
 // GEMV (decode, M <= 3) issues none and leaves streaming to the hardware prefetcher: measured in
 // whole decode steps (2 threads, Zen 5) Gemma 3 270M 79 -> 90 t/s (its 168 MB int8 head alone
 // 27 -> 36 GB/s), SmolLM2 equal within noise.
 static constexpr int64_t PREFETCH_BYTES = 4096;
-
-// ---------------------------------------------------------------- AVX512-VNNI (zmm)
-namespace avx512 {
-#define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c,avx2")))
-#define VPP 1
-#define VI __m512i
-#define VF __m512
-#define LOADW(p) _mm512_loadu_si512((const void*)(p))
-#define UNLO(w) _mm512_and_si512(_mm512_slli_epi16((w), 4), _mm512_set1_epi8((char)0xF0))
-#define UNHI(w) _mm512_and_si512((w), _mm512_set1_epi8((char)0xF0))
-#define DOT(acc, a, x) _mm512_dpbusd_epi32((acc), (a), (x))
-#define DOT2(acc, a0, x0, a1, x1) _mm512_dpbusd_epi32(_mm512_dpbusd_epi32((acc), (a0), (x0)), (a1), (x1))
-#define SET1I(x) _mm512_set1_epi32(x)
-#define SET1F(x) _mm512_set1_ps(x)
-#define ZEROI() _mm512_setzero_si512()
-#define ZEROF() _mm512_setzero_ps()
-#define ADDI(a, b) _mm512_add_epi32((a), (b))
-#define SUBI(a, b) _mm512_sub_epi32((a), (b))
-#define SLLI(a, n) _mm512_slli_epi32((a), (n))
-#define CVT(a) _mm512_cvtepi32_ps(a)
-#define FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
-#define FMS(a, b, c) _mm512_fmsub_ps((a), (b), (c))
-#define MUL(a, b) _mm512_mul_ps((a), (b))
-#define LOADF(p) _mm512_loadu_ps(p)
-#define LOADI(p) _mm512_loadu_si512((const void*)(p))
-#define LOADH(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p)))
-#define STOREF(p, v) _mm512_storeu_ps((p), (v))
-#define WSCALE 16
-#define WSHIFT 4
-#define RMAX 6
-#define CMAX 4
-#include "int4mm_body.inc"
-#define U4LO(w) _mm512_and_si512((w), _mm512_set1_epi8(0x0F))
-#define U4HI(w) _mm512_and_si512(_mm512_srli_epi16((w), 4), _mm512_set1_epi8(0x0F))
-#define DOT8(acc, w, a) _mm512_dpbusd_epi32((acc), (w), (a))
-#include "blockmm_body.inc"
-#undef U4LO
-#undef U4HI
-#undef DOT8
-#undef TGT
-#undef VPP
-#undef VI
-#undef VF
-#undef LOADW
-#undef UNLO
-#undef UNHI
-#undef DOT
-#undef DOT2
-#undef SET1I
-#undef SET1F
-#undef ZEROI
-#undef ZEROF
-#undef ADDI
-#undef SUBI
-#undef SLLI
-#undef CVT
-#undef FMA
-#undef FMS
-#undef MUL
-#undef LOADF
-#undef LOADI
-#undef LOADH
-#undef STOREF
-#undef WSCALE
-#undef WSHIFT
-#undef RMAX
-#undef CMAX
-}  // namespace avx512
-
-// ------------------------------------------------------- shared ymm macros (VNNI and AVX2)
-#define VPP 2
-#define VI __m256i
-#define VF __m256
-#define LOADW(p) _mm256_loadu_si256((const __m256i*)(p))
-#define SET1I(x) _mm256_set1_epi32(x)
-#define SET1F(x) _mm256_set1_ps(x)
-#define ZEROI() _mm256_setzero_si256()
-#define ZEROF() _mm256_setzero_ps()
-#define ADDI(a, b) _mm256_add_epi32((a), (b))
-#define SUBI(a, b) _mm256_sub_epi32((a), (b))
-#define SLLI(a, n) _mm256_slli_epi32((a), (n))
-#define CVT(a) _mm256_cvtepi32_ps(a)
-#define FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
-#define FMS(a, b, c) _mm256_fmsub_ps((a), (b), (c))
-#define MUL(a, b) _mm256_mul_ps((a), (b))
-#define LOADF(p) _mm256_loadu_ps(p)
-#define LOADI(p) _mm256_loadu_si256((const __m256i*)(p))
-#define LOADH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p)))
-#define STOREF(p, v) _mm256_storeu_ps((p), (v))
-#define RMAX 3
-#define CMAX 1
-#define U4LO(w) _mm256_and_si256((w), _mm256_set1_epi8(0x0F))
-#define U4HI(w) _mm256_and_si256(_mm256_srli_epi16((w), 4), _mm256_set1_epi8(0x0F))
-
-// ---------------------------------------------------------------- AVX-VNNI (ymm, VEX)
-namespace avxvnni {
-#define TGT __attribute__((target("avx2,fma,f16c,avxvnni")))
-#define UNLO(w) _mm256_and_si256(_mm256_slli_epi16((w), 4), _mm256_set1_epi8((char)0xF0))
-#define UNHI(w) _mm256_and_si256((w), _mm256_set1_epi8((char)0xF0))
-#define DOT(acc, a, x) _mm256_dpbusd_avx_epi32((acc), (a), (x))
-#define DOT2(acc, a0, x0, a1, x1) _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32((acc), (a0), (x0)), (a1), (x1))
-#define WSCALE 16
-#define WSHIFT 4
-#include "int4mm_body.inc"
-#define DOT8(acc, w, a) DOT(acc, w, a)
-#include "blockmm_body.inc"
-#undef DOT8
-#undef TGT
-#undef DOT
-#undef DOT2
-}  // namespace avxvnni
-
-// ------------------------------------- the same ymm VNNI code, EVEX-encoded (AVX512-VL)
-namespace avxvnni_evex {
-#define TGT __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
-#define DOT(acc, a, x) _mm256_dpbusd_epi32((acc), (a), (x))
-#define DOT2(acc, a0, x0, a1, x1) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32((acc), (a0), (x0)), (a1), (x1))
-#include "int4mm_body.inc"
-#define DOT8(acc, w, a) DOT(acc, w, a)
-#include "blockmm_body.inc"
-#undef DOT8
-#undef TGT
-#undef DOT
-#undef DOT2
-#undef UNLO
-#undef UNHI
-#undef WSCALE
-#undef WSHIFT
-}  // namespace avxvnni_evex
-
-// ---------------------------------------------------------------- AVX2
-namespace avx2 {
-#define TGT __attribute__((target("avx2,fma,f16c")))
-// sign-extend a nibble (0..15 as 4-bit two's complement) with a byte shuffle
-#define NIBLUT _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1, \
-                                0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1)
-#define UNLO(w) _mm256_shuffle_epi8(NIBLUT, _mm256_and_si256((w), _mm256_set1_epi8(0x0F)))
-#define UNHI(w) _mm256_shuffle_epi8(NIBLUT, _mm256_and_si256(_mm256_srli_epi16((w), 4), _mm256_set1_epi8(0x0F)))
-#define DOT(acc, a, x) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((a), (x)), _mm256_set1_epi16(1)))
-#define DOT2(acc, a0, x0, a1, x1)                                                              \
-  _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16((a0), (x0)), \
-                                                             _mm256_maddubs_epi16((a1), (x1))), \
-                                            _mm256_set1_epi16(1)))
-#define WSCALE 1
-#define WSHIFT 0
-#include "int4mm_body.inc"
-// 8-bit codes as 16 * high nibble + low nibble: a 255 x 127 pair would saturate vpmaddubsw
-#define DOT8(acc, w, a)                                                                        \
-  _mm256_add_epi32(_mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16(U4LO(w), (a)), \
-                                                             _mm256_set1_epi16(1))),          \
-                   _mm256_madd_epi16(_mm256_maddubs_epi16(U4HI(w), (a)), _mm256_set1_epi16(16)))
-// Symmetric 8-bit codes as signed q = u - 128 instead: |q| x sign(a, q) pairs stay below
-// vpmaddubsw's saturation (2 * 128 * 127 < 2^15) and give S - 128 A directly, in 4 ops per
-// row where DOT8 takes 9
-#define SIGNED8 1
-#define Q8(w) _mm256_xor_si256((w), _mm256_set1_epi8((char)0x80))
-#define ABS8(q) _mm256_abs_epi8(q)
-#define DOT8S(acc, qabs, q, a) \
-  _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((qabs), _mm256_sign_epi8((a), (q))), _mm256_set1_epi16(1)))
-#define I16ACC 1
-#define DOT16(acc, w, a) _mm256_add_epi16((acc), _mm256_maddubs_epi16((w), (a)))
-#define WIDEN16(acc) _mm256_madd_epi16((acc), _mm256_set1_epi16(1))
-#define ADD16(x, y) _mm256_add_epi16((x), (y))
-#include "blockmm_body.inc"
-#undef I16ACC
-#undef DOT16
-#undef WIDEN16
-#undef ADD16
-#undef DOT8
-#undef SIGNED8
-#undef Q8
-#undef ABS8
-#undef DOT8S
-}  // namespace avx2
 
 // ------------------------------------------------------------- activation quantization
 // Per row, symmetric: inv = 127 / absmax (float32 division), a = round_half_even(x * inv)
@@ -313,7 +110,7 @@ int64_t isa_support() {
 }
 
 // ------------------------------------------------------------------------------ ops
-static at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& corr,
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& corr,
                           int64_t group_size, int64_t K, int64_t N, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int4_mm: x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_mm: x must be fp32 or bf16");
@@ -327,10 +124,10 @@ static at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
   const bool grouped = group_size > 0;
   TORCH_CHECK(!grouped || (group_size % 8 == 0 && sc.size(1) * group_size == Kpad), "int4_mm: group size / padding mismatch");
   TORCH_CHECK(grouped ? corr.scalar_type() == at::kFloat : corr.scalar_type() == at::kInt, "int4_mm: bad correction dtype");
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = empty_cpu({M, N}, x.scalar_type());
   if (M == 0 || N == 0) return out;
-  at::Tensor a = at::empty({M, Kpad}, x.options().dtype(at::kByte));
-  at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor a = empty_cpu({M, Kpad}, at::kByte);
+  at::Tensor sa = empty_cpu({M}, at::kFloat);
   quantize_activations(xc, Kpad, a.data_ptr<uint8_t>(), sa.data_ptr<float>());
 
   RunArgs p;
@@ -374,7 +171,7 @@ static at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
   if (M <= 3) { rt = (int)M; ct = (p.wps >= (16 << 10)) ? std::min(cmax, 2) : 1; }
   else { rt = rmax; ct = cmax; }
   if (!grouped && isa == 0 && M > 3) { rt = 6; ct = 4; }
-  if (grouped && isa == 0 && M > 3) { rt = 4; ct = 3; }
+  if (grouped && isa == 0 && M > 3) { rt = 4; ct = 3; }  // the zmm bodies' GRMAX x GCMAX
   if (M > 3) {  // balance the row tiles: M = 8 runs as 4 + 4, not 6 + 2
     const int64_t ntiles = (M + rt - 1) / rt;
     rt = (int)((M + ntiles - 1) / ntiles);
@@ -391,7 +188,7 @@ static at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
 // Per-channel int8 weights (heads): w uint8 [NP, K4, 64] (see tile_kernel_i8), sc fp32
 // [NP, 1, 16], corr int32 [NP*16]. VNNI ISAs only (u8 x s8 pairs of full-range int8 would
 // saturate AVX2's vpmaddubsw).
-static at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& corr,
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& corr,
                           int64_t K, int64_t N, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int8_mm: x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int8_mm: x must be fp32 or bf16");
@@ -402,10 +199,10 @@ static at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
   TORCH_CHECK(N <= w.size(0) * 16 && K <= w.size(1) * 4, "int8_mm: N or K larger than the packed weight");
   const at::Tensor xc = x.contiguous();
   const int64_t M = x.size(0), NP = w.size(0), Kpad = w.size(1) * 4;
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = empty_cpu({M, N}, x.scalar_type());
   if (M == 0 || N == 0) return out;
-  at::Tensor a = at::empty({M, Kpad}, x.options().dtype(at::kByte));
-  at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor a = empty_cpu({M, Kpad}, at::kByte);
+  at::Tensor sa = empty_cpu({M}, at::kFloat);
   quantize_activations(xc, Kpad, a.data_ptr<uint8_t>(), sa.data_ptr<float>());
   RunArgs p;
   p.a = a.data_ptr<uint8_t>();
@@ -443,26 +240,13 @@ static at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Te
   return out;
 }
 
-static std::tuple<at::Tensor, at::Tensor> quant_act(const at::Tensor& x, int64_t Kpad) {
+std::tuple<at::Tensor, at::Tensor> quant_act(const at::Tensor& x, int64_t Kpad) {
   TORCH_CHECK(x.dim() == 2 && Kpad >= x.size(1), "quant_act: x must be [M, K], Kpad >= K");
   const at::Tensor xc = x.contiguous();
-  at::Tensor a = at::empty({x.size(0), Kpad}, x.options().dtype(at::kByte));
-  at::Tensor sa = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  at::Tensor a = empty_cpu({x.size(0), Kpad}, at::kByte);
+  at::Tensor sa = empty_cpu({x.size(0)}, at::kFloat);
   quantize_activations(xc, Kpad, a.data_ptr<uint8_t>(), sa.data_ptr<float>());
   return {a, sa};
 }
 
 }  // namespace llmrun_kernels
-
-TORCH_LIBRARY(llmrun, m) {
-  m.def("int4_mm(Tensor x, Tensor w, Tensor sc, Tensor corr, int group_size, int K, int N, int isa) -> Tensor");
-  m.def("int8_mm(Tensor x, Tensor w, Tensor sc, Tensor corr, int K, int N, int isa) -> Tensor");
-  m.def("quant_act(Tensor x, int Kpad) -> (Tensor, Tensor)");
-  m.def("isa_support() -> int", &llmrun_kernels::isa_support);
-}
-
-TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
-  m.impl("int4_mm", &llmrun_kernels::int4_mm);
-  m.impl("int8_mm", &llmrun_kernels::int8_mm);
-  m.impl("quant_act", &llmrun_kernels::quant_act);
-}

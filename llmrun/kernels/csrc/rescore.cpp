@@ -11,10 +11,6 @@
 // tied tables of GGUF files as shipped), from float activations.
 // Per row a threshold from a sample, one pass over y collecting the entries above it, the k
 // largest of those, then one k-row dot per pick. NaN entries are never picked.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
 #include <immintrin.h>
 
@@ -26,6 +22,8 @@
 #include <functional>
 #include <utility>
 #include <vector>
+
+#include "ops.h"
 
 namespace llmrun_rescore {
 
@@ -105,7 +103,7 @@ static at::Tensor rescore_with(const at::Tensor& y, int64_t k, const Values& val
   return out;
 }
 
-static at::Tensor rescore_top_k(const at::Tensor& y, const at::Tensor& a, const at::Tensor& sa, const at::Tensor& w,
+at::Tensor rescore_top_k(const at::Tensor& y, const at::Tensor& a, const at::Tensor& sa, const at::Tensor& w,
                                 const at::Tensor& sc, int64_t k, bool unsigned_codes) {
   TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kFloat, "rescore_top_k: y must be float32 [M, N]");
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.scalar_type() == at::kByte && w.is_contiguous(),
@@ -229,7 +227,7 @@ struct BlockRows {
   }
 };
 
-static at::Tensor rescore_top_k_blocks(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
+at::Tensor rescore_top_k_blocks(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
                                        const at::Tensor& sc, const at::Tensor& of, int64_t bits, int64_t group_size,
                                        int64_t k) {
   TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kFloat, "rescore_top_k_blocks: y must be float32 [M, N]");
@@ -281,13 +279,3 @@ static at::Tensor rescore_top_k_blocks(const at::Tensor& y, const at::Tensor& x,
 }
 
 }  // namespace llmrun_rescore
-
-TORCH_LIBRARY_FRAGMENT(llmrun, m) {
-  m.def("rescore_top_k(Tensor y, Tensor a, Tensor sa, Tensor w, Tensor sc, int k, bool unsigned_codes=False) -> Tensor");
-  m.def("rescore_top_k_blocks(Tensor y, Tensor x, Tensor w, Tensor sc, Tensor of, int bits, int group_size, int k) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
-  m.impl("rescore_top_k", &llmrun_rescore::rescore_top_k);
-  m.impl("rescore_top_k_blocks", &llmrun_rescore::rescore_top_k_blocks);
-}
