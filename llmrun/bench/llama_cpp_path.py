@@ -73,6 +73,6 @@ def run_llama_cpp(spec, result: dict, log, repeat, timed, tg_prompt: int, warmup
 
 def _tensor_bytes(path) -> int:
     """Bytes of the file's tensor data (what a decode step reads, the tied head's table once)."""
-    from gguf import GGUFReader
+    from llmrun.formats.gguf_reader import open_gguf
 
-    return int(sum(int(t.n_bytes) for t in GGUFReader(path).tensors))
+    return sum(t.n_bytes for t in open_gguf(path).tensors)

@@ -1,5 +1,5 @@
-"""GGUF files through the `gguf` package: config from the metadata, tensors dequantized to
-float32 and renamed to the Hugging Face names the model uses."""
+"""GGUF files (read by gguf_reader.py, dequantized by the `gguf` package): config from the
+metadata, tensors dequantized to float32 and renamed to the Hugging Face names the model uses."""
 
 from __future__ import annotations
 
@@ -31,20 +31,14 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 
 
 def open_reader(path: Path):
-    import gguf
+    """The GGUF file at `path` (gguf_reader.GGUFFile: metadata, tensors mapped)."""
+    from .gguf_reader import open_gguf
 
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError/struct errors/IndexError on bad files
-        raise LlmrunError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    return open_gguf(path)
 
 
 def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+    return reader.metadata.get(key, default)
 
 
 def read_config(reader) -> ModelConfig:
@@ -71,7 +65,7 @@ def _read_config(reader) -> ModelConfig:
         raise LlmrunError(f"GGUF metadata for {arch!r} lacks block_count, embedding_length, "
                           "attention.head_count or feed_forward_length")
     head_dim = get("attention.key_length") or dim // n_heads
-    vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = get("vocab_size") or len(reader.metadata.get("tokenizer.ggml.tokens", ()))
     theta = float(get("rope.freq_base", 10000.0))
     scaling = get("rope.scaling.type")
     rope = RopeSpec(theta=theta)

@@ -17,15 +17,12 @@ tokenizer library, so no BPE or sentencepiece algorithm is written here:
 from __future__ import annotations
 
 import logging
-import mmap
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from llmrun.errors import LlmrunError
+from llmrun.formats.gguf_reader import read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -187,101 +184,12 @@ def _field_value(reader, key: str, source: str):
 
 
 # GGUF value types (gguf.GGUFValueType) -> numpy dtype of their little-endian encoding.
-_GGUF_SCALARS = {
-    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
-}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file, without its tensors.
-
-    `gguf.GGUFReader` builds a numpy view per array element, which takes ~20 s for Gemma 3's
-    262144-token vocabulary; this reads the same key/value section in well under a second.
-    Numeric arrays come back as lists, strings as str.
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError) as exc:
-        raise LlmrunError(f"cannot read GGUF file {path} ({exc}); check the path and permissions") from exc
-    try:
-        return _parse_gguf_kv(buf, path)
-    except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
-        raise LlmrunError(
-            f"{path} is not a valid GGUF file (its metadata section is damaged: {exc}); "
-            "download or convert it again"
-        ) from exc
-    finally:
-        buf.close()
-
-
-def _parse_gguf_kv(buf, path: str) -> dict[str, Any]:
-    if buf[:4] != b"GGUF":
-        raise LlmrunError(f"{path} is not a GGUF file (wrong magic bytes); pass a .gguf model file")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version not in (2, 3):
-        raise LlmrunError(
-            f"{path}: GGUF version {version} is not supported (only 2 and 3, little-endian); "
-            "convert the model again with a recent llama.cpp"
-        )
-    pos = 24
-    unpack_from = struct.unpack_from
-
-    def read_str(pos):
-        (n,) = unpack_from("<Q", buf, pos)
-        end = pos + 8 + n
-        if end > len(buf):
-            raise ValueError("string runs past the end of the file")
-        return buf[pos + 8:end].decode("utf-8", errors="replace"), end
-
-    def read_value(vtype, pos):
-        if vtype == _GGUF_STRING:
-            return read_str(pos)
-        if vtype in _GGUF_SCALARS:
-            dt = np.dtype(_GGUF_SCALARS[vtype]).newbyteorder("<")
-            return np.frombuffer(buf, dt, 1, pos)[0].item(), pos + dt.itemsize
-        if vtype == _GGUF_ARRAY:
-            etype, count = unpack_from("<IQ", buf, pos)
-            pos += 12
-            if etype == _GGUF_STRING:
-                out = []
-                append = out.append
-                for _ in range(count):
-                    (n,) = unpack_from("<Q", buf, pos)
-                    append(buf[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"))
-                    pos += 8 + n
-                if pos > len(buf):
-                    raise ValueError("string array runs past the end of the file")
-                return out, pos
-            if etype in _GGUF_SCALARS:
-                dt = np.dtype(_GGUF_SCALARS[etype]).newbyteorder("<")
-                arr = np.frombuffer(buf, dt, count, pos)
-                return arr.tolist(), pos + dt.itemsize * count
-            out = []
-            for _ in range(count):
-                v, pos = read_value(etype, pos)
-                out.append(v)
-            return out, pos
-        raise ValueError(f"unknown value type {vtype}")
-
-    meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key, pos = read_str(pos)
-        (vtype,) = unpack_from("<I", buf, pos)
-        value, pos = read_value(vtype, pos + 4)
-        meta[key] = value
-    return meta
-
-
 def read_gguf_vocab(reader_or_path) -> GGUFVocab:
     """Read the tokenizer metadata of a GGUF file: an open `gguf.GGUFReader`, or a path (read
-    with the fast metadata-only reader above)."""
+    with llmrun.formats.gguf_reader.read_metadata)."""
     if isinstance(reader_or_path, (str, os.PathLike)):
         source = os.fspath(reader_or_path)
-        meta = read_gguf_metadata(source)
+        meta = read_metadata(source)
         get = meta.get
     else:
         reader = reader_or_path
