@@ -107,3 +107,50 @@ def test_rescored_head_scan_takes_the_int4_kind(int4):
     else:  # the picked rows against the float activations
         rows = head.exact.embed(top)  # (3, 8, 96)
         torch.testing.assert_close(picked, torch.einsum("mk,mpk->mp", x, rows), rtol=1e-5, atol=1e-5)
+
+
+def _search_as_written(g: torch.Tensor):
+    """make_qkx2_quants over groups as its steps read, each candidate's codes and error in
+    full (the reference for the search's shortcuts: codes of the winner recomputed, in-place
+    temporaries)."""
+    nmax = 15
+    w = (g * g).mean(-1, keepdim=True).sqrt() + g.abs()
+    lo = g.amin(-1, keepdim=True).clamp_max(0.0)
+    span = g.amax(-1, keepdim=True) - lo
+    flat = span == 0
+    span = torch.where(flat, torch.ones_like(span), span)
+    sum_w, sum_x = w.sum(-1, keepdim=True), (w * g).sum(-1, keepdim=True)
+    codes = ((g - lo) * (nmax / span)).round().clamp(0, nmax)
+    scale, offset = span / nmax, lo
+    best = (w * (scale * codes + offset - g) ** 2).sum(-1, keepdim=True)
+    for step in (-1.0 + 0.1 * i for i in range(21)):
+        cand = ((g - lo) * ((nmax + step) / span)).round().clamp(0, nmax)
+        sum_l, sum_l2 = (w * cand).sum(-1, keepdim=True), (w * cand * cand).sum(-1, keepdim=True)
+        sum_xl = (w * cand * g).sum(-1, keepdim=True)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        safe = torch.where(ok, det, torch.ones_like(det))
+        s = (sum_w * sum_xl - sum_x * sum_l) / safe
+        o = (sum_l2 * sum_x - sum_l * sum_xl) / safe
+        positive = o > 0
+        s = torch.where(positive, sum_xl / sum_l2.clamp_min(1e-30), s)
+        o = torch.where(positive, torch.zeros_like(o), o)
+        err = (w * (s * cand + o - g) ** 2).sum(-1, keepdim=True)
+        better = ok & (err < best)
+        best, codes = torch.where(better, err, best), torch.where(better, cand, codes)
+        scale, offset = torch.where(better, s, scale), torch.where(better, o, offset)
+    return (torch.where(flat, torch.zeros_like(codes), codes), torch.where(flat, torch.zeros_like(scale), scale),
+            offset)
+
+
+@pytest.mark.parametrize("shape", [(700, 3, 32), (90, 5, 64), (300, 1, 7), (41, 2, 33)])
+def test_search_is_the_search_as_written_bit_for_bit(shape):
+    from llmrun.kernels.block_quant import _search
+
+    g = torch.Generator().manual_seed(shape[0])
+    x = torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, 1, generator=g)
+    x[0] = 0  # flat groups
+    x[1] = -0.5
+    x[2, :, : shape[2] // 2] = 3.0  # ties at the top of the range
+    for got, want in zip(_search(x), _search_as_written(x)):
+        assert torch.equal(got, want)
