@@ -511,3 +511,24 @@ def test_kernel_bench_weight_copies_are_distinct(op):
     modules = [f.__defaults__[0] for f in fns]
     assert len({m.w.data_ptr() for m in modules}) == 3
     assert all(torch.equal(m(torch.ones(1, 64)), modules[0](torch.ones(1, 64))) for m in modules)
+
+
+def test_backends_known_before_the_extension_loads_and_first_call_loads_it():
+    """A fresh process names this CPU's ISAs from its flags without loading the extension (a
+    model is packed while it builds), the same ones the extension reports, and an op's first
+    call loads it."""
+    import subprocess
+    import sys
+
+    if not native.supported_isas():
+        pytest.skip("the native kernel is not in use on this machine")
+    code = (
+        "import torch\n"
+        "from llmrun.kernels import native\n"
+        "early = native.runnable_isas()\n"
+        "assert 'ok' not in native._state, 'runnable_isas loaded the extension'\n"
+        "a, sa = native.QUANT_ACT(torch.ones(2, 8), 8)\n"
+        "assert native._state['ok'] and a.shape == (2, 8)\n"
+        "assert early == native.supported_isas(), (early, native.supported_isas())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

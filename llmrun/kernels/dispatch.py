@@ -43,13 +43,36 @@ def available_backends() -> list[str]:
     elif platform.machine().lower() in ("x86_64", "amd64"):
         from . import native
 
-        isas = native.supported_isas()
+        isas = native.runnable_isas()
         if not isas and native.built():
             warnings.warn("llmrun: this CPU lacks AVX2; the int4 kernels fall back to the slow reference",
                           stacklevel=2)
         out.extend(isas)
     out.append("reference")
     return out
+
+
+def load_kernels() -> None:
+    """Loads this machine's native kernels, building them first where needed (x86: once per
+    machine, ~20 s on 2 cores). Run it in a thread while a model is read: the model can be
+    packed for the backend before the kernels are there (available_backends() does not wait
+    for them), and require_kernels() waits for them before it runs."""
+    if _is_arm():
+        arm_module()
+    elif platform.machine().lower() in ("x86_64", "amd64"):
+        from . import native
+
+        native.built()
+
+
+def require_kernels(backend: str) -> None:
+    """Waits until the kernels `backend` runs on are loaded; one clear error if they could not be."""
+    if backend.startswith("x86"):
+        from . import native
+
+        if not native.built():
+            raise LlmrunError(f"the x86 kernels for {backend} could not be built (the warning above says why); "
+                              f"{ENV_VAR}=reference runs without them, slowly")
 
 
 def default_backend() -> str:

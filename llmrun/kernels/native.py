@@ -26,15 +26,30 @@ _SOURCES = sorted(p.name for p in _CSRC.iterdir() if p.suffix in (".cpp", ".h", 
 _lock = threading.Lock()
 _state: dict = {}
 
+_OPS = {"INT4_MM": "int4_mm", "INT8_MM": "int8_mm", "BLOCK_MM": "block_mm", "DECODE_ATTENTION": "decode_attention",
+        "PREFILL_ATTENTION": "prefill_attention", "RESCORE_TOP_K": "rescore_top_k",
+        "RESCORE_TOP_K_BLOCKS": "rescore_top_k_blocks", "QUANT_ACT": "quant_act"}
+
+
+def _first_call(name: str):
+    """What native.<name> is until the extension is loaded: a call that loads it (a model may be
+    packed for it while it builds) and then goes on to the op."""
+    def call(*args):
+        if not _load():
+            raise RuntimeError(f"llmrun: the x86 kernels are not built; {_OPS[name]} cannot run")
+        return globals()[name](*args)
+    return call
+
+
 # the ops' overloads, bound once the extension is loaded (saves a lookup per call)
-INT4_MM = None
-INT8_MM = None
-BLOCK_MM = None
-DECODE_ATTENTION = None
-PREFILL_ATTENTION = None
-RESCORE_TOP_K = None
-RESCORE_TOP_K_BLOCKS = None
-QUANT_ACT = None
+INT4_MM = _first_call("INT4_MM")
+INT8_MM = _first_call("INT8_MM")
+BLOCK_MM = _first_call("BLOCK_MM")
+DECODE_ATTENTION = _first_call("DECODE_ATTENTION")
+PREFILL_ATTENTION = _first_call("PREFILL_ATTENTION")
+RESCORE_TOP_K = _first_call("RESCORE_TOP_K")
+RESCORE_TOP_K_BLOCKS = _first_call("RESCORE_TOP_K_BLOCKS")
+QUANT_ACT = _first_call("QUANT_ACT")
 
 # isa codes of the C++ op, by backend name
 ISA_CODES = {"x86-avx512vnni": 0, "x86-avxvnni": 1, "x86-avx2": 2}
@@ -49,6 +64,14 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+# the CPU flags (as /proc/cpuinfo names them) each backend needs: isa_support() in int4mm.cpp
+# asks CPUID the same questions
+_AVX2 = {"avx2", "fma", "f16c"}
+_AVX512_VNNI = _AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+_ISA_FLAGS = {"x86-avx512vnni": (_AVX512_VNNI,), "x86-avxvnni": (_AVX2 | {"avx_vnni"}, _AVX512_VNNI),
+              "x86-avx2": (_AVX2,)}
 
 
 def _build_dir() -> Path:
@@ -114,16 +137,8 @@ def _load() -> bool:
                               "falling back to the slow reference", stacklevel=3)
         if ok:
             _register_fakes()
-            global INT4_MM, INT8_MM, BLOCK_MM, DECODE_ATTENTION, PREFILL_ATTENTION, RESCORE_TOP_K, QUANT_ACT
-            global RESCORE_TOP_K_BLOCKS
-            INT4_MM = torch.ops.llmrun.int4_mm.default
-            INT8_MM = torch.ops.llmrun.int8_mm.default
-            BLOCK_MM = torch.ops.llmrun.block_mm.default
-            DECODE_ATTENTION = torch.ops.llmrun.decode_attention.default
-            PREFILL_ATTENTION = torch.ops.llmrun.prefill_attention.default
-            RESCORE_TOP_K = torch.ops.llmrun.rescore_top_k.default
-            RESCORE_TOP_K_BLOCKS = torch.ops.llmrun.rescore_top_k_blocks.default
-            QUANT_ACT = torch.ops.llmrun.quant_act.default
+            for name, op in _OPS.items():
+                globals()[name] = getattr(torch.ops.llmrun, op).default
         _state["ok"] = ok
         return ok
 
@@ -173,6 +188,19 @@ def supported_isas() -> list[str]:
         return []
     mask = int(torch.ops.llmrun.isa_support())
     return [name for name, bits in _ISA_BITS.items() if mask & bits]
+
+
+def runnable_isas() -> list[str]:
+    """supported_isas() without waiting for a build: from the CPU's flags (/proc/cpuinfo) while
+    the extension is not loaded yet but can be (built, or a compiler to build it), so that a
+    model is packed while the kernels compile. The extension's own answer where it is loaded,
+    where the flags cannot be read, and where it cannot be built."""
+    flags = set(_cpu_flags().split(":", 1)[-1].split())
+    if "ok" in _state or "avx2" not in flags:
+        return supported_isas()
+    if not (_build_dir() / "llmrun_int4mm.so").is_file() and not _have_compiler():
+        return supported_isas()
+    return [name for name, options in _ISA_FLAGS.items() if any(need <= flags for need in options)]
 
 
 # ------------------------------------------------------------------ private layout

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from llmrun.errors import LlmrunError
-from llmrun.kernels.dispatch import available_backends
+from llmrun.kernels.dispatch import default_backend, load_kernels, require_kernels
 from llmrun.quant.schemes import Scheme
 from llmrun.runtime.types import LoadProgress
 
@@ -58,8 +58,9 @@ def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
     report = report or (lambda p: None)
     timings = {}
     start = time.perf_counter()
-    # the kernels load (or build: once per machine, ~40 s) while the model is found and read
-    threading.Thread(target=available_backends, daemon=True).start()
+    # the kernels load (or build: once per machine, ~20 s) while the model is found, read,
+    # quantized and packed for them
+    threading.Thread(target=load_kernels, daemon=True).start()
     report(LoadProgress("download", message="resolving model"))
     resolved = resolve_model(spec)
     timings["resolve"] = time.perf_counter() - start
@@ -73,6 +74,7 @@ def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
     runs_prepared = prepare and cache and source is not None
     if runs_prepared and (hit := _read_prepared(source, dtype, report)) is not None:
         model, tokenizer, scheme = hit
+        require_kernels(default_backend())
         timings["load"] = time.perf_counter() - start
         return Loaded(model, tokenizer, resolved, scheme, timings)
     tokenizer = Tokenizer.from_gguf(resolved.path) if resolved.kind == "gguf" else Tokenizer.from_hf_dir(resolved.path)
@@ -92,6 +94,7 @@ def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
         prepare_int4_model(model)
         if runs_prepared and quantized_dir.is_quantized_dir(source):
             _write_prepared(model, tokenizer, scheme, source, dtype, report)
+    require_kernels(default_backend())
     timings["load"] = time.perf_counter() - start - quantize_s
     if quantize_s:
         timings["quantize"] = quantize_s
@@ -111,7 +114,6 @@ def _read_prepared(source, dtype, report):
     """(model, tokenizer, scheme) of the quantized directory `source` as prepared on this
     machine before, configured to run; None when there is no current entry."""
     from llmrun.formats import prepared_dir, quantized_dir
-    from llmrun.kernels.dispatch import default_backend
     from llmrun.quant.transform import configure_int4_model
 
     if not quantized_dir.is_quantized_dir(source):
@@ -131,7 +133,6 @@ def _read_prepared(source, dtype, report):
 
 def _write_prepared(model, tokenizer, scheme: Scheme, source, dtype, report) -> None:
     from llmrun.formats import prepared_dir
-    from llmrun.kernels.dispatch import default_backend
 
     entry = prepared_dir.entry_path(source, dtype, default_backend())
     try:
