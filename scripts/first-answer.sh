@@ -23,7 +23,9 @@ while [ $# -gt 0 ]; do
 done
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+# at exit: the busy loops, and the background builds llmrun started for this HOME (their own
+# sessions, not this script's jobs)
+trap 'kill $(jobs -p) 2>/dev/null || true; pkill -f -- "$work/" || true; rm -rf "$work"' EXIT
 export HOME="$work/home" && mkdir -p "$HOME"
 unset XDG_CACHE_HOME TORCHINDUCTOR_CACHE_DIR
 git clone -q "$repo" "$work/llmrun"

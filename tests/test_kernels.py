@@ -352,6 +352,8 @@ def attention_isa(request):
 
     if not cache_attention_available():
         pytest.skip("the native kernel is not in use on this machine")
+    if request.param == 1 and "x86-avx2" in native.supported_isas():
+        native.load_bodies("x86-avx2")  # AVX2's attention bodies: built on demand beside AVX512's
     if torch.ops.llmrun.set_attention_isa(request.param) != request.param:
         torch.ops.llmrun.set_attention_isa(2)
         pytest.skip("this CPU lacks the ISA")
@@ -532,3 +534,41 @@ def test_backends_known_before_the_extension_loads_and_first_call_loads_it():
         "assert early == native.supported_isas(), (early, native.supported_isas())\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_a_cpu_with_avx2_alone_builds_and_runs_only_the_avx2_bodies(tmp_path):
+    """What an AVX2-only CPU gets (its flags simulated here, in a fresh cache): the ops' library
+    with the AVX2 body set alone, the x86-avx2 backend by default, and its matmul and attention
+    (AVX2 bodies, not this CPU's AVX512 ones) equal to the reference."""
+    import os
+    import subprocess
+    import sys
+
+    if "x86-avx2" not in native.supported_isas():
+        pytest.skip("this CPU lacks AVX2")
+    code = (
+        "import torch\n"
+        "from llmrun.kernels import native, dispatch\n"
+        "from llmrun.kernels.modules import Int4Linear\n"
+        "from llmrun.kernels.attention import decode_attention, cache_attention_available\n"
+        "from llmrun.kernels.reference import quantize_int4\n"
+        "native._cpu_flags = lambda: 'flags\\t\\t: fpu sse2 avx avx2 fma f16c'\n"
+        "assert native._default_sets() == ('avx2',), native._default_sets()\n"
+        "assert dispatch.default_backend() == 'x86-avx2'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, s = quantize_int4(torch.randn(40, 96, generator=g), 32)\n"
+        "mod = Int4Linear.from_neutral(q, s, 32, 96)\n"
+        "ref = Int4Linear.from_neutral(q, s, 32, 96, backend='reference')\n"
+        "x = torch.randn(5, 96, generator=g)\n"
+        "assert mod.backend == 'x86-avx2'\n"
+        "torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)\n"
+        "assert cache_attention_available() and torch.ops.llmrun.set_attention_isa(2) == 1\n"
+        "qq, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)\n"
+        "out = decode_attention(qq, k, v, torch.tensor([5]), torch.tensor([0]), 0.25)\n"
+        "want = torch.softmax((qq @ k[:, :, :6].transpose(-1, -2)) * 0.25, -1) @ v[:, :, :6]\n"
+        "torch.testing.assert_close(out, want)\n"
+        "assert native._state['sets'] == {'avx2'}, native._state\n"
+    )
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    env.pop("LLMRUN_KERNEL_BACKEND", None)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600, env=env)

@@ -87,7 +87,7 @@ class BlockLinear(_PackedLinear):
         if self.backend.startswith("x86"):
             w, sc, of = native.pack_blocks(bw)
             self._keep(w=w, sc=sc, of=of)
-            self._isa = native.ISA_CODES[self.backend]
+            self._isa = native.isa_code(self.backend)
         else:
             offsets = bw.offsets if bw.offsets is not None else torch.empty(0)
             self._keep(codes=bw.codes.contiguous(), scales=bw.scales.contiguous(), offsets=offsets)

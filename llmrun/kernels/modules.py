@@ -132,7 +132,7 @@ class Int4Linear(_PackedLinear):
 
     def _keep_x86(self, w: torch.Tensor, sc: torch.Tensor, corr: torch.Tensor) -> None:
         self._keep(w=w, sc=sc, corr=corr)
-        self._isa = native.ISA_CODES[self.backend]
+        self._isa = native.isa_code(self.backend)
 
     def _arm_pack(self, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
         try:
@@ -266,7 +266,7 @@ class Int8Linear(_PackedLinear):
                 self._keep(w=w ^ 0x80, sc=sc)
             else:
                 self._keep(w=w, sc=sc, corr=corr)
-            self._isa = native.ISA_CODES[self.backend]
+            self._isa = native.isa_code(self.backend)
         else:
             self._keep(qweight=qweight, scales=scales, scales_bf16=scales.to(torch.bfloat16))
 

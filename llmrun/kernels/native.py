@@ -1,9 +1,13 @@
 """Build, load and call the x86 C++ kernels (csrc/); pack to their private layouts.
 
-The extension is compiled once per machine with torch.utils.cpp_extension (ninja) into
-user_cache_dir("llmrun")/ext/<torch>-<source hash>-<cpu flags hash>/ and registered as the
-torch custom ops torch.ops.llmrun.*, with fake (meta) implementations here so that
-torch.compile(fullgraph=True) traces through them.
+The ops are compiled once per machine with torch.utils.cpp_extension (ninja) into
+user_cache_dir("llmrun")/ext/<torch>-<source hash>-<cpu flags hash>/ops-<sets>/ and registered
+as the torch custom ops torch.ops.llmrun.*, with fake (meta) implementations here so that
+torch.compile(fullgraph=True) traces through them. Their kernel bodies come in sets, one per
+ISA (bodies.h): the ops' library holds the sets this CPU runs by default (its best matmul and
+attention ISAs), and another set is built into a library of its own the first time a backend
+asks for it (a forced LLMRUN_KERNEL_BACKEND, the tests' every ISA in turn), so that a first run
+compiles only what it runs.
 """
 
 from __future__ import annotations
@@ -74,6 +78,47 @@ _ISA_FLAGS = {"x86-avx512vnni": (_AVX512_VNNI,), "x86-avxvnni": (_AVX2 | {"avx_v
               "x86-avx2": (_AVX2,)}
 
 
+# body sets: their code in bodies.h, the sources of each library
+_BODY_SETS = {"avx512": 0, "avxvnni": 1, "avxvnni_evex": 2, "avx2": 3}
+_BODY_SOURCES = {
+    "avx512": ("matmul_avx512.cpp", "attention_avx512.cpp", "bodies_avx512.cpp"),
+    "avxvnni": ("matmul_avxvnni.cpp", "bodies_avxvnni.cpp"),
+    "avxvnni_evex": ("matmul_avxvnni_evex.cpp", "bodies_avxvnni_evex.cpp"),
+    "avx2": ("matmul_avx2.cpp", "attention_avx2.cpp", "bodies_avx2.cpp"),
+}
+_OPS_SOURCES = ("ops.cpp", "bodies.cpp", "int4mm.cpp", "blockmm.cpp", "attention.cpp", "attention_baseline.cpp",
+                "rescore.cpp")
+_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}  # the AVX512 attention bodies
+
+
+def _flag_set() -> set[str] | None:
+    line = _cpu_flags()
+    return set(line.split(":", 1)[1].split()) if line.startswith("flags") else None
+
+
+def _body_set(backend: str) -> str:
+    """The body set an x86 backend's matmuls run on (ISA 1: VEX code where the CPU has AVX-VNNI,
+    else its EVEX encoding, as int4mm.cpp picks)."""
+    if backend == "x86-avxvnni":
+        return "avxvnni" if "avx_vnni" in (_flag_set() or ()) else "avxvnni_evex"
+    return {"x86-avx512vnni": "avx512", "x86-avx2": "avx2"}[backend]
+
+
+def _default_sets() -> tuple[str, ...]:
+    """The body sets the ops' library holds: this CPU's best matmul and attention ISAs (every
+    set where the flags cannot be read)."""
+    flags = _flag_set()
+    if flags is None:
+        return tuple(_BODY_SETS)
+    isas = [name for name, options in _ISA_FLAGS.items() if any(need <= flags for need in options)]
+    sets = {_body_set(isas[0])} if isas else set()
+    if _AVX512 <= flags:
+        sets.add("avx512")
+    elif _AVX2 <= flags:
+        sets.add("avx2")
+    return tuple(name for name in _BODY_SETS if name in sets)
+
+
 def _build_dir() -> Path:
     h = hashlib.sha256()
     for name in _SOURCES:
@@ -85,32 +130,36 @@ def _build_dir() -> Path:
     return llmrun_cache_dir() / "ext" / f"{tv}-{h.hexdigest()[:12]}-{flags}"
 
 
+def _ops_library() -> Path:
+    return _build_dir() / f"ops-{'-'.join(_default_sets()) or 'baseline'}" / "llmrun_ops.so"
+
+
 def _have_compiler() -> bool:
     return shutil.which(os.environ.get("CXX", "c++")) is not None or shutil.which("g++") is not None
 
 
-def _compile(build_dir: Path):
-    so = build_dir / "llmrun_int4mm.so"
-    if so.is_file():
-        torch.ops.load_library(str(so))
+def _compile(library: Path, sources) -> None:
+    """Builds (unless there) and loads the shared object `library` from csrc/ `sources`."""
+    if library.is_file():
+        torch.ops.load_library(str(library))
         return
     from torch.utils import cpp_extension
 
-    build_dir.mkdir(parents=True, exist_ok=True)
-    print("llmrun: building the x86 int4 kernel (once per machine)…", file=sys.stderr, flush=True)
+    library.parent.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
-        name="llmrun_int4mm",
-        sources=[str(_CSRC / name) for name in _SOURCES if name.endswith(".cpp")],
+        name=library.stem,
+        sources=[str(_CSRC / name) for name in sources],
         extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-Wno-unused-function"],
         extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
+        build_directory=str(library.parent),
         is_python_module=False,
         verbose=False,
     )
 
 
 def _load() -> bool:
-    """Build (if needed) and load the extension; False (with one warning) where impossible."""
+    """Build (if needed) and load the ops with their default body sets; False (with one warning)
+    where impossible."""
     with _lock:
         if "ok" in _state:
             return _state["ok"]
@@ -118,29 +167,59 @@ def _load() -> bool:
         if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
             _state["ok"] = False
             return False
-        build_dir = _build_dir()
-        if not (build_dir / "llmrun_int4mm.so").is_file() and not _have_compiler():
+        library, sets = _ops_library(), _default_sets()
+        if not library.is_file() and not _have_compiler():
             warnings.warn("llmrun: no C++ compiler found; the int4 kernels fall back to the slow reference", stacklevel=3)
             _state["ok"] = False
             return False
+        if not library.is_file():
+            print("llmrun: building the x86 kernels (once per machine)…", file=sys.stderr, flush=True)
         for attempt in (0, 1):
             try:
-                _compile(build_dir)
-                torch.ops.llmrun.int4_mm  # noqa: B018 - raises if the library did not register
+                # the bodies first: ninja starts them first, and the zmm matmuls take longest
+                _compile(library, tuple(f for name in sets for f in _BODY_SOURCES[name]) + _OPS_SOURCES)
+                for name in sets:
+                    torch.ops.llmrun.load_bodies(str(library), _BODY_SETS[name])
                 ok = True
                 break
             except Exception as e:  # noqa: BLE001 - any build/load failure: retry once clean, then fall back
                 if attempt == 0:
-                    shutil.rmtree(build_dir, ignore_errors=True)  # corrupt or stale cache: rebuild once
+                    shutil.rmtree(library.parent, ignore_errors=True)  # corrupt or stale cache: rebuild once
                     continue
-                warnings.warn(f"llmrun: could not build the x86 int4 kernel ({type(e).__name__}: {e}); "
+                warnings.warn(f"llmrun: could not build the x86 kernels ({type(e).__name__}: {e}); "
                               "falling back to the slow reference", stacklevel=3)
         if ok:
+            _state["sets"] = set(sets)
             _register_fakes()
             for name, op in _OPS.items():
                 globals()[name] = getattr(torch.ops.llmrun, op).default
         _state["ok"] = ok
         return ok
+
+
+def load_bodies(backend: str) -> None:
+    """Makes sure the kernel bodies `backend` runs on are loaded: built into a library of their
+    own the first time a backend outside the default sets asks (once per machine)."""
+    name = _body_set(backend)
+    if not _load() or name in _state["sets"]:
+        return
+    with _lock:
+        if name in _state["sets"]:
+            return
+        library = _build_dir() / name / f"llmrun_bodies_{name}.so"
+        if not library.is_file():
+            print(f"llmrun: building the x86 kernels for {backend} (once per machine)…", file=sys.stderr, flush=True)
+        _compile(library, _BODY_SOURCES[name])
+        torch.ops.llmrun.load_bodies(str(library), _BODY_SETS[name])
+        _state["sets"].add(name)
+
+
+def isa_code(backend: str) -> int:
+    """The ops' isa argument for an x86 backend, its bodies loaded first unless they are among
+    the default ones (which may still be building: the ops' first call waits for them)."""
+    if _body_set(backend) not in _default_sets():
+        load_bodies(backend)
+    return ISA_CODES[backend]
 
 
 def _register_fakes() -> None:
@@ -195,10 +274,10 @@ def runnable_isas() -> list[str]:
     the extension is not loaded yet but can be (built, or a compiler to build it), so that a
     model is packed while the kernels compile. The extension's own answer where it is loaded,
     where the flags cannot be read, and where it cannot be built."""
-    flags = set(_cpu_flags().split(":", 1)[-1].split())
+    flags = _flag_set() or set()
     if "ok" in _state or "avx2" not in flags:
         return supported_isas()
-    if not (_build_dir() / "llmrun_int4mm.so").is_file() and not _have_compiler():
+    if not _ops_library().is_file() and not _have_compiler():
         return supported_isas()
     return [name for name, options in _ISA_FLAGS.items() if any(need <= flags for need in options)]
 

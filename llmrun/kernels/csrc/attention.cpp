@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "bodies.h"
 #include "ops.h"
 
 namespace llmrun_attention {
@@ -54,9 +55,26 @@ static bool has_avx512bf16() {
   return __builtin_cpu_supports("avx512bf16");
 }
 
+// The bodies of attention ISA 2 (the AVX512 set) or 1 (AVX2's), loaded: native.py loads the
+// best one with the ops and the other on demand
+static const llmrun_kernels::Bodies& isa_bodies(int isa) {
+  using namespace llmrun_kernels;
+  const Bodies& b = bodies(isa == 2 ? BODIES_AVX512 : BODIES_AVX2);
+  TORCH_CHECK(b.decode_head != nullptr, "attention: the bodies of attention isa ", isa,
+              " are not loaded (native.load_bodies loads them)");
+  return b;
+}
+
 static int g_isa_cap = 2;  // tests lower it to run the narrower bodies (set_attention_isa)
 
-static int attention_isa() { return std::min(best_isa(), g_isa_cap); }
+// the ISA both ops use: the best this CPU runs, at most the cap, whose bodies are loaded
+static int attention_isa() {
+  int isa = std::min(best_isa(), g_isa_cap);
+  while (isa > 0 && llmrun_kernels::bodies(isa == 2 ? llmrun_kernels::BODIES_AVX512 : llmrun_kernels::BODIES_AVX2)
+                            .decode_head == nullptr)
+    isa--;
+  return isa;
+}
 
 // Whether prefill_attention's bf16_dots takes effect (the AVX512 body on an AVX512-BF16 CPU)
 bool prefill_bf16_dots_available() { return attention_isa() == 2 && has_avx512bf16(); }
@@ -111,8 +129,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   a.scale = (float)scale;
   a.softcap = (float)softcap;
   const int isa = attention_isa();
-  void (*head)(const Args&, int64_t, float*) =
-      isa == 2 ? avx512::decode_head : isa == 1 ? avx2::decode_head : baseline::decode_head;
+  void (*head)(const Args&, int64_t, float*) = isa == 0 ? baseline::decode_head : isa_bodies(isa).decode_head;
   const int64_t B = q.size(0), heads = B * a.H;
   int64_t n_max = 1, n_sum = 0;
   for (int64_t b = 0; b < B; b++) n_max = std::max(n_max, a.n(b)), n_sum += a.n(b);
@@ -177,10 +194,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   a.scale = (float)scale;
   a.window = window;
   const int isa = attention_isa();
-  if (bf16_dots && !a.q_bf16 && !a.kv_bf16 && prefill_bf16_dots_available()) avx512::prefill_run_bf16(a);
-  else if (isa == 2) avx512::prefill_run(a);
-  else if (isa == 1) avx2::prefill_run(a);
-  else baseline::prefill_run(a);
+  if (bf16_dots && !a.q_bf16 && !a.kv_bf16 && prefill_bf16_dots_available()) isa_bodies(2).prefill_run_bf16(a);
+  else if (isa == 0) baseline::prefill_run(a);
+  else isa_bodies(isa).prefill_run(a);
   return out;
 }
 

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <type_traits>
 
-#include "blockmm.h"
+#include "bodies.h"
 #include "ops.h"
 
 namespace llmrun_kernels {
@@ -150,15 +150,16 @@ at::Tensor block_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   int rmax, cmax;
   if (isa == 0) {
     TORCH_CHECK(sup & 1, "block_mm: this CPU lacks AVX512-VNNI");
-    fn = avx512::block_run_panels; rmax = 4; cmax = 3;
+    fn = bodies(BODIES_AVX512).block_run_panels; rmax = 4; cmax = 3;
   } else if (isa == 1) {
     TORCH_CHECK(sup & 6, "block_mm: this CPU lacks AVX-VNNI");
-    fn = (sup & 2) ? avxvnni::block_run_panels : avxvnni_evex::block_run_panels; rmax = 3; cmax = 1;
+    fn = bodies((sup & 2) ? BODIES_AVXVNNI : BODIES_AVXVNNI_EVEX).block_run_panels; rmax = 3; cmax = 1;
   } else {
     TORCH_CHECK(isa == 2, "block_mm: unknown isa ", isa);
     TORCH_CHECK(sup & 8, "block_mm: this CPU lacks AVX2");
-    fn = avx2::block_run_panels; rmax = 4; cmax = 1;
+    fn = bodies(BODIES_AVX2).block_run_panels; rmax = 4; cmax = 1;
   }
+  TORCH_CHECK(fn != nullptr, "block_mm: the bodies of isa ", isa, " are not loaded (native.isa_code loads them)");
   // GEMV (M <= 3) takes all rows at once and streams two panels only when panels are long
   // (the reason: int4_mm); GEMM balances its row tiles (M = 8 runs as 4 + 4)
   int rt, ct;

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bodies.h"
 #include "int4mm.h"
 #include "ops.h"
 
@@ -155,14 +156,15 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   int rmax, cmax;
   if (isa == 0) {
     TORCH_CHECK(sup & 1, "int4_mm: this CPU lacks AVX512-VNNI");
-    fn = avx512::run_panels; rmax = 6; cmax = 4;
+    fn = bodies(BODIES_AVX512).run_panels; rmax = 6; cmax = 4;
   } else if (isa == 1) {
     TORCH_CHECK(sup & 6, "int4_mm: this CPU lacks AVX-VNNI");
-    fn = (sup & 2) ? avxvnni::run_panels : avxvnni_evex::run_panels; rmax = 3; cmax = 1;
+    fn = bodies((sup & 2) ? BODIES_AVXVNNI : BODIES_AVXVNNI_EVEX).run_panels; rmax = 3; cmax = 1;
   } else {
     TORCH_CHECK(sup & 8, "int4_mm: this CPU lacks AVX2");
-    fn = avx2::run_panels; rmax = 3; cmax = 1;
+    fn = bodies(BODIES_AVX2).run_panels; rmax = 3; cmax = 1;
   }
+  TORCH_CHECK(fn != nullptr, "int4_mm: the bodies of isa ", isa, " are not loaded (native.isa_code loads them)");
   // tile shape: GEMV (M <= 3) takes all rows at once; GEMM reuses each unpacked weight
   // register across rmax rows and cmax panels.
   int rt, ct;
@@ -226,11 +228,12 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   using RunFn = void (*)(const RunArgs&, int64_t, int64_t, int, int);
   RunFn fn;
   int rmax, cmax;
-  if (isa == 0 && (sup & 1)) { fn = avx512::run_panels; rmax = 6; cmax = 4; }
+  if (isa == 0 && (sup & 1)) { fn = bodies(BODIES_AVX512).run_panels; rmax = 6; cmax = 4; }
   else {
     TORCH_CHECK((isa == 0 || isa == 1) && (sup & 6), "int8_mm: needs AVX512-VNNI or AVX-VNNI");
-    fn = (sup & 2) ? avxvnni::run_panels : avxvnni_evex::run_panels; rmax = 3; cmax = 1;
+    fn = bodies((sup & 2) ? BODIES_AVXVNNI : BODIES_AVXVNNI_EVEX).run_panels; rmax = 3; cmax = 1;
   }
+  TORCH_CHECK(fn != nullptr, "int8_mm: the bodies of isa ", isa, " are not loaded (native.isa_code loads them)");
   int rt = M <= 3 ? (int)M : rmax, ct = M <= 3 ? ((p.wps >= (16 << 10)) ? std::min(cmax, 2) : 1) : cmax;
   if (M > 3) { const int64_t nt = (M + rt - 1) / rt; rt = (int)((M + nt - 1) / nt); }
   const int64_t nblk = (NP + ct - 1) / ct;

@@ -9,6 +9,7 @@ TORCH_LIBRARY(llmrun, m) {
   m.def("int8_mm(Tensor x, Tensor w, Tensor sc, Tensor corr, int K, int N, int isa) -> Tensor");
   m.def("quant_act(Tensor x, int Kpad) -> (Tensor, Tensor)");
   m.def("isa_support() -> int", &llmrun_kernels::isa_support);
+  m.def("load_bodies(str path, int set) -> ()", &llmrun_kernels::load_bodies);
   m.def("block_mm(Tensor x, Tensor w, Tensor sc, Tensor of, int bits, int group_size, int K, int N, int isa) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor input_pos, Tensor slots, float scale, "
         "float softcap, int window) -> Tensor");

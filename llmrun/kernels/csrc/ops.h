@@ -8,12 +8,14 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 // A new uninitialized contiguous CPU tensor
 inline at::Tensor empty_cpu(at::IntArrayRef sizes, at::ScalarType dtype) { return at::detail::empty_cpu(sizes, dtype); }
 
 namespace llmrun_kernels {
+void load_bodies(const std::string& path, int64_t set);
 // the CPU's ISA bits (1 zmm VNNI, 2 ymm VNNI VEX, 4 ymm VNNI EVEX, 8 AVX2)
 int64_t isa_support();
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc, const at::Tensor& corr,
