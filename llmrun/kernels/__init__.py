@@ -1,8 +1,8 @@
 """Int4-weight x int8-activation matmul for CPUs, behind one interface.
 
-Backends: "x86-avx512vnni", "x86-avxvnni", "x86-avx2" (one C++ extension built on first
-use, see native.py / csrc/), "arm-kleidiai" (arm.py, torch's KleidiAI ops) and "reference"
-(plain torch, integer-exact). LLMRUN_KERNEL_BACKEND forces one.
+Backends: "x86-avx512vnni", "x86-avxvnni", "x86-avx2" (C++ ops built on first use, with
+the kernel bodies of the ISAs asked for: native.py / csrc/), "arm-kleidiai" (arm.py, torch's
+KleidiAI ops) and "reference" (plain torch, integer-exact). LLMRUN_KERNEL_BACKEND forces one.
 """
 
 from .dispatch import BACKENDS, ENV_VAR, available_backends, default_backend
