@@ -63,7 +63,8 @@ answer = first + proc.stdout.read()
 proc.wait()
 reader.join()
 total_s = time.perf_counter() - start
-stats = [l for l in err[0].decode(errors="replace").splitlines() if l.startswith(("resolve", "prompt"))]
+stats = [l for l in err[0].decode(errors="replace").splitlines()
+         if l.startswith(("resolve", "prompt")) or ("compiled" in l and "step" in l) or "failed" in l]
 print(f"first byte {first_s:.2f} s, done {total_s:.2f} s, exit {proc.returncode}: "
       f"{answer.decode(errors='replace').strip()[:60]!r}\n  " + "\n  ".join(stats), file=sys.stderr)
 EOF

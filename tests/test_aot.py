@@ -4,6 +4,7 @@ package is rebuilt, packages share the model's tensors instead of copying them."
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -60,6 +61,9 @@ def test_cold_run_answers_before_its_packages_exist_and_the_next_uses_them(tiny_
     assert cold.stderr.count("being built in the background") == 2, cold.stderr
     assert cold.stdout == eager.stdout and cold.stdout.strip()
     assert readiness.state(str(tiny_hf_dir.resolve())) in ("compiling", "yes")
+    during = _llmrun(*args, env=env)  # while they build: it waits for the same builders
+    started, named = (set(re.findall(r"background \(pid (\d+)\)", run.stderr)) for run in (cold, during))
+    assert named <= started, (cold.stderr, during.stderr)
     _builders(directory)
     packages = sorted(p.name.split("-")[0] for p in directory.glob("*.pt2"))
     assert packages == ["decode", "prefill"], packages
