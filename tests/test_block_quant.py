@@ -154,3 +154,60 @@ def test_search_is_the_search_as_written_bit_for_bit(shape):
     x[2, :, : shape[2] // 2] = 3.0  # ties at the top of the range
     for got, want in zip(_search(x), _search_as_written(x)):
         assert torch.equal(got, want)
+
+
+def _torch_groups(x: torch.Tensor, gs: int):
+    """_search over the groups of x [N, K] (a partial last group on its own) -> codes [N, K],
+    scales [N, G], offsets [N, G]."""
+    from llmrun.kernels.block_quant import _search
+
+    N, K = x.shape
+    full, rest = divmod(K, gs)
+    parts = ([_search(x[:, :full * gs].reshape(N, full, gs))] if full else []) + (
+        [_search(x[:, full * gs:].reshape(N, 1, rest))] if rest else [])
+    return (torch.cat([p[0].reshape(N, -1) for p in parts], 1), torch.cat([p[1][..., 0] for p in parts], 1),
+            torch.cat([p[2][..., 0] for p in parts], 1))
+
+
+def _weighted_error(x, codes, scales, offsets, gs):  # float64 sum w (s u + o - x)^2 per group
+    N, K = x.shape
+    s, o = (t.double().repeat_interleave(gs, 1)[:, :K] for t in (scales, offsets))
+    groups = list(x.double().split(gs, 1))
+    w = torch.cat([(g * g).mean(-1, keepdim=True).sqrt().expand_as(g) for g in groups], 1) + x.double().abs()
+    e = w * (s * codes.double() + o - x.double()) ** 2
+    return torch.stack([p.sum(1) for p in e.split(gs, 1)], 1)  # (N, G)
+
+
+@pytest.mark.parametrize("N,K,gs", [(70, 77, 32), (33, 640, 64), (5, 7, 7), (40, 96, 33), (1, 256, 256)])
+def test_kernels_search_is_the_torch_search(N, K, gs):
+    """The x86 kernels' int4_group_search (csrc/quantize.cpp, one group a lane, rows past a
+    multiple of 32 padded) against _search: the same codes nearly everywhere, scales and
+    offsets within float rounding, and where a pick differs (two candidates of near-equal
+    error, summed in another order) an error as small; the same on 1 thread as on 2."""
+    from llmrun.kernels import native
+    from llmrun.kernels.block_quant import _kernels_search
+
+    if not _kernels_search():
+        pytest.skip("the x86 kernels do not run here")
+    g = torch.Generator().manual_seed(N * K)
+    x = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g) + 0.01 * torch.randn(N, K, generator=g) ** 3
+    x[0, :gs] = 0  # a flat group at 0
+    if N > 2:
+        x[1] = -0.5  # flat negative groups: offset -0.5, scale 0
+        x[2, : K // 2] = 3.0  # ties at the top of the range
+    codes, scales, offsets = native.INT4_GROUP_SEARCH(x, gs)
+    assert codes.dtype == torch.uint8 and codes.shape == (N, K) and scales.shape == offsets.shape == (N, -(-K // gs))
+    want = _torch_groups(x, gs)
+    same = torch.stack([(a == b).all(1) for a, b in zip(codes.long().split(gs, 1), want[0].long().split(gs, 1))], 1)
+    assert float(same.float().mean()) >= 0.99
+    torch.testing.assert_close(scales[same], want[1][same], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(offsets[same], want[2][same], rtol=1e-5, atol=1e-9)
+    got_err, want_err = _weighted_error(x, codes, scales, offsets, gs), _weighted_error(x, *want, gs)
+    assert bool((got_err <= want_err * (1 + 1e-4) + 1e-12).all())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for a, b in zip(native.INT4_GROUP_SEARCH(x, gs), (codes, scales, offsets)):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)

@@ -350,7 +350,7 @@ def attention_isa(request):
     """Runs a test under each body of the attention ops this CPU can run (AVX512, AVX2, baseline)."""
     from llmrun.kernels.attention import cache_attention_available
 
-    if not cache_attention_available():
+    if not cache_attention_available() or not native.built():
         pytest.skip("the native kernel is not in use on this machine")
     if request.param == 1 and "x86-avx2" in native.supported_isas():
         native.load_bodies("x86-avx2")  # AVX2's attention bodies: built on demand beside AVX512's

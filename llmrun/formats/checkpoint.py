@@ -82,11 +82,12 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
     pending = {name: sum(1 for _ in mod.parameters(recurse=False)) for name, mod in modules.items()}
     seen: set[str] = set()
     blocks: dict[str, dict[str, BlockWeight]] = {}  # module name -> leaf -> block weights
+    tied = ckpt.config.tie_embeddings
     for i, (raw_name, tensor) in enumerate(ckpt.tensors, 1):
         if progress:
             progress("load", i, ckpt.n_tensors)
         name = _canonical(raw_name)
-        if name is None or (name == "lm_head.weight" and ckpt.config.tie_embeddings):
+        if name is None or (name == "lm_head.weight" and tied):
             continue  # tied heads read the embedding table
         if name not in expected:
             raise LlmrunError(f"{ckpt.path}: unexpected tensor {raw_name!r} for a "
@@ -107,26 +108,34 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
         module._parameters[leaf] = nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=False)
         seen.add(name)
         pending[module_name] -= 1
-        if name == "model.embed_tokens.weight" and ckpt.config.tie_embeddings:
-            # the head reads the same table: tie (and transform it) before the embedding changes
-            model.lm_head.weight = module.weight
+        if name == "model.embed_tokens.weight" and tied:
+            model.lm_head.weight = module.weight  # the head reads the same table
             seen.add("lm_head.weight")
-            if transform is not None:
-                _replace(model, modules, "lm_head", transform("lm_head", model.lm_head, blocks.get(module_name, {})))
-        if pending[module_name] == 0 and transform is not None:
-            own = blocks.pop(module_name, {})
-            replaced = _replace(model, modules, module_name, transform(module_name, module, own))
-            if own and not replaced:
-                raise LlmrunError(f"{ckpt.path}: {module_name} holds block-quantized weights that "
-                                  "the quantization scheme cannot take")
-            if replaced:
-                release_free_heap()  # the float weights and packing intermediates just freed
+        if pending[module_name] == 0 and transform is not None and not (tied and module_name == "model.embed_tokens"):
+            _transform(ckpt, model, modules, module_name, transform, blocks.pop(module_name, {}))
+    if tied and transform is not None and "model.embed_tokens.weight" in seen:
+        # last, the largest layer to quantize: the tied head, then the embedding (which may read
+        # the head's table: transformed after it)
+        own = blocks.pop("model.embed_tokens", {})
+        _replace(model, modules, "lm_head", transform("lm_head", model.lm_head, own))
+        _transform(ckpt, model, modules, "model.embed_tokens", transform, own)
     missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise LlmrunError(f"{ckpt.path}: missing tensors {shown} (the checkpoint is incomplete)")
     model.eval()
     return model
+
+
+def _transform(ckpt: Checkpoint, model: nn.Module, modules: dict, name: str, transform: ModuleTransform,
+               own: dict[str, BlockWeight]) -> None:
+    """Module `name`, all its parameters loaded, replaced by what `transform` makes of it."""
+    replaced = _replace(model, modules, name, transform(name, modules[name], own))
+    if own and not replaced:
+        raise LlmrunError(f"{ckpt.path}: {name} holds block-quantized weights that the quantization "
+                          "scheme cannot take")
+    if replaced:
+        release_free_heap()  # the float weights and packing intermediates just freed
 
 
 def _replace(model: nn.Module, modules: dict, name: str, new: nn.Module) -> bool:

@@ -3,9 +3,8 @@
 `decode_attention` (one query per row: decode steps) and `prefill_attention` (a chunk of
 queries per row) run native ops over a cache laid out in slots, (slots, Hkv, S, D), each row
 of a call reading its own slot at its own positions. `cache_attention_available()` says
-whether they are in use here: the x86 extension is built and the kernel backend is x86
-(`LLMRUN_KERNEL_BACKEND` may force another). Elsewhere callers keep their own masked
-attention. The ops read positions and slots at run time, so one compiled step (static or
+whether they are in use here: the kernel backend is x86 (`LLMRUN_KERNEL_BACKEND` may force
+another). Elsewhere callers keep their own masked attention. The ops read positions and slots at run time, so one compiled step (static or
 symbolic shapes) attends only over the positions each query can see, instead of all S cache
 positions with a mask.
 """
@@ -16,12 +15,13 @@ import torch
 
 
 def cache_attention_available() -> bool:
-    """Whether the native kernel is in use here (builds the extension on first call). Ask once,
-    outside compiled code: the answer decides which attention a model traces."""
-    from . import native
+    """Whether the native kernel is in use here: the kernel backend is x86, whose extension is
+    loaded or can be built (an op's first call waits for a build under way; pipeline.load
+    requires the kernels before it returns a model). Ask once, outside compiled code: the answer
+    decides which attention a model traces."""
     from .dispatch import default_backend
 
-    return default_backend().startswith("x86") and native.built()
+    return default_backend().startswith("x86")
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,

@@ -32,7 +32,8 @@ _state: dict = {}
 
 _OPS = {"INT4_MM": "int4_mm", "INT8_MM": "int8_mm", "BLOCK_MM": "block_mm", "DECODE_ATTENTION": "decode_attention",
         "PREFILL_ATTENTION": "prefill_attention", "RESCORE_TOP_K": "rescore_top_k",
-        "RESCORE_TOP_K_BLOCKS": "rescore_top_k_blocks", "QUANT_ACT": "quant_act"}
+        "RESCORE_TOP_K_BLOCKS": "rescore_top_k_blocks", "QUANT_ACT": "quant_act",
+        "INT4_GROUP_SEARCH": "int4_group_search"}
 
 
 def _first_call(name: str):
@@ -54,6 +55,7 @@ PREFILL_ATTENTION = _first_call("PREFILL_ATTENTION")
 RESCORE_TOP_K = _first_call("RESCORE_TOP_K")
 RESCORE_TOP_K_BLOCKS = _first_call("RESCORE_TOP_K_BLOCKS")
 QUANT_ACT = _first_call("QUANT_ACT")
+INT4_GROUP_SEARCH = _first_call("INT4_GROUP_SEARCH")
 
 # isa codes of the C++ op, by backend name
 ISA_CODES = {"x86-avx512vnni": 0, "x86-avxvnni": 1, "x86-avx2": 2}
@@ -87,7 +89,7 @@ _BODY_SOURCES = {
     "avx2": ("matmul_avx2.cpp", "attention_avx2.cpp", "bodies_avx2.cpp"),
 }
 _OPS_SOURCES = ("ops.cpp", "bodies.cpp", "int4mm.cpp", "blockmm.cpp", "attention.cpp", "attention_baseline.cpp",
-                "rescore.cpp")
+                "rescore.cpp", "quantize.cpp")
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}  # the AVX512 attention bodies
 
 

@@ -19,6 +19,7 @@ TORCH_LIBRARY(llmrun, m) {
   m.def("prefill_bf16_dots_available() -> bool", &llmrun_attention::prefill_bf16_dots_available);
   m.def("rescore_top_k(Tensor y, Tensor a, Tensor sa, Tensor w, Tensor sc, int k, bool unsigned_codes=False) -> Tensor");
   m.def("rescore_top_k_blocks(Tensor y, Tensor x, Tensor w, Tensor sc, Tensor of, int bits, int group_size, int k) -> Tensor");
+  m.def("int4_group_search(Tensor w, int group_size) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
@@ -30,4 +31,5 @@ TORCH_LIBRARY_IMPL(llmrun, CPU, m) {
   m.impl("prefill_attention", &llmrun_attention::prefill_attention);
   m.impl("rescore_top_k", &llmrun_rescore::rescore_top_k);
   m.impl("rescore_top_k_blocks", &llmrun_rescore::rescore_top_k_blocks);
+  m.impl("int4_group_search", &llmrun_quantize::int4_group_search);
 }

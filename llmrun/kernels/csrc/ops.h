@@ -1,7 +1,7 @@
-// The ops llmrun registers (ops.cpp), defined in int4mm.cpp, blockmm.cpp, attention.cpp and
-// rescore.cpp. Only ATen's tensor headers: torch/library.h and the dispatcher's op headers
-// (at::empty) cost seconds of every compile, so one file registers and tensors are made with
-// ATen's CPU allocator (the ops are registered for CPU only).
+// The ops llmrun registers (ops.cpp), defined in int4mm.cpp, blockmm.cpp, attention.cpp,
+// rescore.cpp and quantize.cpp. Only ATen's tensor headers: torch/library.h and the
+// dispatcher's op headers (at::empty) cost seconds of every compile, so one file registers and
+// tensors are made with ATen's CPU allocator (the ops are registered for CPU only).
 #pragma once
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -42,3 +42,7 @@ at::Tensor rescore_top_k(const at::Tensor& y, const at::Tensor& a, const at::Ten
 at::Tensor rescore_top_k_blocks(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc,
                                 const at::Tensor& of, int64_t bits, int64_t group_size, int64_t k);
 }  // namespace llmrun_rescore
+
+namespace llmrun_quantize {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_group_search(const at::Tensor& w, int64_t group_size);
+}  // namespace llmrun_quantize
