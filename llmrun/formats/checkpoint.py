@@ -114,8 +114,8 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
         if pending[module_name] == 0 and transform is not None and not (tied and module_name == "model.embed_tokens"):
             _transform(ckpt, model, modules, module_name, transform, blocks.pop(module_name, {}))
     if tied and transform is not None and "model.embed_tokens.weight" in seen:
-        # last, the largest layer to quantize: the tied head, then the embedding (which may read
-        # the head's table: transformed after it)
+        # last, the largest layer to quantize (its table stays loaded until then): the tied head,
+        # then the embedding, which may read the head's table
         own = blocks.pop("model.embed_tokens", {})
         _replace(model, modules, "lm_head", transform("lm_head", model.lm_head, own))
         _transform(ckpt, model, modules, "model.embed_tokens", transform, own)

@@ -8,8 +8,9 @@ candidate with the smallest w-weighted squared error wins. Scales and offsets ar
 float16-representable values (stored float32), as Q4_1 stores them.
 
 Where the x86 kernels run (AVX2), their int4_group_search op (csrc/quantize.cpp) searches, one
-group a lane: ~15x faster than these torch ops, whose reductions add in another order (a tie
-between two candidates of near-equal error may go the other way). Elsewhere, _search.
+group a lane: ~5x faster than these torch ops on 2 threads (Gemma 3 270M's head scan, 168M
+weights: 7.1 -> 1.4 s), whose reductions add in another order (a tie between two candidates of
+near-equal error may go the other way). Elsewhere, _search.
 """
 
 from __future__ import annotations
