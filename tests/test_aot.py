@@ -73,6 +73,25 @@ def test_cold_run_answers_before_its_packages_exist_and_the_next_uses_them(tiny_
     assert warm.stdout.strip()
 
 
+def test_each_step_starts_its_builder_while_another_builds(tiny_hf_dir, tmp_path, monkeypatch):
+    """A step met while another step's builder is at work starts its own builder at once (the
+    cold run's decode step once waited for the prefill builder's status file to appear, so
+    whether it was started depended on how fast that builder started)."""
+    from llmrun.runtime import aot, background_build
+    from llmrun.runtime.kv_cache import KVCache
+
+    engine = Engine.load(EngineOptions(model=str(tiny_hf_dir), compile=False, threads=1), stream=False)
+    started = []
+    monkeypatch.setattr(background_build, "start", lambda options, step, cache, path: started.append(step) or 4242)
+    monkeypatch.setattr(background_build, "building", lambda directory: [{"pid": 1, "state": "compiling"}])
+    steps = aot.AotSteps(directory=tmp_path, background=engine.options)
+    cache = KVCache(engine.config, 1, 64, engine.kv_dtype)
+    assert steps._step(engine.model, cache, "prefill") is None  # runs eagerly
+    assert steps._step(engine.model, cache, "decode-b1") is None
+    assert started == ["prefill", "decode-b1"]
+    assert steps._step(engine.model, cache, "decode-b1") is None and started == ["prefill", "decode-b1"]
+
+
 def test_killed_background_build_leaves_nothing_trusted(tiny_hf_dir, own_cache, monkeypatch):
     import signal
 

@@ -227,9 +227,14 @@ class AotSteps:
 
     def _step(self, model, cache, step: str) -> Callable | None:
         """The package's runner for `step` on `cache`, or None: while it is built elsewhere,
-        and in background mode while any builder works (see _one_thread)."""
-        if self.background is not None and self._waiting and self._builders_at_work():
+        and in background mode while any builder works (see _one_thread). Either way a step
+        met for the first time has its package bound, or its builder started, at once."""
+        run = self._runner(model, cache, step)
+        if run is not None and self.background is not None and self._waiting and self._builders_at_work():
             return None
+        return run
+
+    def _runner(self, model, cache, step: str) -> Callable | None:
         bound = self._bound.get(step)
         if bound is not None and bound.cache is cache:
             return bound.run
