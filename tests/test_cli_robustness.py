@@ -175,6 +175,21 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
     assert len(warnings_seen) == 1, proc.stderr
 
 
+def test_no_compiler_answers_eagerly_and_starts_no_builders(tiny_hf_dir, tmp_path):
+    """Without a C++ compiler a compiled run answers eagerly on the reference kernels, and
+    starts no background builders (AOTInductor could not build their packages either)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), CXX="/nonexistent/c++",
+               PATH=os.path.dirname(sys.executable))
+    proc = subprocess.run([sys.executable, "-m", "llmrun", "generate", "-m", str(tiny_hf_dir), "--raw", "-p",
+                           "The capital of", "--temperature", "0", "--max-new-tokens", "4"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("AOTInductor needs a C++ compiler") == 2, proc.stderr  # prefill and decode
+    assert "background" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip()
+    assert not list((tmp_path / "llmrun" / "aoti").glob("building/*.json"))
+
+
 def test_corrupt_extension_cache_is_rebuilt(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     where = subprocess.run([sys.executable, "-c", "from llmrun.kernels import native; print(native._ops_library())"],

@@ -136,7 +136,9 @@ def _ops_library() -> Path:
     return _build_dir() / f"ops-{'-'.join(_default_sets()) or 'baseline'}" / "llmrun_ops.so"
 
 
-def _have_compiler() -> bool:
+def have_compiler() -> bool:
+    """Whether a C++ compiler is on PATH ($CXX, c++ or g++): the kernels' build needs one, and so
+    does AOTInductor."""
     return shutil.which(os.environ.get("CXX", "c++")) is not None or shutil.which("g++") is not None
 
 
@@ -170,7 +172,7 @@ def _load() -> bool:
             _state["ok"] = False
             return False
         library, sets = _ops_library(), _default_sets()
-        if not library.is_file() and not _have_compiler():
+        if not library.is_file() and not have_compiler():
             warnings.warn("llmrun: no C++ compiler found; the int4 kernels fall back to the slow reference", stacklevel=3)
             _state["ok"] = False
             return False
@@ -279,7 +281,7 @@ def runnable_isas() -> list[str]:
     flags = _flag_set() or set()
     if "ok" in _state or "avx2" not in flags:
         return supported_isas()
-    if not _ops_library().is_file() and not _have_compiler():
+    if not _ops_library().is_file() and not have_compiler():
         return supported_isas()
     return [name for name, options in _ISA_FLAGS.items() if any(need <= flags for need in options)]
 
