@@ -4,9 +4,9 @@
 queries per row) run native ops over a cache laid out in slots, (slots, Hkv, S, D), each row
 of a call reading its own slot at its own positions. `cache_attention_available()` says
 whether they are in use here: the kernel backend is x86 (`LLMRUN_KERNEL_BACKEND` may force
-another). Elsewhere callers keep their own masked attention. The ops read positions and slots at run time, so one compiled step (static or
-symbolic shapes) attends only over the positions each query can see, instead of all S cache
-positions with a mask.
+another). Elsewhere callers keep their own masked attention. The ops read positions and slots
+at run time, so one compiled step (static or symbolic shapes) attends only over the positions
+each query can see, instead of all S cache positions with a mask.
 """
 
 from __future__ import annotations

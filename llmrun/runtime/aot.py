@@ -264,9 +264,8 @@ class AotSteps:
         rows = "" if step == "prefill" else f" for {step.removeprefix('decode-b')} sequence(s)"
         what = f"{step.split('-')[0]} step{rows} (KV cache of {cache.slots} x {cache.length} positions)"
         if not path.is_file() and self.background is not None:
-            from llmrun.runtime import background_build
-
             from llmrun.kernels.native import have_compiler
+            from llmrun.runtime import background_build
 
             failed = background_build.failure(path)
             at_work = [b["pid"] for b in background_build.building(self.directory) if b.get("package") == str(path)]
