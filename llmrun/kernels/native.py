@@ -12,6 +12,7 @@ compiles only what it runs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -62,7 +63,9 @@ ISA_CODES = {"x86-avx512vnni": 0, "x86-avxvnni": 1, "x86-avx2": 2}
 _ISA_BITS = {"x86-avx512vnni": 1, "x86-avxvnni": 2 | 4, "x86-avx2": 8}
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> str:
+    """The CPU's flags line of /proc/cpuinfo (read once: every quantize and build-path check asks)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):

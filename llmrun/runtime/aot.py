@@ -268,12 +268,12 @@ class AotSteps:
             from llmrun.runtime import background_build
 
             failed = background_build.failure(path)
-            at_work = [b["pid"] for b in background_build.building(self.directory) if b.get("package") == str(path)]
             if failed:
                 self.report(f"running the {what} eagerly: building it failed before ({failed})")
             elif not have_compiler():
                 self.report(f"running the {what} eagerly: AOTInductor needs a C++ compiler (none on PATH)")
             else:  # by a builder another run started, or by one started now
+                at_work = [b["pid"] for b in background_build.building(self.directory) if b.get("package") == str(path)]
                 pid = at_work[0] if at_work else background_build.start(self.background, step, cache, path)
                 self.report(f"the compiled {what} is being built in the background (pid {pid}); "
                             "this answer runs eagerly until it is there")
