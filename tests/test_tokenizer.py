@@ -20,7 +20,8 @@ import pytest
 
 from llmrun.errors import LlmrunError
 from llmrun.tokenizer import Tokenizer
-from llmrun.tokenizer.chat_template import GEMMA_CHAT_TEMPLATE, ChatTemplateError
+from llmrun.models.families.gemma import CHAT_TEMPLATE as GEMMA_CHAT_TEMPLATE
+from llmrun.tokenizer.chat_template import ChatTemplateError
 from llmrun.tokenizer.gguf import build_bpe_tokenizer, build_spm_model_proto, read_gguf_vocab
 
 transformers = pytest.importorskip("transformers")

@@ -23,16 +23,11 @@ ModuleTransform = Callable[[str, nn.Module, dict[str, BlockWeight]], nn.Module]
 # (stage, done, total)
 ProgressFn = Callable[[str, int, int], None]
 
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_IGNORED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                     "model.multi_modal_projector.")
-
 
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    tensors: Iterator[tuple[str, torch.Tensor]]
-    n_tensors: int
+    tensors: Iterator[tuple[str, torch.Tensor]]  # named as the model names them
     path: Path
 
 
@@ -44,34 +39,11 @@ def open_checkpoint(path: Path, kind: str, keep_blocks: bool = False) -> Checkpo
 
         reader = gguf_file.open_reader(path)
         cfg = gguf_file.read_config(reader)
-        return Checkpoint(cfg, gguf_file.tensor_stream(reader, cfg, path, keep_blocks),
-                          len(reader.tensors), path)
+        return Checkpoint(cfg, gguf_file.tensor_stream(reader, cfg, path, keep_blocks), path)
     from llmrun.formats import safetensors_dir
 
-    cfg = safetensors_dir.read_config(path)
-    files = safetensors_dir.weight_files(path)
-    count = 0
-    from safetensors import safe_open
-
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                count += len(list(f.keys()))
-        except Exception as exc:
-            raise LlmrunError(f"cannot read {file}: {exc} (the file is truncated or corrupt; "
-                              "download it again)") from None
-    return Checkpoint(cfg, safetensors_dir.tensor_stream(path), count, path)
-
-
-def _canonical(name: str) -> str | None:
-    if name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES):
-        return None
-    for prefix in ("language_model.model.", "model.language_model."):
-        if name.startswith(prefix):
-            return "model." + name[len(prefix):]
-    if name.startswith("language_model.lm_head."):
-        return name[len("language_model."):]
-    return name
+    cfg, tensors = safetensors_dir.open_dir(path)
+    return Checkpoint(cfg, tensors, path)
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform | None = None,
@@ -83,17 +55,14 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
     seen: set[str] = set()
     blocks: dict[str, dict[str, BlockWeight]] = {}  # module name -> leaf -> block weights
     tied = ckpt.config.tie_embeddings
-    for i, (raw_name, tensor) in enumerate(ckpt.tensors, 1):
-        if progress:
-            progress("load", i, ckpt.n_tensors)
-        name = _canonical(raw_name)
-        if name is None or (name == "lm_head.weight" and tied):
+    for name, tensor in ckpt.tensors:
+        if name == "lm_head.weight" and tied:
             continue  # tied heads read the embedding table
         if name not in expected:
-            raise LlmrunError(f"{ckpt.path}: unexpected tensor {raw_name!r} for a "
+            raise LlmrunError(f"{ckpt.path}: unexpected tensor {name!r} for a "
                               f"{ckpt.config.family} model (the checkpoint does not match its config)")
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise LlmrunError(f"{ckpt.path}: tensor {raw_name!r} has shape {tuple(tensor.shape)}, "
+            raise LlmrunError(f"{ckpt.path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                               f"config.json implies {tuple(expected[name].shape)}")
         module_name, _, leaf = name.rpartition(".")
         module = modules[module_name]
@@ -103,7 +72,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
             blocks.setdefault(module_name, {})[leaf] = tensor
             tensor = torch.empty(tensor.shape, device="meta")
         elif not tensor.is_floating_point():
-            raise LlmrunError(f"{ckpt.path}: tensor {raw_name!r} has dtype {tensor.dtype}; "
+            raise LlmrunError(f"{ckpt.path}: tensor {name!r} has dtype {tensor.dtype}; "
                               "expected floating point weights")
         module._parameters[leaf] = nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=False)
         seen.add(name)
@@ -111,6 +80,8 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, transform: ModuleTransform 
         if name == "model.embed_tokens.weight" and tied:
             model.lm_head.weight = module.weight  # the head reads the same table
             seen.add("lm_head.weight")
+        if progress:
+            progress("load", len(seen), len(expected))
         if pending[module_name] == 0 and transform is not None and not (tied and module_name == "model.embed_tokens"):
             _transform(ckpt, model, modules, module_name, transform, blocks.pop(module_name, {}))
     if tied and transform is not None and "model.embed_tokens.weight" in seen:

@@ -49,6 +49,8 @@ def config_from_dict(d: dict) -> ModelConfig:
                 spec["freq_factors"] = tuple(spec["freq_factors"])
             d[key] = RopeSpec(**spec)
     d["layer_types"] = tuple(d.get("layer_types", ()))
+    if "attention_bias" in d:  # written before q/k/v and o biases were told apart
+        d["qkv_bias"] = d["o_bias"] = d.pop("attention_bias")
     try:
         return ModelConfig(**d)
     except TypeError as exc:

@@ -3,18 +3,20 @@ safetensors' mmap. Pickle checkpoints (*.bin, *.pt) are refused, never loaded.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from llmrun.errors import LlmrunError
-from llmrun.models import ModelConfig, config_from_hf
+from llmrun.models import ModelConfig, family_for_model_type
 
 
-def read_config(directory: Path) -> ModelConfig:
+def _family_and_config(directory: Path) -> tuple[ModuleType, ModelConfig]:
     path = directory / "config.json"
     if not path.is_file():
         raise LlmrunError(f"{directory} has no config.json: not a Hugging Face model directory")
@@ -25,7 +27,8 @@ def read_config(directory: Path) -> ModelConfig:
     if not isinstance(raw, dict):
         raise LlmrunError(f"{path} does not hold a JSON object")
     try:
-        return config_from_hf(raw)
+        family = family_for_model_type(raw.get("model_type"))
+        return family, family.config_from_hf(raw)
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as exc:
         raise LlmrunError(f"{path} has an invalid value: {exc}") from None
 
@@ -54,12 +57,28 @@ def weight_files(directory: Path) -> list[Path]:
                       "model-*.safetensors with model.safetensors.index.json")
 
 
-def tensor_stream(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in weight_files(directory):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise LlmrunError(f"cannot read {file}: {exc} (the file is truncated or corrupt; "
-                              "download it again)") from None
+def open_dir(directory: Path) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """(config, the tensors named as the model names them), every weight file checked first."""
+    family, cfg = _family_and_config(directory)
+    files = weight_files(directory)
+    for file in files:
+        with _opened(file) as f:
+            f.keys()
+    return cfg, _tensor_stream(files, family, cfg)
+
+
+def _tensor_stream(files: list[Path], family: ModuleType, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        with _opened(file) as f:
+            for name in f.keys():
+                yield from family.hf_tensors(name, f.get_tensor(name), cfg)
+
+
+@contextlib.contextmanager
+def _opened(file: Path):
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise LlmrunError(f"cannot read {file}: {exc} (the file is truncated or corrupt; "
+                          "download it again)") from None

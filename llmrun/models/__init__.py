@@ -3,29 +3,29 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from llmrun.errors import LlmrunError
-from llmrun.models import gemma, llama
 from llmrun.models.config import ModelConfig, RopeSpec
+from llmrun.models.families import all_families
 from llmrun.models.layers import Transformer
 
-FAMILIES = (llama, gemma)
 
-
-def family_for_model_type(model_type: str | None):
-    for fam in FAMILIES:
+def family_for_model_type(model_type: str | None) -> ModuleType:
+    for fam in all_families():
         if model_type in fam.MODEL_TYPES:
             return fam
-    known = ", ".join(t for fam in FAMILIES for t in fam.MODEL_TYPES)
+    known = ", ".join(t for fam in all_families() for t in fam.MODEL_TYPES)
     raise LlmrunError(f"unsupported architecture model_type={model_type!r} (supported: {known})")
 
 
-def family_for_gguf_arch(arch: str | None):
-    for fam in FAMILIES:
+def family_for_gguf_arch(arch: str | None) -> ModuleType:
+    for fam in all_families():
         if arch in fam.GGUF_ARCHS:
             return fam
-    known = ", ".join(a for fam in FAMILIES for a in fam.GGUF_ARCHS)
+    known = ", ".join(a for fam in all_families() for a in fam.GGUF_ARCHS)
     raise LlmrunError(f"unsupported GGUF architecture {arch!r} (supported: {known})")
 
 

@@ -35,7 +35,8 @@ class ModelConfig:
     rope_local: RopeSpec | None = None  # rope of sliding-window layers, when it differs
     tie_embeddings: bool = False
     activation: str = "silu"  # silu | gelu_tanh
-    attention_bias: bool = False
+    qkv_bias: bool = False  # q, k and v projections have biases
+    o_bias: bool = False  # the output projection has a bias
     mlp_bias: bool = False
     # Gemma deltas
     norm_plus_one: bool = False  # RMSNorm multiplies by (1 + w)

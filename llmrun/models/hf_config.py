@@ -79,7 +79,6 @@ def common_fields(d: dict) -> dict:
         rope=rope,
         rope_local=rope_local,
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bool(d.get("attention_bias", False)),
         mlp_bias=bool(d.get("mlp_bias", False)),
     )
 

@@ -96,10 +96,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale, self.softcap = cfg.scale, cfg.attn_softcap
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, q_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q_dim, cfg.dim, bias=cfg.attention_bias)
+        self.q_proj = nn.Linear(cfg.dim, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.dim, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)

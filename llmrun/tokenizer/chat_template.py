@@ -40,53 +40,6 @@ class ChatTemplateError(LlmrunError, jinja2.TemplateError):
         return self.message
 
 
-# Gemma 3's template (google/gemma-3-*-it tokenizer_config.json). GGUF conversions of Gemma often
-# carry no `tokenizer.chat_template` (the shipped Gemma 3 270M file has none); llama.cpp then
-# falls back to its built-in Gemma format, and so do we. A system message is folded into the
-# first user turn, as Gemma has no system role.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}\n"
-    "{%- if messages[0]['role'] == 'system' -%}\n"
-    "    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
-    "    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
-    "    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n"
-    "{%- else -%}\n"
-    "    {%- set first_user_prefix = \"\" -%}\n"
-    "    {%- set loop_messages = messages -%}\n"
-    "{%- endif -%}\n"
-    "{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
-    "    {%- endif -%}\n"
-    "    {%- if (message['role'] == 'assistant') -%}\n"
-    "        {%- set role = \"model\" -%}\n"
-    "    {%- else -%}\n"
-    "        {%- set role = message['role'] -%}\n"
-    "    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n"
-    "        {{ message['content'] | trim }}\n"
-    "    {%- elif message['content'] is iterable -%}\n"
-    "        {%- for item in message['content'] -%}\n"
-    "            {%- if item['type'] == 'image' -%}\n"
-    "                {{ '<start_of_image>' }}\n"
-    "            {%- elif item['type'] == 'text' -%}\n"
-    "                {{ item['text'] | trim }}\n"
-    "            {%- endif -%}\n"
-    "        {%- endfor -%}\n"
-    "    {%- else -%}\n"
-    "        {{ raise_exception(\"Invalid content type\") }}\n"
-    "    {%- endif -%}\n"
-    "    {{ '<end_of_turn>\\n' }}\n"
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    "    {{'<start_of_turn>model\\n'}}\n"
-    "{%- endif -%}\n"
-)
-
 # ChatML, for files that carry <|im_start|>/<|im_end|> but no template.
 CHATML_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -95,13 +48,17 @@ CHATML_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-_GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n"})
-
-
 def builtin_chat_template(architecture: str | None, vocab_texts: Sequence[str] = ()) -> str | None:
-    """The template to use when a model file carries none (llama.cpp does the same), or None."""
-    if (architecture or "").lower() in _GEMMA_ARCHITECTURES:
-        return GEMMA_CHAT_TEMPLATE
+    """The template to use when a GGUF file carries none (llama.cpp does the same): its family's
+    (models.families), else ChatML where the vocabulary has its tokens, else None."""
+    from llmrun.models import family_for_gguf_arch
+
+    try:
+        template = family_for_gguf_arch(architecture).CHAT_TEMPLATE
+    except LlmrunError:  # an architecture llmrun does not run
+        template = None
+    if template is not None:
+        return template
     if vocab_texts and "<|im_start|>" in vocab_texts and "<|im_end|>" in vocab_texts:
         return CHATML_CHAT_TEMPLATE
     return None
