@@ -38,15 +38,10 @@ def read_config(reader) -> ModelConfig:
 
 
 def _read_config(reader) -> ModelConfig:
-    meta = GGUFMetadata(reader.metadata, [t.name for t in reader.tensors], _rope_freq_factors(reader))
+    rope_factors = {t.name.rpartition(".")[0]: tuple(float(v) for v in dequantize(t).reshape(-1))
+                    for t in reader.tensors if t.name.startswith("rope_")}
+    meta = GGUFMetadata(reader.metadata, [t.name for t in reader.tensors], rope_factors)
     return family_for_gguf_arch(meta.arch).config_from_gguf(meta)
-
-
-def _rope_freq_factors(reader):
-    for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            return tuple(float(v) for v in np.asarray(t.data, dtype=np.float32).reshape(-1))
-    return None
 
 
 def dequantize(t) -> torch.Tensor:

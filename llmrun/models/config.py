@@ -10,13 +10,21 @@ from llmrun.errors import LlmrunError
 
 @dataclass(frozen=True)
 class RopeSpec:
+    """Rotary embeddings as transformers' rope types define them (modeling_rope_utils)."""
+
     theta: float = 10000.0
-    rope_type: str = "default"  # default | linear | llama3
+    rope_type: str = "default"  # default | linear | llama3 | yarn | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    original_max_position: int = 8192  # llama3
-    freq_factors: tuple[float, ...] | None = None  # GGUF rope_freqs tensor (divides inv_freq)
+    original_max_position: int = 8192  # llama3, yarn, longrope: the pre-training context
+    beta_fast: float = 32.0  # yarn: the ramp between extrapolated and interpolated frequencies
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0  # yarn, longrope: cos and sin are multiplied by it
+    freq_factors: tuple[float, ...] | None = None  # divide inv_freq (GGUF rope_freqs, longrope's short factors)
+    # longrope: the factors of rows whose positions reach original_max_position
+    long_freq_factors: tuple[float, ...] | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from llmrun.errors import LlmrunError
 from llmrun.models.config import RopeSpec
+from llmrun.models.hf_config import yarn_spec
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,8 @@ class GGUFMetadata:
 
     metadata: dict
     tensor_names: Sequence[str]
-    rope_freqs: tuple[float, ...] | None  # the rope_freqs tensor (divides inv_freq), if any
+    # the file's rope factor tensors by stem (rope_freqs, rope_factors_long, ...), as floats
+    rope_factors: dict[str, tuple[float, ...]]
 
     @property
     def arch(self) -> str:
@@ -64,10 +66,11 @@ def rope_spec(meta: GGUFMetadata, theta: float | None = None) -> RopeSpec:
     elif scaling == "linear":
         spec = RopeSpec(theta=theta, rope_type="linear", factor=float(meta.get("rope.scaling.factor")))
     elif scaling == "yarn":
-        spec = RopeSpec(theta=theta, rope_type="yarn", factor=float(meta.get("rope.scaling.factor")),
-                        original_max_position=int(meta.get("rope.scaling.original_context_length")))
+        spec = yarn_spec(theta, float(meta.get("rope.scaling.factor")),
+                         int(meta.get("rope.scaling.original_context_length")),
+                         beta_fast=float(meta.get("rope.scaling.yarn_beta_fast", 32.0)),
+                         beta_slow=float(meta.get("rope.scaling.yarn_beta_slow", 1.0)))
     else:
         raise LlmrunError(f"GGUF rope scaling {scaling!r} is not supported (none, linear, yarn)")
-    if meta.rope_freqs is None:
-        return spec
-    return replace(spec, freq_factors=meta.rope_freqs)
+    freqs = meta.rope_factors.get("rope_freqs")
+    return spec if freqs is None else replace(spec, freq_factors=freqs)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from llmrun.errors import LlmrunError
-from llmrun.kernels.blocks import BlockWeight
 
 BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -17,14 +14,13 @@ BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# tensors the model computes itself rather than holds
-SKIPPED = frozenset({"rope_freqs.weight"})
+
 
 
 def hf_name(gguf_name: str, family: str, block_names: dict[str, str]) -> str | None:
     """GGUF tensor name -> the model's name, with the family's `block_names` (GGUF part ->
     module path in a layer) beside the shared ones; None for a tensor the model does not hold."""
-    if gguf_name in SKIPPED:
+    if gguf_name.startswith("rope_"):  # rope factors: read into the config (gguf_config)
         return None
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
     if m:
@@ -37,11 +33,3 @@ def hf_name(gguf_name: str, family: str, block_names: dict[str, str]) -> str | N
         if stem in TOP_NAMES:
             return f"{TOP_NAMES[stem]}.{kind}"
     raise LlmrunError(f"GGUF tensor {gguf_name!r} is not part of a {family} model")
-
-
-def unpermute_qk(w: torch.Tensor | BlockWeight, n_heads: int) -> torch.Tensor | BlockWeight:
-    """Undo the row permutation llama.cpp's converter applies to q/k of models whose rope it
-    runs on interleaved pairs (its rows: interleaved pairs -> Hugging Face's rotate-half halves)."""
-    rows = w.shape[0]
-    order = torch.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).transpose(1, 2).reshape(-1)
-    return w.permute_rows(order) if isinstance(w, BlockWeight) else w[order]

@@ -3,6 +3,8 @@ both the older layout (rope_theta + rope_scaling) and transformers 5's rope_para
 
 from __future__ import annotations
 
+import math
+
 from llmrun.errors import LlmrunError
 from llmrun.models.config import RopeSpec
 
@@ -21,10 +23,13 @@ def require_int(d: dict, *keys: str) -> int:
     return int(value)
 
 
-def rope_spec(params: dict | None, default_theta: float) -> RopeSpec:
-    params = params or {}
+def rope_spec(params: dict | None, default_theta: float, d: dict | None = None) -> RopeSpec:
+    """One rope from its parameters (rope_scaling / rope_parameters); `d`, the whole config, for
+    the fields yarn and longrope may read from its top level."""
+    params, d = params or {}, d or {}
     rope_type = params.get("rope_type") or params.get("type") or "default"
     theta = float(params.get("rope_theta", default_theta))
+    original = params.get("original_max_position_embeddings") or d.get("original_max_position_embeddings")
     if rope_type == "default":
         return RopeSpec(theta=theta)
     if rope_type == "linear":
@@ -38,7 +43,35 @@ def rope_spec(params: dict | None, default_theta: float) -> RopeSpec:
             high_freq_factor=float(params["high_freq_factor"]),
             original_max_position=int(params["original_max_position_embeddings"]),
         )
-    raise LlmrunError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
+    if rope_type == "yarn":
+        return yarn_spec(theta, params.get("factor") or require_int(d, "max_position_embeddings") / original,
+                         int(original), params.get("attention_factor"), params.get("mscale"),
+                         params.get("mscale_all_dim"), float(params.get("beta_fast") or 32.0),
+                         float(params.get("beta_slow") or 1.0), bool(params.get("truncate", True)))
+    if rope_type in ("longrope", "su"):
+        factor = params.get("factor") or require_int(d, "max_position_embeddings") / original
+        attention = params.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return RopeSpec(theta=theta, rope_type="longrope", factor=float(factor), original_max_position=int(original),
+                        attention_factor=float(attention), freq_factors=tuple(map(float, params["short_factor"])),
+                        long_freq_factors=tuple(map(float, params["long_factor"])))
+    raise LlmrunError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3, yarn, longrope)")
+
+
+def yarn_spec(theta: float, factor: float, original: int, attention_factor=None, mscale=None,
+              mscale_all_dim=None, beta_fast: float = 32.0, beta_slow: float = 1.0,
+              truncate: bool = True) -> RopeSpec:
+    """YaRN, its attention factor as transformers infers it when the config gives none."""
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if attention_factor is None:
+        attention_factor = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else get_mscale(factor))
+    return RopeSpec(theta=theta, rope_type="yarn", factor=float(factor), original_max_position=original,
+                    beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate,
+                    attention_factor=float(attention_factor))
 
 
 def rope_specs(d: dict) -> tuple[RopeSpec, RopeSpec | None]:
@@ -46,12 +79,12 @@ def rope_specs(d: dict) -> tuple[RopeSpec, RopeSpec | None]:
     theta = float(d.get("rope_theta", 10000.0))
     params = d.get("rope_parameters")
     if isinstance(params, dict) and "full_attention" in params:
-        full = rope_spec(params["full_attention"], theta)
-        local = rope_spec(params.get("sliding_attention"), theta)
+        full = rope_spec(params["full_attention"], theta, d)
+        local = rope_spec(params.get("sliding_attention"), theta, d)
         return full, local
     if isinstance(params, dict):
-        return rope_spec(params, theta), None
-    full = rope_spec(d.get("rope_scaling"), theta)
+        return rope_spec(params, theta, d), None
+    full = rope_spec(d.get("rope_scaling"), theta, d)
     local_theta = d.get("rope_local_base_freq")
     return full, (RopeSpec(theta=float(local_theta)) if local_theta else None)
 

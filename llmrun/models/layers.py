@@ -8,7 +8,6 @@ prefill and decode of any mix of sequences are the same forward with different a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrun.kernels.attention import cache_attention_available, decode_attention, prefill_attention
-from llmrun.models.config import ModelConfig, RopeSpec
+from llmrun.models.config import ModelConfig
+from llmrun.models.rope import Rope, apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -32,43 +32,6 @@ class RMSNorm(nn.Module):
         if self.plus_one:
             return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
-
-
-def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
-    """(head_dim/2,) inverse frequencies, computed as transformers computes them (on the CPU,
-    whatever the default device)."""
-    inv_freq = 1.0 / (spec.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-    if spec.rope_type == "linear":
-        inv_freq = inv_freq / spec.factor
-    elif spec.rope_type == "llama3":
-        low_wavelen = spec.original_max_position / spec.low_freq_factor
-        high_wavelen = spec.original_max_position / spec.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / spec.factor, inv_freq)
-        smooth = (spec.original_max_position / wavelen - spec.low_freq_factor) / (
-            spec.high_freq_factor - spec.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
-        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = torch.where(is_medium, smoothed, scaled)
-    if spec.freq_factors is not None:
-        inv_freq = inv_freq / torch.tensor(spec.freq_factors, dtype=torch.float32, device="cpu")
-    return inv_freq
-
-
-def rope_at(inv_freq: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: (B, 1, T, head_dim) at positions input_pos (B, T), halves repeated
-    (rotate-half layout); the angles are float32 products, as transformers computes them."""
-    freqs = input_pos[..., None].float() * inv_freq  # (B, T, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, head_dim); cos/sin: (B, 1, T, head_dim)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def fuse_into(module: nn.Module, parts: tuple[str, ...], target: str, fuse) -> None:
@@ -256,11 +219,9 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        # (head_dim/2,) rope inverse frequencies of full and sliding-window layers (real tensors
-        # even when the model is built on meta, as the loader does)
-        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
-        local = rope_inv_freq(cfg.rope_local or cfg.rope, cfg.head_dim)
-        self.register_buffer("rope_local_inv_freq", local, persistent=False)
+        # the rope of full and of sliding-window layers
+        self.rope = Rope(cfg.rope, cfg.head_dim)
+        self.rope_local = Rope(cfg.rope_local or cfg.rope, cfg.head_dim)
         self.attention = AttentionSettings(kernels=cache_attention_available())
 
     @property
@@ -306,8 +267,8 @@ class Transformer(nn.Module):
         if cfg.sliding_window:
             local_allowed = allowed & (input_pos[..., None] - k_pos < cfg.sliding_window)
         allowed, local_allowed = allowed.unsqueeze(1), local_allowed.unsqueeze(1)  # (B, 1, T, S)
-        cos, sin = rope_at(self.rope_inv_freq, input_pos)
-        local_cos, local_sin = rope_at(self.rope_local_inv_freq, input_pos)
+        cos, sin = self.rope(input_pos)
+        local_cos, local_sin = self.rope_local(input_pos)
 
         x = self.model.embed_tokens(idx)  # (B, T, dim)
         if cfg.embed_scale != 1.0:

@@ -96,7 +96,12 @@ def config_from_hf(d: dict) -> ModelConfig:
 def config_from_gguf(meta: GGUFMetadata) -> ModelConfig:
     fields = gguf_fields(meta)
     arch, n_layers = meta.arch, fields["n_layers"]
-    pattern = 2 if arch == "gemma2" else 6
+    # per layer (True: sliding) or every pattern-th layer full; llama.cpp's defaults without the key
+    pattern = meta.get("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+    if isinstance(pattern, list):
+        types = tuple("sliding" if sliding else "full" for sliding in pattern)
+    else:
+        types = tuple("full" if (i + 1) % int(pattern) == 0 else "sliding" for i in range(n_layers))
     extra = _deltas(
         arch, dim=fields["dim"], n_layers=n_layers,
         # llama.cpp: 1/sqrt(head_dim) except Gemma 2/3 27B (1/sqrt(dim/heads)); the files do not
@@ -105,10 +110,10 @@ def config_from_gguf(meta: GGUFMetadata) -> ModelConfig:
         attn_softcap=meta.get("attn_logit_softcapping"),
         final_softcap=meta.get("final_logit_softcapping"),
         sliding_window=meta.get("attention.sliding_window"),
-        layer_types=tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(n_layers)),
+        layer_types=types,
     )
-    if arch == "gemma3":
-        fields["rope_local"] = RopeSpec(theta=10000.0)  # llama.cpp's fixed local base
+    if arch == "gemma3":  # sliding layers' rope: no scaling, its own base (llama.cpp's default)
+        fields["rope_local"] = RopeSpec(theta=float(meta.get("rope.freq_base_swa", 10000.0)))
     return ModelConfig(**fields, **extra)
 
 

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 
 from llmrun.models.config import ModelConfig
 from llmrun.models.gguf_config import GGUFMetadata, common_fields as gguf_fields
-from llmrun.models.gguf_names import hf_name, unpermute_qk
+from llmrun.models.gguf_names import hf_name
 from llmrun.models.hf_config import common_fields
+from llmrun.models.tensors import unpermute_qk
 
 MODEL_TYPES = ("llama", "mistral")
 GGUF_ARCHS = ("llama",)

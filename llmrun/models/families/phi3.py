@@ -1,0 +1,78 @@
+"""Phi-3 and Phi-3.5 (mini, medium): Llama's layer with q/k/v and gate/up fused in the
+checkpoint (split here; the runtime fuses them again in its own way), longrope scaling, and
+sliding-window attention on every layer where config declares a window."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from llmrun.errors import LlmrunError
+from llmrun.models.config import ModelConfig, RopeSpec
+from llmrun.models.gguf_config import GGUFMetadata, common_fields as gguf_fields
+from llmrun.models.gguf_names import hf_name
+from llmrun.models.hf_config import common_fields
+from llmrun.models.tensors import split_rows
+
+MODEL_TYPES = ("phi3",)
+GGUF_ARCHS = ("phi3",)
+GGUF_CONTROL_TOKENS: frozenset[str] = frozenset()
+CHAT_TEMPLATE = None
+
+
+def _window(fields: dict, window) -> dict:
+    if window and int(window) < fields["max_seq_len"]:
+        fields.update(sliding_window=int(window), layer_types=("sliding",) * fields["n_layers"])
+    return fields
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    rotary = (d.get("rope_parameters") or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if rotary != 1.0:  # Phi-4-mini
+        raise LlmrunError(f"config.json: partial_rotary_factor {rotary} (rope on part of each head) "
+                          "is not supported; llmrun runs Phi-3 and Phi-3.5")
+    fields = _window(common_fields(d), d.get("sliding_window"))
+    return ModelConfig(family="phi3", activation="silu", **fields)
+
+
+def config_from_gguf(meta: GGUFMetadata) -> ModelConfig:
+    fields = _window(gguf_fields(meta), meta.get("attention.sliding_window"))
+    long, short = meta.rope_factors.get("rope_factors_long"), meta.rope_factors.get("rope_factors_short")
+    if long is not None and short is not None:
+        original = int(meta.get("rope.scaling.original_context_length", fields["max_seq_len"]))
+        factor = fields["max_seq_len"] / original
+        attention = meta.get("rope.scaling.attn_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        fields["rope"] = RopeSpec(theta=fields["rope"].theta, rope_type="longrope", factor=factor,
+                                  original_max_position=original, attention_factor=float(attention),
+                                  freq_factors=short, long_freq_factors=long)
+    return ModelConfig(family="phi3", activation="silu", **fields)
+
+
+def _split_fused(name: str, tensor, cfg: ModelConfig) -> Iterator[tuple[str, object]]:
+    """qkv_proj / gate_up_proj (weight, or a bias) -> their parts under the model's names."""
+    stem, _, kind = name.rpartition(".")
+    if stem.endswith("self_attn.qkv_proj"):
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        parts = dict(zip(("q_proj", "k_proj", "v_proj"), split_rows(tensor, [q, kv, kv])))
+    elif stem.endswith("mlp.gate_up_proj"):
+        parts = dict(zip(("gate_proj", "up_proj"), split_rows(tensor, [cfg.ffn_dim, cfg.ffn_dim])))
+    else:
+        yield name, tensor
+        return
+    prefix = stem.rpartition(".")[0]
+    for part, w in parts.items():
+        yield f"{prefix}.{part}.{kind}", w
+
+
+def hf_tensors(name: str, tensor, cfg: ModelConfig) -> Iterator[tuple[str, object]]:
+    yield from _split_fused(name, tensor, cfg)
+
+
+def gguf_tensors(name: str, tensor, cfg: ModelConfig) -> Iterator[tuple[str, object]]:
+    # llama.cpp keeps the fused tensors: attn_qkv, and ffn_up holding gate then up
+    name = hf_name(name, "phi3", {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj",
+                                  "ffn_norm": "post_attention_layernorm"})
+    if name is not None:
+        yield from _split_fused(name, tensor, cfg)
