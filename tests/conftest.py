@@ -80,3 +80,42 @@ def own_cache(tmp_path):
     (llmrun_cache_dir() / "ext").mkdir(parents=True, exist_ok=True)
     (home / "llmrun" / "ext").symlink_to(llmrun_cache_dir() / "ext")
     return home
+
+
+# llama.cpp's tokenizer reference data (vocabulary-only GGUF files of real models, with strings
+# and the ids their Hugging Face tokenizers give) and real models' chat templates, as vendored
+# in llama-cpp-python's source release on PyPI: downloaded once, then read from the cache.
+LLAMA_CPP_SDIST = ("llama_cpp_python", "0.3.36", "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_models():
+    """llama.cpp's models/ folder (ggml-vocab-*.gguf with .inp/.out, templates/*.jinja)."""
+    import hashlib
+    import subprocess
+    import sys
+    import tarfile
+
+    from llmrun.cache_dir import llmrun_cache_dir
+
+    name, version, sha256 = LLAMA_CPP_SDIST
+    root = llmrun_cache_dir().parent / "llmrun-tests" / f"{name}-{version}"
+    models = root / "models"
+    if not (models / "templates").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        sdist = root / f"{name}-{version}.tar.gz"
+        if not sdist.is_file():
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", f"{name}=={version}", "--no-deps",
+                                   "--no-binary", ":all:", "-d", str(root)], capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"llama-cpp-python {version}'s source release could not be downloaded: {done.stderr[-300:]}")
+        assert hashlib.sha256(sdist.read_bytes()).hexdigest() == sha256, f"{sdist} is not the pinned release"
+        prefix = f"{name}-{version}/vendor/llama.cpp/models/"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()
+                       and ("/templates/" in m.name or "ggml-vocab-" in m.name)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(root / "partial", members=members, filter="data")
+        (root / "partial").rename(models)
+    return models

@@ -147,18 +147,19 @@ def stored_bytes(model, cache=None, attended: float | None = None) -> dict:
     cache (llmrun.runtime.kv_cache.KVCache): all of it (masked attention), or `attended` of its
     positions on average (the decode attention kernel reads only the filled ones)."""
     from llmrun.kernels import RescoredLinear
+    from llmrun.models.rope import Rope
 
     weights = 0
     seen = set()
     rows_read = {f"{prefix}.exact": m.exact_fraction_read() for prefix, m in model.named_modules()
                  if isinstance(m, RescoredLinear)}
     tensors = [(f"{prefix}.{name}", rows_read.get(prefix, 1.0), t)
-               for prefix, module in model.named_modules(remove_duplicate=False)
+               for prefix, module in model.named_modules(remove_duplicate=False) if not isinstance(module, Rope)
                for name, t in module_tensors(module)]
     tensors.sort(key=lambda item: "embed_tokens" in item[0])  # a tied head counts in full first
     for name, fraction, t in tensors:
         key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
-        if key in seen or "rope_" in name:
+        if key in seen:
             continue
         seen.add(key)
         nbytes = t.numel() * t.element_size()
