@@ -41,10 +41,12 @@ class ScriptedEngine:
         self.delay = delay
         self.fail_after = fail_after  # raise after this many tokens
         self.prompts: list[list[ChatMessage]] = []
+        self.template_kwargs: list[dict | None] = []
         self.settings: list[SamplingSettings] = []
 
-    def chat_prompt_ids(self, messages):
+    def chat_prompt_ids(self, messages, template_kwargs=None):
         self.prompts.append(list(messages))
+        self.template_kwargs.append(template_kwargs)
         n = sum(2 + len(m.content.split()) for m in messages) + 1
         return list(range(n))
 
@@ -73,7 +75,7 @@ class ScriptedEngine:
             finish_reason=reason))
 
 
-def make_app(tmp_path, engine=None, load_error=None, max_new_tokens=64) -> ChatApp:
+def make_app(tmp_path, engine=None, load_error=None, max_new_tokens=64, template_kwargs=None) -> ChatApp:
     def load(progress):
         progress(LoadProgress("load", 1, 2))
         if load_error is not None:
@@ -84,7 +86,7 @@ def make_app(tmp_path, engine=None, load_error=None, max_new_tokens=64) -> ChatA
     return ChatApp(ChatStore.open(tmp_path),
                    load_engine=load,
                    default_settings=lambda e: SamplingSettings(max_new_tokens=max_new_tokens),
-                   system_prompt="")
+                   system_prompt="", template_kwargs=template_kwargs)
 
 
 def run(coro):
@@ -157,6 +159,62 @@ def test_send_streams_markdown_answer_live_stats_and_saves(tmp_path):
     assert db_rows(tmp_path, "SELECT role, content, finish_reason FROM messages") == [
         ("user", "show me code", ""), ("assistant", "".join(pieces).strip(), "stop")]
     assert db_rows(tmp_path, "SELECT title FROM conversations") == [("show me code",)]
+
+
+def test_thinking_streams_open_then_folds_above_the_answer(tmp_path):
+    """A reasoning model's <think> block shows live in an open fold, folds when the answer
+    starts, and stays folded when the conversation is reopened; the stored message keeps it
+    (the template decides what history keeps), copy takes the answer alone; the app's template
+    variables reach every prompt."""
+    from textual.widgets import Collapsible
+
+    pieces = ["<think>", "\nThe", " capital", " is", " Paris", ".\n", "</think>", "\n\n", "Paris", "."]
+    engine = ScriptedEngine([pieces], delay=0.05)
+
+    async def scenario():
+        app = make_app(tmp_path, engine, template_kwargs={"enable_thinking": True})
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(pilot)
+            await send(pilot, "capital of France?")
+            await wait_until(pilot, lambda: app.answer is not None and app.answer.tokens >= 4, what="thinking")
+            fold = views(app, "assistant")[-1].query_one(Collapsible)
+            assert not fold.collapsed and fold.title == "Thinking..."
+            assert views(app, "assistant")[-1].markdown.source == ""
+            await answered(pilot)
+            view = views(app, "assistant")[-1]
+            assert fold.collapsed and fold.title == "Thought (4 words)" and not fold.has_class("empty")
+            assert str(view.query_one(".thinking-text").render()) == "The capital is Paris."
+            assert view.markdown.source == "Paris."
+            assert app.last_answer_text() == "Paris."
+            assert engine.template_kwargs == [{"enable_thinking": True}]
+
+    run(scenario())
+    assert db_rows(tmp_path, "SELECT content FROM messages WHERE role = 'assistant'") == [("".join(pieces),)]
+
+    async def reopened():
+        app = make_app(tmp_path, ScriptedEngine())
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(pilot)
+            await pilot.press("ctrl+o")
+            await pilot.pause(0.2)
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: views(app, "assistant"), what="history shown")
+            view = views(app, "assistant")[-1]
+            assert view.query_one(Collapsible).collapsed and view.markdown.source == "Paris."
+            assert not views(app, "user")[0].query(Collapsible)  # the user's text as is
+
+    run(reopened())
+
+
+def test_split_thinking_of_partial_and_prompt_opened_blocks():
+    from llmrun.chat.thinking import Parts, split_thinking
+
+    assert split_thinking("Paris.") == Parts(None, "Paris.", False)
+    assert split_thinking("<thi") == Parts("", "", True)  # the tag arriving in pieces
+    assert split_thinking("<thi", final=True) == Parts(None, "<thi", False)
+    assert split_thinking("\n<think>\nhm") == Parts("hm", "", True)
+    assert split_thinking("<think>\nhm", final=True) == Parts("hm", "", False)  # stopped while thinking
+    assert split_thinking("hm\n</think>\n\nParis.") == Parts("hm", "Paris.", False)  # opened by the prompt
 
 
 def test_escape_stops_at_once_keeps_partial_and_next_message_works(tmp_path):

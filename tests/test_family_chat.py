@@ -93,3 +93,39 @@ def test_real_templates_render_as_transformers_renders_them(llama_cpp_models, hf
     assert ours == theirs
     if case == "qwen3-no-thinking" and add_generation_prompt:
         assert ours.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_generate_no_think_turns_qwen3_thinking_off(llama_cpp_models, tmp_path):
+    """`llmrun generate --no-think` renders Qwen 3's template with enable_thinking=false: the
+    prompt opens the answer with an empty think block (a tiny Qwen 3 with a word-level
+    tokenizer, through the real CLI)."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                      max_position_embeddings=256, bos_token_id=None, eos_token_id=1)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    words = ["<unk>", "<|im_end|>", "<|im_start|>", "<think>", "</think>", "user", "assistant", "hi"]
+    words += [f"w{i}" for i in range(64 - len(words))]
+    raw = RawTokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.save(str(tmp_path / "tokenizer.json"))
+    template = (llama_cpp_models / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": template}))
+
+    def prompt_tokens(*flags):
+        done = subprocess.run([sys.executable, "-m", "llmrun", "generate", "-m", str(tmp_path), "-p", "hi",
+                               "--max-new-tokens", "1", "--no-compile", "--quant", "none", "--json", *flags],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stderr.strip().splitlines()[-1])["prompt_tokens"]
+
+    # "<think>\n\n</think>\n\n" splits on whitespace into the two tags
+    assert prompt_tokens("--no-think") == prompt_tokens() + 2

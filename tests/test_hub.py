@@ -370,12 +370,19 @@ def test_catalogue_entries():
         "gemma3-270m": "google/gemma-3-270m-it",
         "gemma3-1b": "google/gemma-3-1b-it",
         "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+        "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+        "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
+        "phi3.5-mini": "microsoft/Phi-3.5-mini-instruct",
     }
     for alias, repo in required.items():
         assert catalogue.CATALOGUE[alias].repo_id == repo
     repos = [e.repo_id for e in catalogue.CATALOGUE.values()]
     assert len(repos) == len(set(repos))
+    from llmrun.models import family_for_model_type
+
     for entry in catalogue.CATALOGUE.values():
+        family_for_model_type(entry.family)  # a family llmrun runs
         if entry.shipped:
             assert shipped.shipped_models()[entry.shipped].repo_id == entry.repo_id
 

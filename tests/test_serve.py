@@ -135,6 +135,10 @@ def test_tokenize_messages_is_the_chat_prompt_and_token_ids_come_back(server):
                 {"role": "user", "content": "Name a colour."}]
     ids = server.http("POST", "/tokenize", json={"messages": messages}).json()["tokens"]
     assert chat(server, "Name a colour.", max_tokens=1).usage.prompt_tokens == len(ids)
+    # the template's own variables pass through (SmolLM2's template has no enable_thinking)
+    kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
+    assert server.http("POST", "/tokenize", json={"messages": messages, **kwargs}).json()["tokens"] == ids
+    assert chat(server, "Name a colour.", max_tokens=1, extra_body=kwargs).usage.prompt_tokens == len(ids)
     for body in ({"content": "x", "messages": messages}, {}):
         r = server.http("POST", "/tokenize", json=body)
         assert r.status_code == 400 and r.json()["error"]["message"] == "give either content or messages"
@@ -252,6 +256,8 @@ def test_logprobs(server):
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}, 404, "gpt-9"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": CTX}, 400, "context"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": []}}, 400,
+     "chat_template_kwargs cannot set messages"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, needle):
     r = server.http("POST", "/v1/chat/completions", json=body)

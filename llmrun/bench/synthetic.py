@@ -43,6 +43,22 @@ SYNTHETIC: dict[str, dict] = {
                         layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         tie_word_embeddings=True, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3-4b": dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     tie_word_embeddings=True, rms_norm_eps=1e-6, max_position_embeddings=40960,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # longrope factors of ones: the values change no cost
+    "phi3.5-mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                        tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                        original_max_position_embeddings=4096, sliding_window=262144,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                         "original_max_position_embeddings": 4096,
+                                         "short_factor": [1.0] * 48, "long_factor": [1.0] * 48}),
     # for tests: every code path in seconds
     "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -178,6 +194,8 @@ def build_llmrun(cfg, dtype: torch.dtype, int4: bool, group_size: int = 0, seed:
             if int4:
                 t = time.perf_counter()
                 new = _random_int4_layer(N, K, group_size, int4_kind, g)
+                if module.bias is not None:
+                    new._set_bias(torch.zeros(N))
                 pack_s += time.perf_counter() - t
                 _set_child(model, name, new)
                 release_free_heap()  # packing intermediates

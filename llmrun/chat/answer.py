@@ -16,6 +16,7 @@ class Answer:
     prompt_tokens: int
     stop: threading.Event = field(default_factory=threading.Event)
     parts: list[str] = field(default_factory=list)
+    streamed: str = ""  # the answer text (no thinking) written to the markdown stream so far
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None

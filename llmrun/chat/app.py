@@ -21,6 +21,7 @@ from llmrun.chat.clipboard import CodeBlock, code_blocks, copy_text
 from llmrun.chat.context import fit_history
 from llmrun.chat.dialogs import ConversationsDialog, Opened, SettingsDialog
 from llmrun.chat.store import ChatStore, Conversation, ConversationSettings, StoredMessage
+from llmrun.chat.thinking import split_thinking
 from llmrun.chat.widgets import LoadPanel, MessageInput, MessageView, Notice, StatsBar
 from llmrun.errors import LlmrunError
 from llmrun.runtime.types import ChatMessage, GenerationChunk, GenerationStats, SamplingSettings
@@ -62,13 +63,16 @@ class ChatApp(App):
     ]
 
     def __init__(self, store: ChatStore, load_engine: Callable,
-                 default_settings: Callable[[object], SamplingSettings], system_prompt: str = ""):
+                 default_settings: Callable[[object], SamplingSettings], system_prompt: str = "",
+                 template_kwargs: dict | None = None):
         """load_engine(progress) returns an Engine (or anything with its interface);
-        default_settings(engine) gives the sampling settings a conversation starts from."""
+        default_settings(engine) gives the sampling settings a conversation starts from;
+        template_kwargs are further chat template variables (e.g. enable_thinking=False)."""
         super().__init__()
         self.store = store
         self.load_engine, self.default_settings = load_engine, default_settings
         self.default_system_prompt = system_prompt
+        self.template_kwargs = template_kwargs or {}
         self.engine = None
         self.defaults: SamplingSettings | None = None
         self.load_error: str | None = None
@@ -195,7 +199,7 @@ class ChatApp(App):
         history = [ChatMessage(s.message.role, s.message.content) for s in self.shown]
         try:
             fitted = fit_history(self.engine, self.conversation.settings.system_prompt, history,
-                                 settings.max_new_tokens)
+                                 settings.max_new_tokens, self.template_kwargs)
         except Exception as exc:  # context full, or a template that rejects the history
             await self.show_notice(describe(exc), error=True)
             return
@@ -231,12 +235,25 @@ class ChatApp(App):
             return
         answer.add(chunk.text, chunk.token is not None)
         if chunk.text:
-            await self.stream.write(chunk.text)
+            await self.show_answer_so_far(answer)
         if chunk.finished:
             await self.finish_answer(answer, chunk.stats)
         else:
             self.stats_bar.show_live(answer.ttft_s, answer.prompt_tokens, answer.tokens,
                                      answer.decode_tps)
+
+    async def show_answer_so_far(self, answer: Answer) -> None:
+        """The thinking in its fold, the answer's new text into the markdown stream."""
+        parts = split_thinking(answer.text)
+        if parts.thinking is not None:
+            answer.view.show_thinking(parts)
+        if parts.answer.startswith(answer.streamed):
+            await self.stream.write(parts.answer[len(answer.streamed):])
+        else:  # what was streamed turned out to be thinking (its block opened in the prompt)
+            await self.stream.stop()
+            await answer.view.markdown.update(parts.answer)
+            self.stream = Markdown.get_stream(answer.view.markdown)
+        answer.streamed = parts.answer
 
     async def finish_answer(self, answer: Answer, stats: GenerationStats | None) -> None:
         """The stream ended (stats) or was stopped (None): one full render, then save."""
@@ -255,8 +272,11 @@ class ChatApp(App):
             await self.show_notice("stopped before the first token" if reason == "cancelled"
                                    else "the model gave an empty answer")
             return
-        await answer.view.markdown.update(text)
-        answer.view.content = text
+        parts = split_thinking(text, final=True)
+        if parts.thinking is not None:
+            answer.view.show_thinking(parts)
+        await answer.view.markdown.update(parts.answer)
+        answer.view.content = text  # the thinking too: the template decides what history keeps
         answer.view.set_note(FINISH_NOTES.get(reason, ""))
         message = self.store.add_message(self.conversation.id, "assistant", text, reason)
         self.shown.append(Shown(message, answer.view))
@@ -334,8 +354,9 @@ class ChatApp(App):
         await self.start_answer()
 
     def last_answer_text(self) -> str | None:
+        """The last answer without its thinking."""
         answers = [s.message.content for s in self.shown if s.message.role == "assistant"]
-        return answers[-1] if answers else None
+        return split_thinking(answers[-1], final=True).answer if answers else None
 
     def copy(self, text: str, what: str) -> None:
         self.notify(f"{what}: {copy_text(self, text)}", timeout=3)

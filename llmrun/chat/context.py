@@ -37,9 +37,10 @@ def next_turn(history: list[ChatMessage], start: int) -> int:
 
 
 def fit_history(engine, system_prompt: str, history: list[ChatMessage],
-                max_new_tokens: int) -> FittedPrompt:
+                max_new_tokens: int, template_kwargs: dict | None = None) -> FittedPrompt:
     """Token ids of the longest recent part of `history` (which ends with the user's message)
-    that leaves max_new_tokens free; LlmrunError when even the last message does not fit."""
+    that leaves max_new_tokens free; LlmrunError when even the last message does not fit.
+    `template_kwargs`: further chat template variables."""
     budget = engine.context_length - max_new_tokens
     if budget <= 0:
         raise LlmrunError(f"max new tokens ({max_new_tokens}) leaves no room for the prompt in "
@@ -47,7 +48,7 @@ def fit_history(engine, system_prompt: str, history: list[ChatMessage],
     system = [ChatMessage("system", system_prompt)] if system_prompt else []
     start = 0
     while True:
-        ids = engine.chat_prompt_ids(system + merge_same_role(history[start:]))
+        ids = engine.chat_prompt_ids(system + merge_same_role(history[start:]), template_kwargs)
         if len(ids) <= budget:
             return FittedPrompt(ids, start)
         following = next_turn(history, start)

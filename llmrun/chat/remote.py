@@ -72,8 +72,10 @@ class RemoteEngine:
             raise LlmrunError(f"{what} at {self.url} answered {response.status_code}: {_error_message(response)}")
         return response.json()
 
-    def chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[ChatMessage], template_kwargs: dict | None = None) -> list[int]:
         body = {"messages": [{"role": m.role, "content": m.content} for m in messages]}
+        if template_kwargs:
+            body["chat_template_kwargs"] = template_kwargs
         try:
             response = self._client.post("/tokenize", json=body)
         except httpx.HTTPError as exc:

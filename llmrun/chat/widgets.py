@@ -8,9 +8,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Label, Markdown, ProgressBar, Static, TextArea
+from textual.widgets import Collapsible, Label, Markdown, ProgressBar, Static, TextArea
 
+from llmrun.chat.thinking import Parts, split_thinking
 from llmrun.runtime.types import GenerationStats, LoadProgress
+
 
 class MessageInput(TextArea):
     """Multi-line input: Enter sends, Shift+Enter / Ctrl+J add a line; pastes keep their lines."""
@@ -49,7 +51,7 @@ class MessageInput(TextArea):
 
 class MessageView(Vertical):
     """One message: a role line, then the body (markdown for answers, literal text for the
-    user's), then a note such as "stopped"."""
+    user's; an answer's thinking folded above it), then a note such as "stopped"."""
 
     DEFAULT_CSS = """
     MessageView { height: auto; margin: 0 1 1 1; padding: 0 1; }
@@ -61,6 +63,9 @@ class MessageView(Vertical):
     MessageView .note.empty { display: none; }
     MessageView Markdown { margin: 0; padding: 0; }
     MessageView Markdown > MarkdownBlock:last-child { margin-bottom: 0; }
+    MessageView Collapsible { margin: 0; padding: 0; border: none; background: $boost; }
+    MessageView Collapsible.empty { display: none; }
+    MessageView .thinking-text { color: $text-muted; }
     """
 
     def __init__(self, role: str, content: str, speaker: str, note: str = ""):
@@ -71,7 +76,11 @@ class MessageView(Vertical):
     def compose(self) -> ComposeResult:
         yield Label(self.speaker, classes="role")
         if self.role == "assistant":
-            yield Markdown(self.content)
+            parts = split_thinking(self.content, final=True)
+            yield Collapsible(Static(parts.thinking or "", markup=False, classes="thinking-text"),
+                              title=self.thinking_title(parts), collapsed=True,
+                              classes="" if parts.thinking is not None else "empty")
+            yield Markdown(parts.answer)
         else:
             yield Static(self.content, markup=False, classes="body")
         yield Static(self.note_text, markup=False, classes="note" if self.note_text else "note empty")
@@ -79,6 +88,20 @@ class MessageView(Vertical):
     @property
     def markdown(self) -> Markdown:
         return self.query_one(Markdown)
+
+    @staticmethod
+    def thinking_title(parts: Parts) -> str:
+        if parts.thinking_now:
+            return "Thinking..."
+        return f"Thought ({len((parts.thinking or '').split())} words)"
+
+    def show_thinking(self, parts: Parts) -> None:
+        """The thinking so far: open while it streams, folded once the answer begins."""
+        fold = self.query_one(Collapsible)
+        fold.set_class(parts.thinking is None, "empty")
+        fold.title = self.thinking_title(parts)
+        fold.collapsed = not parts.thinking_now
+        fold.query_one(".thinking-text", Static).update(parts.thinking or "")
 
     def set_note(self, note: str) -> None:
         self.note_text = note

@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
                    help="alias, repo id, local HF directory or .gguf (default: the shipped SmolLM2-135M)")
     p.add_argument("--synthetic", default=None, metavar="NAME",
                    help="random weights of a real model's shapes instead of a checkpoint: "
-                   "llama3.2-1b, llama3.1-8b, smollm2-135m, gemma3-270m (or tiny, for tests)")
+                   "llama3.2-1b, llama3.1-8b, smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen3-4b, "
+                   "phi3.5-mini (or tiny, for tests)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="pp test prompt length (0: skip pp)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="tg test decode steps (0: skip tg)")
     p.add_argument("-b", "--batch", default="1", metavar="B,...",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmrun.cli.common import add_model_args, add_sampling_args
+from llmrun.cli.common import add_model_args, add_sampling_args, add_template_args, template_kwargs
 
 
 def add_parser(sub) -> None:
@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--system", default="", help="system prompt for new conversations")
+    add_template_args(p)
     p.add_argument("--server", default=None, metavar="URL",
                    help="chat with the model of a running `llmrun serve` (e.g. http://127.0.0.1:8000) "
                    "instead of loading one here; the model flags do not apply")
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             load_engine=load_engine,
             default_settings=lambda engine: sampling_settings(args, engine),
             system_prompt=args.system,
+            template_kwargs=template_kwargs(args),
         )
         app.run()
     finally:

@@ -43,3 +43,14 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+
+
+def add_template_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-think", action="store_true",
+                   help="models with a thinking mode (Qwen 3): answer without thinking first "
+                   "(the chat template's enable_thinking=false)")
+
+
+def template_kwargs(args: argparse.Namespace) -> dict:
+    """The chat template variables the flags of add_template_args ask for."""
+    return {"enable_thinking": False} if args.no_think else {}

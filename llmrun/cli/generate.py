@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from llmrun.cli.common import add_model_args, add_sampling_args
+from llmrun.cli.common import add_model_args, add_sampling_args, add_template_args, template_kwargs
 
 
 def add_parser(sub) -> None:
@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", "-p", default=None, help="the prompt; '-' reads it from stdin")
     p.add_argument("--system", default=None, help="system prompt (chat models)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    add_template_args(p)
     add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print stats as one JSON object on stderr")
     p.set_defaults(run=run)
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     engine = load_engine(args)
     settings = sampling_settings(args, engine)
-    ids = engine.prompt_ids(prompt, system=args.system, raw=args.raw)
+    ids = engine.prompt_ids(prompt, system=args.system, raw=args.raw, template_kwargs=template_kwargs(args))
     stats = GenerationStats()
     out = sys.stdout
     for chunk in engine.stream_generate(ids, settings):

@@ -135,22 +135,25 @@ class Engine:
                 out[key] = cast(cfg[key])
         return out
 
-    def chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
-        """The conversation rendered through the model's chat template, tokenized."""
+    def chat_prompt_ids(self, messages: list[ChatMessage], template_kwargs: dict | None = None) -> list[int]:
+        """The conversation rendered through the model's chat template, tokenized;
+        `template_kwargs` are further template variables (e.g. enable_thinking=False)."""
         tok = self.tokenizer
         if not tok.chat_template:
             text = "\n".join(m.content for m in messages)
             return tok.encode(text)
         rendered = tok.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True)
+            [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True,
+            **(template_kwargs or {}))
         return tok.encode(rendered)  # encode never doubles a BOS the template wrote
 
-    def prompt_ids(self, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
+    def prompt_ids(self, prompt: str, system: str | None = None, raw: bool = False,
+                   template_kwargs: dict | None = None) -> list[int]:
         if raw or not self.tokenizer.chat_template:
             text = prompt if not system else f"{system}\n\n{prompt}"
             return self.tokenizer.encode(text)
         messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
-        return self.chat_prompt_ids(messages)
+        return self.chat_prompt_ids(messages, template_kwargs)
 
     def stream_generate(self, prompt_ids: list[int], settings: SamplingSettings,
                         stop: threading.Event | None = None, ignore_eos: bool = False

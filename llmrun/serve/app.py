@@ -280,7 +280,7 @@ def make_app(state: ServerState, cors_origins: list[str] | None = None) -> Starl
         except ApiError as exc:
             return error_response(exc)
         try:
-            ids = chat_ids(engine, body.messages) if body.messages is not None else \
+            ids = chat_ids(engine, body.messages, body.chat_template_kwargs) if body.messages is not None else \
                 engine.tokenizer.encode(body.content, add_bos=body.add_special)
         except ApiError as exc:
             return error_response(exc)
@@ -319,18 +319,19 @@ def sampling_defaults(d: SamplingSettings) -> dict:
             "repetition_penalty": d.repetition_penalty}
 
 
-def chat_ids(engine, messages: list) -> list[int]:
-    """protocol.Message list -> the prompt's ids, through the chat template."""
+def chat_ids(engine, messages: list, template_kwargs: dict | None = None) -> list[int]:
+    """protocol.Message list -> the prompt's ids, through the chat template (with the request's
+    chat_template_kwargs as further variables, as vLLM takes them)."""
     turns = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in messages]
     try:
-        return engine.chat_prompt_ids(turns)
+        return engine.chat_prompt_ids(turns, template_kwargs)
     except Exception as exc:  # noqa: BLE001 - a template that refuses the conversation
         raise ApiError(400, f"the chat template refused the messages: {exc}", param="messages") from None
 
 
 def prompt_ids(engine, body) -> list[int]:
     if isinstance(body, ChatRequest):
-        return chat_ids(engine, body.messages)
+        return chat_ids(engine, body.messages, body.chat_template_kwargs)
     if isinstance(body.prompt, str):
         if not body.prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")

@@ -3,9 +3,9 @@ clients read. A field not declared here is refused with a 400 that names it (nev
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmrun.runtime.sampling import MAX_TOP_LOGPROBS
 
@@ -32,6 +32,18 @@ def describe_validation(exc: ValidationError) -> tuple[str, str | None]:
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _template_kwargs(value: dict | None) -> dict | None:
+    clash = sorted(set(value or ()) & {"messages", "add_generation_prompt", "chat_template", "template",
+                                       "special_tokens"})
+    if clash:
+        raise ValueError(f"chat_template_kwargs cannot set {', '.join(clash)}: the request sets it")
+    return value
+
+
+# further chat template variables, as vLLM takes them (e.g. {"enable_thinking": false})
+TemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(_template_kwargs)]
 
 
 class StreamOptions(_Body):
@@ -91,6 +103,7 @@ class _Sampling(_Body):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    chat_template_kwargs: TemplateKwargs = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -130,6 +143,7 @@ class TokenizeRequest(_Body):
 
     content: str | None = None
     messages: list[Message] | None = None
+    chat_template_kwargs: TemplateKwargs = None
     add_special: bool = False
 
     @model_validator(mode="after")

