@@ -41,6 +41,7 @@ def write_gguf(model, path, arch: str, block_type: str | None = None) -> None:
     w.add_vocab_size(cfg.vocab_size)
     rope = _rope_params(cfg)
     w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if rope.get("rope_type") == "yarn":
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(rope["factor"]))

@@ -201,3 +201,33 @@ def test_int4_and_as_shipped_run_each_family(name, tmp_path):
         errors = {kind: float((m(ids) - expected).norm() / expected.norm()) for kind, m in
                   (("as-shipped", shipped), ("int4", int4))}
     assert errors["as-shipped"] < 0.03 and errors["int4"] < 0.4, errors
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_config_survives_the_quantized_format(name, tmp_path):
+    """A quantized directory's config.json (llmrun.formats.quantized_dir) gives back the same
+    config, rope factors and all."""
+    import json
+
+    from llmrun.formats.quantized_dir import config_from_dict, config_to_dict
+    from llmrun.models import config_from_hf
+
+    _tiny(name).config.save_pretrained(tmp_path)
+    cfg = config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+
+
+def test_partial_rotary_models_are_refused_in_one_line(tmp_path):
+    """Rope over part of each head (Phi-4-mini, a phi3 model_type) is not run: config.json and
+    GGUF both say so rather than give wrong logits."""
+    from gguf_convert import write_gguf
+
+    from llmrun.errors import LlmrunError
+
+    hf = _tiny("phi3-sliding", partial_rotary_factor=0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    write_gguf(hf, tmp_path / "m.gguf", "phi3")
+    with pytest.raises(LlmrunError, match="partial_rotary_factor 0.5"):
+        open_checkpoint(tmp_path / "hf", "hf-dir")
+    with pytest.raises(LlmrunError, match="rope covers 8 of each head's 16 dimensions"):
+        open_checkpoint(tmp_path / "m.gguf", "gguf")

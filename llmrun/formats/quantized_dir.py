@@ -45,8 +45,9 @@ def config_from_dict(d: dict) -> ModelConfig:
     for key in ("rope", "rope_local"):
         if d.get(key) is not None:
             spec = dict(d[key])
-            if spec.get("freq_factors") is not None:
-                spec["freq_factors"] = tuple(spec["freq_factors"])
+            for factors in ("freq_factors", "long_freq_factors"):
+                if spec.get(factors) is not None:
+                    spec[factors] = tuple(spec[factors])
             d[key] = RopeSpec(**spec)
     d["layer_types"] = tuple(d.get("layer_types", ()))
     if "attention_bias" in d:  # written before q/k/v and o biases were told apart

@@ -43,6 +43,10 @@ def common_fields(meta: GGUFMetadata) -> dict:
         raise LlmrunError(f"GGUF metadata for {meta.arch!r} lacks block_count, embedding_length, "
                           "attention.head_count or feed_forward_length")
     head_dim = get("attention.key_length") or dim // n_heads
+    rotary = get("rope.dimension_count")
+    if rotary is not None and int(rotary) != int(head_dim):
+        raise LlmrunError(f"GGUF metadata: rope covers {rotary} of each head's {head_dim} dimensions "
+                          "(partial rotary embeddings), which llmrun does not run")
     vocab = get("vocab_size") or len(meta.metadata.get("tokenizer.ggml.tokens", ()))
     blocks = {int(m.group(1)) for name in meta.tensor_names if (m := re.match(r"blk\.(\d+)\.", name))}
     if blocks != set(range(int(n_layers))):
