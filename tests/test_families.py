@@ -45,13 +45,14 @@ CASES = {
         "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
         "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.3 * i for i in range(8)]})),
 }
-# GGUF architecture of each case (and config changes). llama.cpp's converters keep no sliding
-# window for Qwen 2 and Mistral (llama.cpp runs them with full attention), so those cases are
-# not written as GGUF; GGUF has no query_pre_attn_scalar (llama.cpp scales by head_dim).
+# GGUF architecture of each case (and config changes). llama.cpp runs Qwen 2, Mistral and Phi-3
+# with full attention (its converters keep no window for the first two, and it turns Phi-3's
+# off), so their GGUF cases have none; GGUF has no query_pre_attn_scalar (llama.cpp scales by
+# head_dim).
 GGUF_CASES = {"llama2": ("llama", {}), "llama3.2-tied": ("llama", {}),
               "gemma2": ("gemma2", dict(query_pre_attn_scalar=32)), "gemma3": ("gemma3", {}),
               "qwen2.5-tied": ("qwen2", {}), "qwen2.5-yarn": ("qwen2", {}), "qwen3": ("qwen3", {}),
-              "mistral-v0.3": ("llama", {}), "phi3-sliding": ("phi3", {}), "phi3.5-longrope": ("phi3", {})}
+              "mistral-v0.3": ("llama", {}), "phi3-sliding": ("phi3", dict(sliding_window=None)), "phi3.5-longrope": ("phi3", {})}
 
 
 def _tiny(name: str, **changes):

@@ -1,6 +1,7 @@
 """Phi-3 and Phi-3.5 (mini, medium): Llama's layer with q/k/v and gate/up fused in the
 checkpoint (split here; the runtime fuses them again in its own way), longrope scaling, and
-sliding-window attention on every layer where config declares a window."""
+sliding-window attention on every layer where config.json declares a window (as transformers
+runs it; llama.cpp runs GGUF files with full attention, and so does llmrun)."""
 
 from __future__ import annotations
 
@@ -20,23 +21,20 @@ GGUF_CONTROL_TOKENS: frozenset[str] = frozenset()
 CHAT_TEMPLATE = None
 
 
-def _window(fields: dict, window) -> dict:
-    if window and int(window) < fields["max_seq_len"]:
-        fields.update(sliding_window=int(window), layer_types=("sliding",) * fields["n_layers"])
-    return fields
-
-
 def config_from_hf(d: dict) -> ModelConfig:
     rotary = (d.get("rope_parameters") or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     if rotary != 1.0:  # Phi-4-mini
         raise LlmrunError(f"config.json: partial_rotary_factor {rotary} (rope on part of each head) "
                           "is not supported; llmrun runs Phi-3 and Phi-3.5")
-    fields = _window(common_fields(d), d.get("sliding_window"))
+    fields = common_fields(d)
+    window = d.get("sliding_window")
+    if window and int(window) < fields["max_seq_len"]:  # Phi-3.5's 262144 is past its context
+        fields.update(sliding_window=int(window), layer_types=("sliding",) * fields["n_layers"])
     return ModelConfig(family="phi3", activation="silu", **fields)
 
 
 def config_from_gguf(meta: GGUFMetadata) -> ModelConfig:
-    fields = _window(gguf_fields(meta), meta.get("attention.sliding_window"))
+    fields = gguf_fields(meta)
     long, short = meta.rope_factors.get("rope_factors_long"), meta.rope_factors.get("rope_factors_short")
     if long is not None and short is not None:
         original = int(meta.get("rope.scaling.original_context_length", fields["max_seq_len"]))
