@@ -82,34 +82,40 @@ def own_cache(tmp_path):
     return home
 
 
-# llama.cpp's tokenizer reference data (vocabulary-only GGUF files of real models, with strings
-# and the ids their Hugging Face tokenizers give) and real models' chat templates, as vendored
-# in llama-cpp-python's source release on PyPI: downloaded once, then read from the cache.
-LLAMA_CPP_SDIST = ("llama_cpp_python", "0.3.36", "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
+def _release(name: str, version: str, sha256: str, sdist: bool):
+    """(the cache folder, the file) of a pinned release from PyPI: downloaded once, checked."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from llmrun.cache_dir import llmrun_cache_dir
+
+    root = llmrun_cache_dir().parent / "llmrun-tests" / f"{name}-{version}"
+    root.mkdir(parents=True, exist_ok=True)
+    found = [p for p in root.iterdir() if p.name.endswith(".tar.gz" if sdist else ".whl")]
+    if not found:
+        kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", f"{name}=={version}", "--no-deps",
+                               *kind, "-d", str(root)], capture_output=True, text=True)
+        found = [p for p in root.iterdir() if p.name.endswith(".tar.gz" if sdist else ".whl")]
+        if done.returncode != 0 or not found:
+            pytest.skip(f"{name} {version} could not be downloaded from PyPI: {done.stderr[-300:]}")
+    assert hashlib.sha256(found[0].read_bytes()).hexdigest() == sha256, f"{found[0]} is not the pinned release"
+    return root, found[0]
 
 
 @pytest.fixture(scope="session")
 def llama_cpp_models():
-    """llama.cpp's models/ folder (ggml-vocab-*.gguf with .inp/.out, templates/*.jinja)."""
-    import hashlib
-    import subprocess
-    import sys
+    """llama.cpp's models/ folder as vendored in llama-cpp-python's source release:
+    vocabulary-only GGUF files of real models with strings and the ids their Hugging Face
+    tokenizers give (ggml-vocab-*.gguf, .inp, .out), and real models' chat templates
+    (templates/*.jinja)."""
     import tarfile
 
-    from llmrun.cache_dir import llmrun_cache_dir
-
-    name, version, sha256 = LLAMA_CPP_SDIST
-    root = llmrun_cache_dir().parent / "llmrun-tests" / f"{name}-{version}"
+    name, version = "llama_cpp_python", "0.3.36"
+    root, sdist = _release(name, version, "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e", True)
     models = root / "models"
     if not (models / "templates").is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        sdist = root / f"{name}-{version}.tar.gz"
-        if not sdist.is_file():
-            done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", f"{name}=={version}", "--no-deps",
-                                   "--no-binary", ":all:", "-d", str(root)], capture_output=True, text=True)
-            if done.returncode != 0:
-                pytest.skip(f"llama-cpp-python {version}'s source release could not be downloaded: {done.stderr[-300:]}")
-        assert hashlib.sha256(sdist.read_bytes()).hexdigest() == sha256, f"{sdist} is not the pinned release"
         prefix = f"{name}-{version}/vendor/llama.cpp/models/"
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()
@@ -119,3 +125,22 @@ def llama_cpp_models():
             tar.extractall(root / "partial", members=members, filter="data")
         (root / "partial").rename(models)
     return models
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizers():
+    """Mistral's own tokenizer files as mistral-common's wheel ships them (its data/ folder:
+    the sentencepiece models of Mistral 7B v0.1 to v0.3 and the later ones, tekken files)."""
+    import zipfile
+
+    root, wheel = _release("mistral_common", "1.12.0",
+                           "fa4504b66c30c0201ae4578c0340c5ee2abd22151c271532f62e373b985a53cf", False)
+    data = root / "data"
+    if not data.is_dir():
+        with zipfile.ZipFile(wheel) as z:
+            for member in z.namelist():
+                if member.startswith("mistral_common/data/") and member.endswith((".v1", ".v3")):
+                    (root / "partial").mkdir(exist_ok=True)
+                    (root / "partial" / member.rsplit("/", 1)[1]).write_bytes(z.read(member))
+        (root / "partial").rename(data)
+    return data

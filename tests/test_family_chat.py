@@ -1,7 +1,7 @@
 """Tokenizers and chat templates of the families beyond Llama and Gemma, on real data: llama.cpp's
 vocabulary-only GGUF files of Qwen 2 and Phi-3 with the ids their Hugging Face tokenizers give
-for hard strings, and the real chat templates of Qwen 2.5, Qwen 3, Phi-3.5 and Mistral Nemo
-rendered beside transformers' apply_chat_template."""
+for hard strings, Mistral 7B's tokenizer.model beside transformers', and the real chat templates
+of Qwen 2.5, Qwen 3, Phi-3.5 and Mistral Nemo rendered beside transformers' apply_chat_template."""
 
 from __future__ import annotations
 
@@ -22,6 +22,26 @@ def test_vocab_ids_match_the_reference_tokenizer(llama_cpp_models, vocab):
     assert len(texts) >= 40
     for text, ids in zip(texts, expected):
         assert tok.encode(text, add_bos=False) == [int(i) for i in ids.split()], repr(text)
+
+
+@pytest.mark.parametrize("model", ["tokenizer.model.v1", "mistral_instruct_tokenizer_240323.model.v3"],
+                         ids=["mistral-7b-v0.1", "mistral-7b-v0.3"])
+def test_mistral_tokenizer_model_ids_match_transformers(llama_cpp_models, mistral_tokenizers, model, tmp_path):
+    """Mistral 7B's tokenizer.model (as mistral-common ships it) in a Hugging Face directory:
+    llmrun's ids equal those of transformers' tokenizer converted from the same file, on
+    llama.cpp's hard strings and Mistral's control tokens."""
+    import json
+
+    (tmp_path / "tokenizer.model").write_bytes((mistral_tokenizers / model).read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
+    ours = Tokenizer.from_hf_dir(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = (llama_cpp_models / "ggml-vocab-llama-spm.gguf.inp").read_text(encoding="utf-8").split(
+        "\n__ggml_vocab_test__\n")
+    for text in texts + ["[INST] What is 2 + 2? [/INST]", "[TOOL_CALLS] [AVAILABLE_TOOLS]", "</s><s>x"]:
+        assert ours.encode(text, add_bos=False) == theirs.encode(text, add_special_tokens=False), repr(text)
+    assert ours.encode("Hi") == theirs.encode("Hi")  # BOS first
 
 
 @pytest.mark.parametrize("vocab, stops", [("qwen2", ["<|im_end|>", "<|endoftext|>"]),
