@@ -18,6 +18,10 @@ def add_parser(sub) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     add_template_args(p)
     add_sampling_args(p)
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel over N processes, started by `torchrun --nproc-per-node N -m "
+                   "llmrun generate --tp N ...` (or torchrun's rendezvous across hosts): each holds "
+                   "its share of every layer; rank 0 prints")
     p.add_argument("--json", action="store_true", help="print stats as one JSON object on stderr")
     p.set_defaults(run=run)
 
@@ -46,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     settings = sampling_settings(args, engine)
     ids = engine.prompt_ids(prompt, system=args.system, raw=args.raw, template_kwargs=template_kwargs(args))
     stats = GenerationStats()
+    if engine.shard is not None and engine.shard.rank != 0:  # rank 0 prints for all
+        for _ in engine.stream_generate(ids, settings):
+            pass
+        return 0
     out = sys.stdout
     for chunk in engine.stream_generate(ids, settings):
         if chunk.text:

@@ -56,15 +56,19 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         int4=getattr(args, "int4", None) or DEFAULT_INT4,
         compile_backend=getattr(args, "compile_backend", "aot"),
         kv_cache=getattr(args, "kv_cache", None) or "auto",
+        tp=getattr(args, "tp", None) or 1,
     )
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
-    progress = StderrProgress()
+    from llmrun.runtime.tensor_parallel import is_main
+
+    progress = StderrProgress() if is_main() else None  # the other ranks say nothing
     try:
         return Engine.load(engine_options(args), progress, background=True)  # an answer never waits for compiling
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
 
 
 def sampling_settings(args: argparse.Namespace, engine: Engine) -> SamplingSettings:

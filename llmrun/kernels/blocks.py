@@ -76,6 +76,15 @@ class BlockWeight:
         return BlockWeight(self.codes[sl], self.bits, self.group_size, self.scales[sl],
                            None if self.offsets is None else self.offsets[sl], self.in_features)
 
+    def columns(self, start: int, stop: int) -> "BlockWeight":
+        """Input columns [start, stop), on whole groups (stop may be K)."""
+        if start % self.group_size or (stop % self.group_size and stop != self.in_features):
+            raise ValueError(f"columns [{start}, {stop}) do not fall on groups of {self.group_size}")
+        g = slice(start // self.group_size, -(-stop // self.group_size))
+        codes = self.codes[:, start // 2:(stop + 1) // 2] if self.bits == 4 else self.codes[:, start:stop]
+        return BlockWeight(codes.contiguous(), self.bits, self.group_size, self.scales[:, g].contiguous(),
+                           None if self.offsets is None else self.offsets[:, g].contiguous(), stop - start)
+
     def permute_rows(self, index: torch.Tensor) -> "BlockWeight":
         return BlockWeight(self.codes[index].contiguous(), self.bits, self.group_size,
                            self.scales[index].contiguous(),

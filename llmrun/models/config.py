@@ -56,6 +56,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm on q and k per head (Gemma 3)
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer: "full" | "sliding"
+    # tensor parallel: n_heads, n_kv_heads and ffn_dim are this rank's share of tp_size; the
+    # attention and feed-forward outputs are summed over the ranks (llmrun.runtime.tensor_parallel)
+    tp_size: int = 1
 
     def __post_init__(self) -> None:
         problems = []

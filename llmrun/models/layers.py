@@ -34,6 +34,13 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def all_ranks_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the tensor-parallel ranks (every process of torch.distributed's group)."""
+    from torch.distributed import _functional_collectives as collectives
+
+    return collectives.wait_tensor(collectives.all_reduce(x, "sum", torch.distributed.group.WORLD))
+
+
 def fuse_into(module: nn.Module, parts: tuple[str, ...], target: str, fuse) -> None:
     """module.<target> = fuse(its <parts>, target), which then go; nothing when fuse returns
     None or the module is fused already."""
@@ -63,6 +70,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.dim, bias=cfg.o_bias)
+        self.sum_over_ranks = cfg.tp_size > 1  # this rank holds some of the heads
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
@@ -105,7 +113,8 @@ class Attention(nn.Module):
                 k, v = k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype)  # (B, Hkv, S, hd)
             out = self._masked_attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(out)
+        out = self.o_proj(out)
+        return all_ranks_sum(out) if self.sum_over_ranks else out
 
     def _masked_attention(self, q, k, v, mask):
         if self.softcap is None and q.shape[2] > 1:
@@ -150,6 +159,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.sum_over_ranks = cfg.tp_size > 1  # this rank holds some of the feed-forward units
         self.gelu = cfg.activation == "gelu_tanh"
         # Optional single module computing [gate | up] in one call (see fuse)
         self.gate_up_proj: nn.Module | None = None
@@ -164,7 +174,8 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         gate = gelu_tanh(gate) if self.gelu else F.silu(gate)
-        return self.down_proj(gate * up)
+        out = self.down_proj(gate * up)
+        return all_ranks_sum(out) if self.sum_over_ranks else out
 
 
 class Block(nn.Module):

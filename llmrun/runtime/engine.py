@@ -8,7 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,11 +38,13 @@ class EngineOptions:
     compile: bool = False
     compile_backend: str = "aot"  # aot: AOTInductor packages (llmrun.runtime.aot); jit: torch.compile
     kv_cache: str = "auto"  # the KV cache's dtype: auto (the compute dtype) or a kv_cache.KV_DTYPES key
+    tp: int = 1  # tensor-parallel ranks (processes started by torchrun; llmrun.runtime.tensor_parallel)
 
 
 class Engine:
-    def __init__(self, loaded: Loaded, options: EngineOptions):
+    def __init__(self, loaded: Loaded, options: EngineOptions, shard=None):
         model, tokenizer = loaded.model, loaded.tokenizer
+        self.shard = shard  # this process's rank when tensor-parallel, else None
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.resolved = loaded.resolved
         self.scheme = loaded.scheme  # the weights that run: asked for, or a quantized directory's
@@ -73,6 +75,15 @@ class Engine:
         steps alone). `background`: compiled steps not built yet are built by a background
         process while this one runs them eagerly (llmrun.runtime.aot.AotSteps), instead of
         before the first answer."""
+        shard = None
+        if options.tp < 1:
+            raise LlmrunError(f"--tp {options.tp} must be >= 1")
+        if options.tp > 1:
+            from llmrun.runtime import tensor_parallel
+
+            shard = tensor_parallel.shard_from_env(options.tp)
+            tensor_parallel.join(shard)
+            torch.set_num_threads(options.threads or tensor_parallel.threads_per_rank())
         if options.threads:
             if options.threads < 1:
                 raise LlmrunError(f"--threads {options.threads} must be >= 1")
@@ -89,9 +100,12 @@ class Engine:
         kv_dtype(options.kv_cache, DTYPES[options.dtype])  # a bad choice fails before the load
         report = progress or (lambda p: None)
         loaded = load(options.model, Scheme(options.quant, options.group_size, options.head, options.weights,
-                                            options.int4), DTYPES[options.dtype], report)
-        engine = cls(loaded, options)
-        if options.compile and stream:
+                                            options.int4), DTYPES[options.dtype], report, shard=shard)
+        engine = cls(loaded, options, shard)
+        if options.compile and stream and shard is not None:
+            report(LoadProgress("compile", message="--tp runs eagerly: the compiled steps do not hold "
+                                "the ranks' all-reduces"))
+        elif options.compile and stream:
             start = time.perf_counter()
             engine.steps = compile_steps(options.compile_backend,
                                          lambda message: report(LoadProgress("compile", message=message)),
@@ -158,6 +172,10 @@ class Engine:
     def stream_generate(self, prompt_ids: list[int], settings: SamplingSettings,
                         stop: threading.Event | None = None, ignore_eos: bool = False
                         ) -> Iterator[GenerationChunk]:
+        if self.shard is not None:  # every rank samples the same tokens from the same logits
+            from llmrun.runtime.tensor_parallel import shared_seed
+
+            settings = replace(settings, seed=shared_seed(settings.seed))
         return self.generator.stream(prompt_ids, settings, stop, ignore_eos)
 
     def scheduler(self, slots: int, length: int | None = None,

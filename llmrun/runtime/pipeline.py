@@ -44,12 +44,13 @@ class _TimedTransform:
 
 def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
          report: Callable[[LoadProgress], None] | None = None, cache: bool = True,
-         prepare: bool = True) -> Loaded:
+         prepare: bool = True, shard=None) -> Loaded:
     """Load `spec` (as --model: None is the shipped default) with `scheme` (a quantized
     directory's own scheme wins) in `dtype`. cache: keep what is quantized here in llmrun's
     cache and read it back next time, and the model as it runs on this machine (else
     quantize every time: the bench times it, `llmrun quantize` writes it elsewhere). prepare:
-    as it runs (quant.prepare_int4_model); `llmrun quantize` saves unprepared layers."""
+    as it runs (quant.prepare_int4_model); `llmrun quantize` saves unprepared layers. shard: this
+    rank's share only (runtime.tensor_parallel.Shard), read from the checkpoint, never cached."""
     from llmrun.formats import quantized_dir
     from llmrun.formats.checkpoint import load_model, open_checkpoint
     from llmrun.sources.hub import resolve_model
@@ -67,6 +68,10 @@ def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
 
     start = time.perf_counter()
     stored = resolved.kind == "hf-dir" and quantized_dir.is_quantized_dir(resolved.path)
+    if shard is not None and stored:
+        raise LlmrunError(f"{resolved.path} is a quantized directory; --tp reads the checkpoint it "
+                          "came from (a GGUF file or a Hugging Face directory), one share per rank")
+    cache = cache and shard is None
     if resolved.kind == "hf-dir" and not stored:
         open_checkpoint(resolved.path, resolved.kind)  # config and weights first: their errors say more
     # the quantized directory the weights come from: the user's, or llmrun's cache entry
@@ -83,11 +88,11 @@ def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
         model = quantized_dir.load_quantized(resolved.path, dtype)
         scheme = Scheme.of_quantized_dir(resolved.path)
     elif scheme.quant == "none":
-        model = load_model(open_checkpoint(resolved.path, resolved.kind), dtype, None,
+        model = load_model(_checkpoint(resolved, shard, scheme), dtype, None,
                            lambda _, done, total: report(LoadProgress("load", done, total)))
         scheme = Scheme()
     else:
-        model, scheme, quantize_s = _quantized(resolved, tokenizer, scheme, dtype, report, source)
+        model, scheme, quantize_s = _quantized(resolved, tokenizer, scheme, dtype, report, source, shard)
     if prepare and scheme.quant != "none":
         from llmrun.quant.transform import prepare_int4_model
 
@@ -99,6 +104,19 @@ def load(spec: str | None, scheme: Scheme, dtype: torch.dtype,
     if quantize_s:
         timings["quantize"] = quantize_s
     return Loaded(model, tokenizer, resolved, scheme, timings)
+
+
+def _checkpoint(resolved, shard, scheme: Scheme, keep_blocks: bool = False):
+    """The checkpoint's tensors as the model takes them: whole, or this rank's share."""
+    from llmrun.formats.checkpoint import open_checkpoint
+    from llmrun.runtime.tensor_parallel import shard_checkpoint
+
+    ckpt = open_checkpoint(resolved.path, resolved.kind, keep_blocks=keep_blocks)
+    if shard is None:
+        return ckpt
+    # a row-parallel split keeps whole quantization groups: llmrun's int4 groups, or the
+    # neutral 32-column groups of a GGUF file's blocks
+    return shard_checkpoint(ckpt, shard, 1 if scheme.quant == "none" else max(scheme.group_size, 32))
 
 
 def _cache_entry(resolved, scheme: Scheme):
@@ -142,12 +160,13 @@ def _write_prepared(model, tokenizer, scheme: Scheme, source, dtype, report) -> 
         report(LoadProgress("load", message=f"could not keep the prepared model ({exc})"))
 
 
-def _quantized(resolved, tokenizer, scheme: Scheme, dtype, report, path):
+def _quantized(resolved, tokenizer, scheme: Scheme, dtype, report, path, shard=None):
     """(model, scheme, seconds spent quantizing): quantized here, or read back from llmrun's
-    cache entry `path` (None: no cache; a corrupt entry is rebuilt)."""
+    cache entry `path` (None: no cache; a corrupt entry is rebuilt); of this rank's share only
+    with a tensor-parallel `shard`."""
     from llmrun.formats import quantized_dir
     from llmrun.formats import gguf_file
-    from llmrun.formats.checkpoint import load_model, open_checkpoint
+    from llmrun.formats.checkpoint import load_model
     from llmrun.quant.transform import make_transform
 
     as_shipped = scheme.weights == "as-shipped" and resolved.kind == "gguf"
@@ -158,7 +177,7 @@ def _quantized(resolved, tokenizer, scheme: Scheme, dtype, report, path):
         except LlmrunError as exc:
             report(LoadProgress("load", message=f"rebuilding the quantized cache ({exc})"))
     transform = _TimedTransform(make_transform(scheme.quant, scheme.group_size, scheme.head, scheme.int4))
-    ckpt = open_checkpoint(resolved.path, resolved.kind, keep_blocks=as_shipped)
+    ckpt = _checkpoint(resolved, shard, scheme, keep_blocks=as_shipped)
     formats = tuple(gguf_file.shipped_types(gguf_file.open_reader(resolved.path))) if as_shipped else ()
     model = load_model(ckpt, dtype, transform,
                        lambda _, done, total: report(LoadProgress("quantize", done, total)))

@@ -1,0 +1,118 @@
+"""Tensor parallel over torch.distributed, in gpt-fast's layout: q/k/v and gate/up split by
+output rows (column-parallel), o_proj and down_proj by input columns (row-parallel, their
+outputs summed over the ranks: two all-reduces a layer); the embedding, the norms and the head
+are whole on every rank. Each rank streams the checkpoint and keeps only its share of each
+tensor, so no rank ever holds the whole model.
+
+The ranks are the processes torchrun starts (its RANK / WORLD_SIZE / MASTER_ADDR environment),
+on the gloo backend. Every rank runs the same steps on the same tokens: the sums come out the
+same on all of them, and so do the logits and (with one seed, chosen by rank 0) the samples."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+import torch
+
+from llmrun.errors import LlmrunError
+from llmrun.kernels.blocks import BlockWeight
+
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+# a rank that stops answering (it died, or hangs) ends the others' collectives after this long
+TIMEOUT = timedelta(seconds=int(os.environ.get("LLMRUN_TP_TIMEOUT", "120")))
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int
+    world: int
+
+
+def shard_from_env(tp: int) -> Shard:
+    """This process's place among `tp` ranks started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" not in os.environ or world != tp:
+        raise LlmrunError(f"--tp {tp} runs one process per rank: start it with "
+                          f"`torchrun --nproc-per-node {tp} -m llmrun ...` (found WORLD_SIZE={world})")
+    return Shard(int(os.environ["RANK"]), world)
+
+
+def is_main() -> bool:
+    """Whether this process speaks for the run: rank 0 under torchrun, or a single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def threads_per_rank() -> int:
+    """The cores of this host shared among its ranks (torchrun's LOCAL_WORLD_SIZE)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def join(shard: Shard) -> None:
+    """Join the ranks' process group (gloo), once per process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=shard.rank, world_size=shard.world, timeout=TIMEOUT)
+
+
+def local_config(cfg, world: int, group_size: int = 1):
+    """The ModelConfig of one rank's share; LlmrunError naming what does not split.
+    group_size: the weights' quantization groups along K, which a row-parallel split must keep
+    whole (o_proj's K is the heads' width, down_proj's the feed-forward's)."""
+    problems = []
+    for what, n in (("attention heads", cfg.n_heads), ("key/value heads", cfg.n_kv_heads),
+                    ("feed-forward units", cfg.ffn_dim)):
+        if n % world:
+            problems.append(f"its {n} {what} do not divide by {world}")
+    for what, k in (("o_proj", cfg.n_heads * cfg.head_dim), ("down_proj", cfg.ffn_dim)):
+        if not problems and (k // world) % group_size:
+            problems.append(f"{what}'s {k} inputs split into {k // world}, not whole groups of {group_size}")
+    if problems:
+        raise LlmrunError(f"this model cannot split over {world} ranks: {'; '.join(problems)}")
+    return replace(cfg, n_heads=cfg.n_heads // world, n_kv_heads=cfg.n_kv_heads // world,
+                   ffn_dim=cfg.ffn_dim // world, tp_size=world)
+
+
+def _rows(t, start: int, stop: int):
+    return t.rows(start, stop) if isinstance(t, BlockWeight) else t[start:stop]
+
+
+def _columns(t, start: int, stop: int):
+    return t.columns(start, stop) if isinstance(t, BlockWeight) else t[:, start:stop]
+
+
+def shard_tensor(name: str, tensor, shard: Shard):
+    """This rank's share of checkpoint tensor `name` (model names, e.g. model.layers.0.mlp.up_proj.weight)."""
+    module, _, kind = name.rpartition(".")
+    part = module.rpartition(".")[2]
+    if part in COLUMN_PARALLEL:
+        n = tensor.shape[0] // shard.world
+        return _rows(tensor, shard.rank * n, (shard.rank + 1) * n)
+    if part in ROW_PARALLEL and kind == "weight":
+        k = tensor.shape[1] // shard.world
+        return _columns(tensor, shard.rank * k, (shard.rank + 1) * k)
+    if part in ROW_PARALLEL:  # a bias is added once, after the sum
+        return tensor if shard.rank == 0 else torch.zeros_like(tensor)
+    return tensor
+
+
+def shard_checkpoint(ckpt, shard: Shard, group_size: int = 1):
+    """A formats.checkpoint.Checkpoint of this rank's share, streamed as the whole one is read."""
+    from llmrun.formats.checkpoint import Checkpoint
+
+    cfg = local_config(ckpt.config, shard.world, group_size)
+    tensors = ((name, shard_tensor(name, t, shard)) for name, t in ckpt.tensors)
+    return Checkpoint(cfg, tensors, ckpt.path)
+
+
+def shared_seed(seed: int | None) -> int:
+    """One sampling seed for every rank: rank 0's (`seed`, or one it draws)."""
+    import torch.distributed as dist
+
+    chosen = [seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]

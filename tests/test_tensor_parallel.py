@@ -1,0 +1,140 @@
+"""Tensor parallel over torch.distributed: 2 ranks on this machine (gloo, torchrun), tiny models
+of several families saved by transformers, against the same models in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tp_logits import build  # noqa: E402
+
+HERE = Path(__file__).parent
+COMMON = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+MODELS = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=32)),
+    "qwen2": ("Qwen2Config", dict()),  # q/k/v biases: split with their rows
+    "phi3": ("Phi3Config", dict(pad_token_id=None, bos_token_id=1, eos_token_id=2)),  # fused q/k/v, gate/up
+    "one-kv-head": ("LlamaConfig", dict(num_key_value_heads=1)),
+}
+IDS = [1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 33, 200]
+
+
+def _torchrun(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(29500 + os.getpid() % 1000), *args],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _word_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + "The capital of France is".split()
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words + [f"w{i}" for i in range(249)])},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from gguf_convert import write_gguf
+
+    root = tmp_path_factory.mktemp("tp")
+    paths = {}
+    for name, (cls, extra) in MODELS.items():
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**COMMON, **extra}))
+        with torch.no_grad():
+            for pname, p in hf.named_parameters():
+                if "norm" in pname or pname.endswith("bias"):
+                    p.add_(torch.randn_like(p) * 0.1)
+        hf.save_pretrained(root / name)
+        _word_tokenizer(root / name)
+        paths[name] = root / name
+        if name == "llama":
+            write_gguf(hf, root / "llama-q8_0.gguf", "llama", block_type="Q8_0")
+            paths["llama-q8_0.gguf"] = root / "llama-q8_0.gguf"
+    return paths
+
+
+def test_two_ranks_give_one_process_logits(models, tmp_path):
+    """fp32: the same logits within float rounding (the sums add in another order); int4 and a
+    GGUF run as shipped: within the kernels' activation rounding (each rank rounds its own
+    slice of a row-parallel layer's input to int8)."""
+    jobs = {f"{name}-fp32": dict(path=str(models[name]), quant="none", ids=IDS)
+            for name in ("llama", "gemma3", "qwen2", "phi3")}
+    jobs["llama-int4"] = dict(path=str(models["llama"]), quant="int4", ids=IDS)
+    jobs["qwen2-int4"] = dict(path=str(models["qwen2"]), quant="int4", ids=IDS)
+    jobs["gguf-as-shipped"] = dict(path=str(models["llama-q8_0.gguf"]), quant="as-shipped", ids=IDS)
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    done = _torchrun(str(HERE / "tp_logits.py"), str(tmp_path / "jobs.json"), str(tmp_path / "out.safetensors"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "out.safetensors")
+    for name, job in jobs.items():
+        with torch.no_grad():
+            expected = build(job, None)(torch.tensor([IDS]))
+        if job["quant"] == "none":
+            torch.testing.assert_close(got[name], expected, atol=1e-5, rtol=1e-5, msg=name)
+        else:
+            error = float((got[name] - expected).norm() / expected.norm())
+            assert error < 0.02, (name, error)
+
+
+def _generate(path, *flags, tp=False, env=None):
+    args = ["generate", "-m", str(path), "-p", "The capital of France is", "--raw", "--temperature", "0",
+            "--max-new-tokens", "12", "--no-compile", "--quant", "none", "--json", *flags]
+    if tp:
+        return _torchrun("-m", "llmrun", *args, "--tp", "2", env=env)
+    return subprocess.run([sys.executable, "-m", "llmrun", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_tp2_prints_the_single_process_answer_once(models):
+    single = _generate(models["qwen2"])
+    tp = _generate(models["qwen2"], tp=True)
+    assert single.returncode == 0 and tp.returncode == 0, tp.stderr[-2000:]
+    assert tp.stdout == single.stdout and single.stdout.strip()  # rank 0 alone prints
+    stats = [json.loads(line) for line in tp.stderr.splitlines() if line.startswith("{")]
+    assert len(stats) == 1 and stats[0]["generated_tokens"] == 12
+
+
+def test_a_model_that_cannot_split_says_why(models):
+    done = _generate(models["one-kv-head"], tp=True)
+    assert done.returncode != 0
+    assert "cannot split over 2 ranks: its 1 key/value heads do not divide by 2" in done.stderr
+    assert "llmrun/" not in done.stderr  # one line from llmrun, no traceback (torchrun adds its own)
+
+
+def test_tp_outside_torchrun_says_how_to_start_it(models):
+    done = subprocess.run([sys.executable, "-m", "llmrun", "generate", "-m", str(models["llama"]), "-p", "x",
+                           "--tp", "2", "--no-compile"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "torchrun --nproc-per-node 2 -m llmrun" in done.stderr
+
+
+def test_a_rank_that_dies_ends_the_run(models, tmp_path):
+    """Rank 1 exits after joining; rank 0 must not wait forever in its first all-reduce."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from llmrun.runtime import tensor_parallel\n"
+        "shard = tensor_parallel.Shard(int(os.environ['RANK']), 2)\n"
+        "tensor_parallel.join(shard)\n"
+        "if shard.rank == 1:\n    os._exit(3)\n"
+        "from llmrun.models.layers import all_ranks_sum\n"
+        "all_ranks_sum(torch.ones(4))\n")
+    start = time.monotonic()
+    done = _torchrun(str(script), timeout=120, env={"LLMRUN_TP_TIMEOUT": "20"})
+    assert done.returncode != 0 and time.monotonic() - start < 90
