@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from llmrun.cli.common import add_model_args, add_sampling_args, add_template_args, template_kwargs
@@ -45,12 +46,18 @@ def run(args: argparse.Namespace) -> int:
     from llmrun.runtime.types import GenerationStats
 
     check_sampling_flags(args)
-    prompt = read_prompt(args)
+    main = args.tp == 1 or os.environ.get("RANK", "0") == "0"  # under --tp, rank 0 reads, tokenizes and prints
+    prompt = read_prompt(args) if main else None
     engine = load_engine(args)
     settings = sampling_settings(args, engine)
-    ids = engine.prompt_ids(prompt, system=args.system, raw=args.raw, template_kwargs=template_kwargs(args))
+    ids = engine.prompt_ids(prompt, system=args.system, raw=args.raw, template_kwargs=template_kwargs(args)) \
+        if main else None
+    if engine.shard is not None:
+        from llmrun.runtime.tensor_parallel import from_rank0
+
+        ids = from_rank0(ids)
     stats = GenerationStats()
-    if engine.shard is not None and engine.shard.rank != 0:  # rank 0 prints for all
+    if not main:
         for _ in engine.stream_generate(ids, settings):
             pass
         return 0

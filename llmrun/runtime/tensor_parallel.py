@@ -109,10 +109,19 @@ def shard_checkpoint(ckpt, shard: Shard, group_size: int = 1):
     return Checkpoint(cfg, tensors, ckpt.path)
 
 
-def shared_seed(seed: int | None) -> int:
-    """One sampling seed for every rank: rank 0's (`seed`, or one it draws)."""
+def from_rank0(values: list[int] | None) -> list[int]:
+    """Rank 0's list of integers (token ids, a seed) on every rank, sent as tensors (never
+    pickled); the other ranks pass None."""
     import torch.distributed as dist
 
-    chosen = [seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())]
-    dist.broadcast_object_list(chosen, src=0)
-    return chosen[0]
+    count = torch.tensor([len(values) if values is not None else 0], dtype=torch.int64)
+    dist.broadcast(count, src=0)
+    data = torch.tensor(values, dtype=torch.int64) if values is not None else torch.empty(int(count), dtype=torch.int64)
+    dist.broadcast(data, src=0)
+    return data.tolist()
+
+
+def shared_seed(seed: int | None) -> int:
+    """One sampling seed for every rank: rank 0's (`seed`, or one it draws)."""
+    mine = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    return from_rank0([mine] if is_main() else None)[0]
