@@ -169,3 +169,30 @@ def test_int4_head_option_has_its_own_cache_entry(smollm2_path, tmp_path, monkey
     ids = engine.tokenizer.encode("The Eiffel Tower is in the city of")
     text = "".join(c.text for c in engine.stream_generate(ids, SamplingSettings(max_new_tokens=8, temperature=0)))
     assert "Paris" in text, text
+
+
+def test_an_untied_head_never_lends_its_table_to_the_embedding(monkeypatch):
+    """The transform keys a tied head's table by its weight's id; ids are reused once objects
+    are freed (an untied head's weight goes when its layer is replaced, and safetensors lists
+    lm_head before model.embed_tokens), so here every id collides: the embedding must still get
+    its own table, and a tied pair (one Parameter) still shares one."""
+    from torch import nn
+
+    import llmrun.quant.transform as transform
+    from llmrun.quant.transform import Int8Embedding, TiedEmbedding
+
+    monkeypatch.setattr(transform, "id", lambda obj: 1, raising=False)
+    torch.manual_seed(0)
+    head, embedding = nn.Linear(64, 128, bias=False), nn.Embedding(128, 64)
+    quant = QuantTransform(32, head="int8")
+    quant("lm_head", head)
+    del head
+    got = quant("model.embed_tokens", embedding)
+    assert isinstance(got, Int8Embedding)
+    rows = torch.tensor([0, 5, 127])
+    torch.testing.assert_close(got(rows), embedding(rows), atol=0.02, rtol=0.02)
+    tied = nn.Linear(64, 128, bias=False)
+    tied_embedding = nn.Embedding(128, 64)
+    tied_embedding.weight = tied.weight
+    quant("lm_head", tied)
+    assert isinstance(quant("model.embed_tokens", tied_embedding), TiedEmbedding)

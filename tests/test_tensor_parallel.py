@@ -30,9 +30,17 @@ MODELS = {
 IDS = [1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 33, 200]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _torchrun(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(29500 + os.getpid() % 1000), *args],
+                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args],
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -96,19 +104,22 @@ def test_two_ranks_give_one_process_logits(models, tmp_path):
 
 def _generate(path, *flags, tp=False, env=None):
     args = ["generate", "-m", str(path), "-p", "The capital of France is", "--raw", "--temperature", "0",
-            "--max-new-tokens", "12", "--no-compile", "--quant", "none", "--json", *flags]
+            "--max-new-tokens", "12", "--quant", "none", "--json", *(flags or ["--no-compile"])]
     if tp:
         return _torchrun("-m", "llmrun", *args, "--tp", "2", env=env)
     return subprocess.run([sys.executable, "-m", "llmrun", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_generate_tp2_prints_the_single_process_answer_once(models):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
+def test_generate_tp2_prints_the_single_process_answer_once(models, compiled):
+    """Eager, and compiled by torch.compile on each rank (the all-reduces in its graphs)."""
     single = _generate(models["qwen2"])
-    tp = _generate(models["qwen2"], tp=True)
+    tp = _generate(models["qwen2"], *(["--compile-backend", "jit"] if compiled else []), tp=True)
     assert single.returncode == 0 and tp.returncode == 0, tp.stderr[-2000:]
     assert tp.stdout == single.stdout and single.stdout.strip()  # rank 0 alone prints
     stats = [json.loads(line) for line in tp.stderr.splitlines() if line.startswith("{")]
     assert len(stats) == 1 and stats[0]["generated_tokens"] == 12
+    assert ("compile_s" in stats[0]) == compiled
 
 
 def test_a_model_that_cannot_split_says_why(models):

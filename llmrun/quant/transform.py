@@ -16,6 +16,8 @@ head (TiedEmbedding), whatever layout the head's kernel keeps."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,14 +129,20 @@ class QuantTransform:
         # per output channel is symmetric: one group spans K, and int4_mm keeps one scale per row
         self.int4 = int4
         self.asymmetric = int4 == "asymmetric" and group_size > 0
-        self._int8_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._tables: dict[int, nn.Module] = {}  # weight id -> the head's exact table (tied embeddings)
+        # A tied head and its embedding are the same Parameter, met twice. Entries are keyed by
+        # its id and keep a weak reference to it: an id is reused once its object is freed (an
+        # untied head's weight, freed when its layer is replaced, would otherwise hand its
+        # table to the embedding).
+        self._int8_cache: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}  # int8 table, scales
+        self._tables: dict[int, tuple[weakref.ref, nn.Module]] = {}  # the head's exact table
 
     def _int8(self, weight: torch.Tensor):
-        key = id(weight)  # tied head and embedding are the same Parameter: quantize once
-        if key not in self._int8_cache:
-            self._int8_cache[key] = quantize_int8(weight.detach())
-        return self._int8_cache[key]
+        """The int8 table and scales of `weight`, quantized once for a tied head and embedding."""
+        cached = self._int8_cache.get(id(weight))
+        if cached is None or cached[0]() is not weight:
+            cached = (weakref.ref(weight), *quantize_int8(weight.detach()))
+            self._int8_cache[id(weight)] = cached
+        return cached[1], cached[2]
 
     def __call__(self, name: str, module: nn.Module, blocks: dict[str, BlockWeight] | None = None) -> nn.Module:
         bw = (blocks or {}).get("weight")
@@ -159,8 +167,8 @@ class QuantTransform:
                                        bias=bias, backend=self.backend)
 
     def _embedding(self, module: nn.Embedding, bw: BlockWeight | None) -> nn.Module:
-        head = self._tables.pop(id(module.weight), None)  # the loader transforms a tied head first
-        if head is not None:
+        ref, head = self._tables.pop(id(module.weight), (None, None))  # the loader transforms a tied head first
+        if head is not None and ref() is module.weight:
             self._int8_cache.pop(id(module.weight), None)
             return TiedEmbedding(head, module.weight.dtype)
         if bw is not None:
@@ -187,7 +195,7 @@ class QuantTransform:
             exact = BlockLinear.from_blocks(bw, bias=own_bias, backend=self.backend)
         else:
             exact = Int8Linear.from_neutral(*self._int8(module.weight), bias=own_bias)
-        self._tables[id(module.weight)] = exact
+        self._tables[id(module.weight)] = (weakref.ref(module.weight), exact)
         if self.head == "int8":
             return exact
         return RescoredLinear(self._scan(module, bw), exact, RESCORE_K, bias)

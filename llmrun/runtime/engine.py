@@ -102,9 +102,9 @@ class Engine:
         loaded = load(options.model, Scheme(options.quant, options.group_size, options.head, options.weights,
                                             options.int4), DTYPES[options.dtype], report, shard=shard)
         engine = cls(loaded, options, shard)
-        if options.compile and stream and shard is not None:
-            report(LoadProgress("compile", message="--tp runs eagerly: the compiled steps do not hold "
-                                "the ranks' all-reduces"))
+        if options.compile and stream and shard is not None and options.compile_backend == "aot":
+            report(LoadProgress("compile", message="--tp runs eagerly with --compile-backend aot (its "
+                                "packages do not hold the ranks' all-reduces): --compile-backend jit compiles"))
         elif options.compile and stream:
             start = time.perf_counter()
             engine.steps = compile_steps(options.compile_backend,
