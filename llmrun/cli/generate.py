@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from llmrun.cli.common import add_model_args, add_sampling_args, add_template_args, template_kwargs
@@ -46,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from llmrun.runtime.types import GenerationStats
 
     check_sampling_flags(args)
-    main = args.tp == 1 or os.environ.get("RANK", "0") == "0"  # under --tp, rank 0 reads, tokenizes and prints
+    from llmrun.runtime.tensor_parallel import is_main
+
+    main = args.tp == 1 or is_main()  # under --tp, rank 0 reads, tokenizes and prints
     prompt = read_prompt(args) if main else None
     engine = load_engine(args)
     settings = sampling_settings(args, engine)

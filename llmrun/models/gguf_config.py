@@ -61,9 +61,9 @@ def common_fields(meta: GGUFMetadata) -> dict:
     )
 
 
-def rope_spec(meta: GGUFMetadata, theta: float | None = None) -> RopeSpec:
+def rope_spec(meta: GGUFMetadata) -> RopeSpec:
     """The rope of the file's full-attention layers: base, linear or YaRN scaling, freq factors."""
-    theta = float(meta.get("rope.freq_base", 10000.0) if theta is None else theta)
+    theta = float(meta.get("rope.freq_base", 10000.0))
     scaling = meta.get("rope.scaling.type")
     if scaling in (None, "none"):
         spec = RopeSpec(theta=theta)

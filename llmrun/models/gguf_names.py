@@ -16,7 +16,6 @@ BLOCK_NAMES = {
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-
 def hf_name(gguf_name: str, family: str, block_names: dict[str, str]) -> str | None:
     """GGUF tensor name -> the model's name, with the family's `block_names` (GGUF part ->
     module path in a layer) beside the shared ones; None for a tensor the model does not hold."""

@@ -49,13 +49,9 @@ def rope_spec(params: dict | None, default_theta: float, d: dict | None = None) 
                          params.get("mscale_all_dim"), float(params.get("beta_fast") or 32.0),
                          float(params.get("beta_slow") or 1.0), bool(params.get("truncate", True)))
     if rope_type in ("longrope", "su"):
-        factor = params.get("factor") or require_int(d, "max_position_embeddings") / original
-        attention = params.get("attention_factor")
-        if attention is None:
-            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-        return RopeSpec(theta=theta, rope_type="longrope", factor=float(factor), original_max_position=int(original),
-                        attention_factor=float(attention), freq_factors=tuple(map(float, params["short_factor"])),
-                        long_freq_factors=tuple(map(float, params["long_factor"])))
+        return longrope_spec(theta, params.get("factor") or require_int(d, "max_position_embeddings") / original,
+                             int(original), params["short_factor"], params["long_factor"],
+                             params.get("attention_factor"))
     raise LlmrunError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3, yarn, longrope)")
 
 
@@ -72,6 +68,16 @@ def yarn_spec(theta: float, factor: float, original: int, attention_factor=None,
     return RopeSpec(theta=theta, rope_type="yarn", factor=float(factor), original_max_position=original,
                     beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate,
                     attention_factor=float(attention_factor))
+
+
+def longrope_spec(theta: float, factor: float, original: int, short, long,
+                  attention_factor=None) -> RopeSpec:
+    """LongRoPE (Phi-3), its attention factor as transformers infers it when none is given."""
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeSpec(theta=theta, rope_type="longrope", factor=float(factor), original_max_position=original,
+                    attention_factor=float(attention_factor), freq_factors=tuple(map(float, short)),
+                    long_freq_factors=tuple(map(float, long)))
 
 
 def rope_specs(d: dict) -> tuple[RopeSpec, RopeSpec | None]:

@@ -5,14 +5,13 @@ runs it; llama.cpp runs GGUF files with full attention, and so does llmrun)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 from llmrun.errors import LlmrunError
-from llmrun.models.config import ModelConfig, RopeSpec
+from llmrun.models.config import ModelConfig
 from llmrun.models.gguf_config import GGUFMetadata, common_fields as gguf_fields
 from llmrun.models.gguf_names import hf_name
-from llmrun.models.hf_config import common_fields
+from llmrun.models.hf_config import common_fields, longrope_spec
 from llmrun.models.tensors import split_rows
 
 MODEL_TYPES = ("phi3",)
@@ -38,13 +37,8 @@ def config_from_gguf(meta: GGUFMetadata) -> ModelConfig:
     long, short = meta.rope_factors.get("rope_factors_long"), meta.rope_factors.get("rope_factors_short")
     if long is not None and short is not None:
         original = int(meta.get("rope.scaling.original_context_length", fields["max_seq_len"]))
-        factor = fields["max_seq_len"] / original
-        attention = meta.get("rope.scaling.attn_factor")
-        if attention is None:
-            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-        fields["rope"] = RopeSpec(theta=fields["rope"].theta, rope_type="longrope", factor=factor,
-                                  original_max_position=original, attention_factor=float(attention),
-                                  freq_factors=short, long_freq_factors=long)
+        fields["rope"] = longrope_spec(fields["rope"].theta, fields["max_seq_len"] / original, original,
+                                       short, long, meta.get("rope.scaling.attn_factor"))
     return ModelConfig(family="phi3", activation="silu", **fields)
 
 

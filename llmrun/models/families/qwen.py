@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from llmrun.models.config import ModelConfig
 from llmrun.models.gguf_config import GGUFMetadata, common_fields as gguf_fields
 from llmrun.models.gguf_names import hf_name
-from llmrun.models.hf_config import common_fields
+from llmrun.models.hf_config import common_fields, layer_types
 
 MODEL_TYPES = ("qwen2", "qwen3")
 GGUF_ARCHS = ("qwen2", "qwen3")
@@ -20,9 +20,9 @@ CHAT_TEMPLATE = None  # Qwen files carry theirs; ChatML otherwise (tokenizer.cha
 
 
 def _layer_types(d: dict, n_layers: int) -> tuple[str, ...]:
-    names = d.get("layer_types")
-    if names:
-        return tuple("sliding" if t == "sliding_attention" else "full" for t in names)
+    """config.layer_types (transformers 5), else sliding from max_window_layers on when enabled."""
+    if d.get("layer_types"):
+        return layer_types(d, n_layers, None)
     if d.get("use_sliding_window") and d.get("sliding_window"):
         start = int(d.get("max_window_layers", n_layers))
         return tuple("sliding" if i >= start else "full" for i in range(n_layers))
