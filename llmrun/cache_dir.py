@@ -18,12 +18,18 @@ def llmrun_cache_dir() -> Path:
     return Path(user_cache_dir("llmrun"))
 
 
+# The front ends: what they hold never reaches a compiled step or a prepared model.
+FRONT_ENDS = ("cli", "chat", "serve", "bench", "eval", "peers")
+
+
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
-    """A digest of llmrun's own source (Python and C++): what is built from it is keyed by it."""
-    root = Path(__file__).parent  # the whole llmrun package
+    """A digest of llmrun's own source (Python and C++) but its front ends: what is built from
+    it (compiled steps, prepared models) is keyed by it."""
+    root = Path(__file__).parent
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp", ".inc", ".h")):
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp", ".inc", ".h")
+                       and p.relative_to(root).parts[0] not in FRONT_ENDS):
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()

@@ -6,6 +6,7 @@ aggregate and per-stream decode tokens/s, TTFT and inter-token latency p50/p95 p
 
     python scripts/serve_load.py [--model smollm2-135m] [--concurrency 1,2,4,8] [--requests 16]
     python scripts/serve_load.py --url http://127.0.0.1:8000/v1   # a server already running
+    python scripts/serve_load.py --servers llmrun,llmrun-ray      # 1 server against 2 Ray replicas
 
 Each server starts here in turn, alone on the machine, with the same threads and context per
 sequence, is warmed up (its compiled steps built) before any timed request, and is stopped
@@ -55,18 +56,22 @@ def wait_ready(url: str, proc: subprocess.Popen, what: str, timeout: float = 180
             health = httpx.get(url.removesuffix("/v1") + "/health", timeout=2).status_code
             if health == 200 or (health == 404 and httpx.get(url + "/models", timeout=2).json()["data"]):
                 return
-        except httpx.TransportError:
+        except (httpx.TransportError, ValueError):  # not listening yet, or Ray's proxy before the app
             pass
         time.sleep(0.5)
     raise SystemExit(f"{what} did not start within {timeout:.0f} s")
 
 
-def start_llmrun(args) -> tuple[str, subprocess.Popen]:
+def start_llmrun(args, replicas: int = 0) -> tuple[str, subprocess.Popen]:
+    """llmrun serve alone, or with `replicas` Ray Serve replicas sharing its slots and threads."""
     port = free_port()
-    cmd = [sys.executable, "-m", "llmrun", "serve", "--port", str(port), "--parallel", str(max(args.concurrency)),
+    slots = -(-max(args.concurrency) // max(1, replicas))
+    cmd = [sys.executable, "-m", "llmrun", "serve", "--port", str(port), "--parallel", str(slots),
            "--ctx-size", str(args.ctx)]
     cmd += ["--model", args.model] if args.model else []
-    cmd += ["--threads", str(args.threads)] if args.threads else []
+    threads = args.threads or os.cpu_count()
+    cmd += ["--replicas", str(replicas), "--threads", str(max(1, threads // replicas))] if replicas else \
+        ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.devnull, "w") if args.quiet else None)
     url = f"http://127.0.0.1:{port}/v1"
     wait_ready(url, proc, "llmrun serve")
@@ -166,13 +171,17 @@ def main() -> int:
     p.add_argument("--ctx", type=int, default=1024, help="positions per sequence")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--servers", type=lambda s: s.split(","), default=["llmrun", "llama-cpp-python"],
-                   help="which servers to start and measure (comma list)")
+                   help="which servers to start and measure (comma list): llmrun, llmrun-ray "
+                   "(llmrun serve --replicas, needs llmrun[ray]), llama-cpp-python")
+    p.add_argument("--replicas", type=int, default=2, help="llmrun-ray's replicas, sharing the threads and slots")
     p.add_argument("--quiet", action="store_true", help="hide llmrun serve's log")
     args = p.parse_args()
 
     table: dict[str, dict[int, dict]] = {}
     starts = {"server": lambda: (args.url, None)} if args.url else \
-        {name: start for name, start in (("llmrun", lambda: start_llmrun(args)), ("llama-cpp-python", lambda: start_llama_cpp(args)))
+        {name: start for name, start in (("llmrun", lambda: start_llmrun(args)),
+                                         ("llmrun-ray", lambda: start_llmrun(args, args.replicas)),
+                                         ("llama-cpp-python", lambda: start_llama_cpp(args)))
          if name in args.servers}
     for name, start in starts.items():  # one server at a time: each has the whole machine
         started = start()
@@ -189,7 +198,7 @@ def main() -> int:
         finally:
             if proc is not None:
                 proc.terminate()
-                proc.wait(timeout=30)
+                proc.wait(timeout=120)  # Ray Serve may take a while to stop its replicas
 
     names = list(table)
     print(f"{args.requests} streamed chat requests per concurrency; prompts of ~{args.prompt_tokens} tokens, "
@@ -202,11 +211,11 @@ def main() -> int:
             print(f"| {c} | {name} | {r['rps']:.2f} | {r['tokens'] / args.requests:.0f} | {r['aggregate']:.1f} | {r['aggregate'] / base['aggregate']:.2f}x | "
                   f"{r['per_stream']:.1f} | {r['ttft50'] * 1e3:.0f} / {r['ttft95'] * 1e3:.0f} ms | "
                   f"{r['itl50'] * 1e3:.1f} / {r['itl95'] * 1e3:.1f} ms |")
-    if len(names) == 2:
+    for name in names[1:]:
         print()
         for c in args.concurrency:
-            a, b = (table[n][c]["aggregate"] for n in names)
-            print(f"concurrency {c}: llmrun {a / b:.2f}x llama-cpp-python's aggregate t/s")
+            a, b = table[name][c]["aggregate"], table[names[0]][c]["aggregate"]
+            print(f"concurrency {c}: {name} {a / b:.2f}x {names[0]}'s aggregate t/s")
     return 0
 
 

@@ -231,3 +231,33 @@ def test_batched_decode_packages_give_each_request_its_single_stream_tokens(tiny
     finally:
         scheduler.close()
     assert {"decode-b2", "decode-b4"} <= set(steps._bound) and "decode-b3" not in steps._bound
+
+
+def test_a_package_another_process_is_building_is_waited_for_and_loaded(tiny_hf_dir, tmp_path, monkeypatch):
+    """Two processes that need the same missing package (two replicas, a second server) take
+    turns: the later one waits for the first's build, then loads it instead of compiling."""
+    import fcntl
+    import threading
+
+    from llmrun.runtime import aot
+    from llmrun.runtime.kv_cache import KVCache
+
+    engine = Engine.load(EngineOptions(model=str(tiny_hf_dir), compile=False, threads=1), stream=False)
+    cache = KVCache(engine.config, 1, 64, engine.kv_dtype)
+    path = aot.package_path(tmp_path, aot._Step(engine.model, cache, True), "prefill")
+    built, loaded = [], []
+    monkeypatch.setattr(aot, "build_package", lambda module, step, p: built.append(p))
+    monkeypatch.setattr(aot, "_Bound", lambda p, module: loaded.append(p) or type("B", (), {"run": "runner"})())
+    steps = aot.AotSteps(directory=tmp_path)
+
+    (tmp_path / "building").mkdir()
+    with open(tmp_path / "building" / f"{path.stem}.lock", "w") as lock:  # the other process, building
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = []
+        waiter = threading.Thread(target=lambda: result.append(steps._step(engine.model, cache, "prefill")))
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and not built  # waits rather than compiling beside it
+        path.write_bytes(b"a package")  # the other process's build lands
+    waiter.join(timeout=30)
+    assert result == ["runner"] and loaded == [path] and built == []

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from llmrun.cli.common import add_model_args
+from llmrun.errors import LlmrunError
 
 DRAIN_SECONDS = 5  # on Ctrl-C / SIGTERM: running requests get this long to finish
 
@@ -31,23 +33,60 @@ def add_parser(sub) -> None:
     for flag, kind in (("--temperature", float), ("--top-k", int), ("--top-p", float), ("--min-p", float),
                        ("--repetition-penalty", float)):
         p.add_argument(flag, type=kind, default=None, help="default for requests that leave it out")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="serve N copies of the model on Ray Serve, requests routed by prompt prefix "
+                   "(needs pip install 'llmrun[ray]'; --threads is then per replica, default: cores / N)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --replicas: the Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
     p.set_defaults(run=run, max_new_tokens=1, seed=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        # each replica's request log line by line (Ray merges similar lines unless told, when imported)
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        try:
+            from llmrun.serve import ray_replicas
+        except ImportError as exc:
+            if (exc.name or "").split(".")[0] != "ray":
+                raise
+            raise LlmrunError("--replicas runs on Ray Serve, which is not installed: "
+                              "pip install 'llmrun[ray]'") from None
+        return ray_replicas.run(args)
+    if args.ray_address:
+        raise LlmrunError("--ray-address is for --replicas")
     import uvicorn
 
-    from llmrun.cli.loading import StderrProgress, check_sampling_flags, engine_options, sampling_settings
-    from llmrun.errors import LlmrunError
-    from llmrun.runtime.engine import Engine
-    from llmrun.serve.app import make_app
-    from llmrun.serve.state import Limits, ServerState
+    state, app, report = prepare(args)
+    config = uvicorn.Config(app, host=args.host, port=args.port,
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=DRAIN_SECONDS)
+    server = uvicorn.Server(config)
+    _watch_load(state, server, report, f"http://{args.host}:{args.port}")
+    server.run()
+    if state.load_error:
+        raise LlmrunError(f"the model failed to load: {state.load_error}")
+    return 0
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse impossible flags before anything is loaded."""
+    from llmrun.cli.loading import check_sampling_flags
 
     check_sampling_flags(args)
     for flag, value, low in (("--parallel", args.parallel, 1), ("--queue", args.queue, 0),
                              ("--ctx-size", args.ctx_size, 2), ("--port", args.port, 0)):
         if value is not None and value < low:
             raise LlmrunError(f"{flag} {value} must be >= {low}")
+
+
+def prepare(args: argparse.Namespace):
+    """(the server's state, its app, a reporter to stderr), the model loading on a thread."""
+    from llmrun.cli.loading import StderrProgress, engine_options, sampling_settings
+    from llmrun.runtime.engine import Engine
+    from llmrun.serve.app import make_app
+    from llmrun.serve.state import Limits, ServerState
+
+    check_flags(args)
     options = engine_options(args)
     name = args.served_model_name or args.model or "smollm2-135m"
     state = ServerState(Limits(args.parallel, args.ctx_size, args.queue), api_key=args.api_key,
@@ -64,14 +103,7 @@ def run(args: argparse.Namespace) -> int:
         return engine, sampling_settings(args, engine)
 
     state.start_loading(load, report)
-    config = uvicorn.Config(make_app(state, args.cors_origin), host=args.host, port=args.port,
-                            log_level="warning", access_log=False, timeout_graceful_shutdown=DRAIN_SECONDS)
-    server = uvicorn.Server(config)
-    _watch_load(state, server, report, f"http://{args.host}:{args.port}")
-    server.run()
-    if state.load_error:
-        raise LlmrunError(f"the model failed to load: {state.load_error}")
-    return 0
+    return state, make_app(state, args.cors_origin), report
 
 
 def _watch_load(state, server, report, url: str) -> None:

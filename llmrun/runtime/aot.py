@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import gc
 import hashlib
 import os
@@ -186,6 +187,16 @@ class _Bound:
         self.path = path
 
 
+@contextlib.contextmanager
+def _building(package: Path):
+    """Held while `package` is loaded or built here: a second process waits, then loads it."""
+    locks = package.parent / "building"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{package.stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def package_path(directory: Path, step_module: _Step, step: str) -> Path:
     return directory / f"{step}-{package_key(step_module, step)}.pt2"
 
@@ -279,18 +290,28 @@ class AotSteps:
                             "this answer runs eagerly until it is there")
             self._waiting[step] = (path, cache, time.monotonic())
             return None
-        if path.is_file():
-            start = time.perf_counter()
-            try:
-                bound = _Bound(path, step_module)
-                os.utime(path)  # used now: not stale
-                self.report(f"loaded compiled {what} in {time.perf_counter() - start:.2f} s")
-                self._bound[step] = bound
-                return bound
-            except Exception as exc:  # noqa: BLE001 - a damaged package is rebuilt, never fatal
-                self.report(f"rebuilding the compiled {what}: the cached package failed to load "
-                            f"({type(exc).__name__})")
-                path.unlink(missing_ok=True)
+        bound = self._load(step_module, path, what) if path.is_file() else None
+        if bound is None:
+            with _building(path):  # processes wanting the same package (replicas, a second server) take turns
+                bound = self._load(step_module, path, what) if path.is_file() else \
+                    self._build(step_module, step, path, what)
+        self._bound[step] = bound
+        return bound
+
+    def _load(self, step_module: _Step, path: Path, what: str) -> _Bound | None:
+        """The package at `path`, or None (deleted) where it fails to load: it is rebuilt."""
+        start = time.perf_counter()
+        try:
+            bound = _Bound(path, step_module)
+        except Exception as exc:  # noqa: BLE001 - a damaged package is rebuilt, never fatal
+            self.report(f"rebuilding the compiled {what}: the cached package failed to load ({type(exc).__name__})")
+            path.unlink(missing_ok=True)
+            return None
+        os.utime(path)  # used now: not stale
+        self.report(f"loaded compiled {what} in {time.perf_counter() - start:.2f} s")
+        return bound
+
+    def _build(self, step_module: _Step, step: str, path: Path, what: str) -> _Bound:
         self.report(f"compiling the {what} with AOTInductor (once per machine, then cached)")
         start = time.perf_counter()
         try:
@@ -299,11 +320,10 @@ class AotSteps:
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise LlmrunError(f"compiling the {what} failed ({type(exc).__name__}: {first}); "
                               "run with --no-compile, or --compile-backend jit") from exc
-        self.built.append(f"{step}:{cache.length}")
+        self.built.append(f"{step}:{step_module.cache.length}")
         _delete_stale(self.directory)
         bound = _Bound(path, step_module)
         self.report(f"compiled the {what} in {time.perf_counter() - start:.1f} s")
-        self._bound[step] = bound
         return bound
 
     @staticmethod
