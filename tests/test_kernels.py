@@ -382,7 +382,9 @@ def _garbage_past(k, v, slots, last):
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                     (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("shape", [(1, 6, 2, 37, 40), (2, 4, 1, 20, 256), (1, 3, 3, 9, 8), (3, 6, 2, 33, 24),
-                                   (2, 4, 2, 23, 36)])  # B, H, Hkv, S, D (36: not whole 8-lane vectors)
+                                   (2, 4, 2, 23, 36), (3, 14, 2, 45, 64), (2, 16, 2, 19, 16)])
+# B, H, Hkv, S, D (36: not whole 8-lane vectors; 7 and 8 query heads per kv head: passes over
+# k and v serve up to 4 of them)
 def test_decode_attention_matches_reference(dtypes, shape, attention_isa):
     """Each row over its own slot at its own position (rows at different lengths in one call)."""
     from llmrun.kernels.attention import decode_attention, decode_attention_reference
@@ -406,6 +408,17 @@ def test_decode_attention_matches_reference(dtypes, shape, attention_isa):
     kg, vg = _garbage_past(k, v, slots, positions)
     pos, sl = torch.tensor(positions), torch.tensor(slots)
     assert torch.equal(op(q, kg, vg, pos[:, None], sl, 0.3, 0.0, 0), op(q, k, v, pos, sl, 0.3, 0.0, 0))
+    # a row's output is the same bits alone as beside the others, at any thread count
+    together = op(q, k, v, pos, sl, 0.3, 20.0, 0)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 3):
+            torch.set_num_threads(n_threads)
+            for b in range(B):
+                alone = op(q[b:b + 1], k, v, pos[b:b + 1], sl[b:b + 1], 0.3, 20.0, 0)
+                assert torch.equal(alone, together[b:b + 1])
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="outside the cache of"):
         op(q, k, v, torch.full((B,), S), sl, 0.3, 0.0, 0)
     with pytest.raises(RuntimeError, match="slot .* outside the cache"):

@@ -60,7 +60,7 @@ static bool has_avx512bf16() {
 static const llmrun_kernels::Bodies& isa_bodies(int isa) {
   using namespace llmrun_kernels;
   const Bodies& b = bodies(isa == 2 ? BODIES_AVX512 : BODIES_AVX2);
-  TORCH_CHECK(b.decode_head != nullptr, "attention: the bodies of attention isa ", isa,
+  TORCH_CHECK(b.decode_heads != nullptr, "attention: the bodies of attention isa ", isa,
               " are not loaded (native.load_bodies loads them)");
   return b;
 }
@@ -71,7 +71,7 @@ static int g_isa_cap = 2;  // tests lower it to run the narrower bodies (set_att
 static int attention_isa() {
   int isa = std::min(best_isa(), g_isa_cap);
   while (isa > 0 && llmrun_kernels::bodies(isa == 2 ? llmrun_kernels::BODIES_AVX512 : llmrun_kernels::BODIES_AVX2)
-                            .decode_head == nullptr)
+                            .decode_heads == nullptr)
     isa--;
   return isa;
 }
@@ -129,16 +129,28 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   a.scale = (float)scale;
   a.softcap = (float)softcap;
   const int isa = attention_isa();
-  void (*head)(const Args&, int64_t, float*) = isa == 0 ? baseline::decode_head : isa_bodies(isa).decode_head;
-  const int64_t B = q.size(0), heads = B * a.H;
+  void (*heads)(const Args&, int64_t, int64_t, int64_t, float*) =
+      isa == 0 ? baseline::decode_heads : isa_bodies(isa).decode_heads;
+  const int64_t B = q.size(0), Hkv = k.size(1);
   int64_t n_max = 1, n_sum = 0;
   for (int64_t b = 0; b < B; b++) n_max = std::max(n_max, a.n(b)), n_sum += a.n(b);
+  // a work item: `per_item` query heads of one row and kv head, which share each k and v row
+  // read; the kv heads' query heads are split into smaller items while there are fewer items
+  // than threads
+  const int64_t threads = at::get_num_threads();
+  int64_t per_item = a.rep;
+  while (per_item > 1 && B * Hkv * ((a.rep + per_item - 1) / per_item) < threads) per_item = (per_item + 1) / 2;
+  const int64_t chunks = (a.rep + per_item - 1) / per_item, items = B * Hkv * chunks;
   // one thread for small work: a threaded region costs more than ~64K multiply-adds
-  const int64_t per_head = std::max<int64_t>(1, n_sum / std::max<int64_t>(1, B) * a.D * 2);
-  const int64_t grain = std::max<int64_t>(1, (int64_t)(1 << 16) / per_head);
-  at::parallel_for(0, heads, grain, [&](int64_t b, int64_t e) {
-    std::vector<float> scores(n_max);
-    for (int64_t i = b; i < e; i++) head(a, i, scores.data());
+  const int64_t work = std::max<int64_t>(1, n_sum / std::max<int64_t>(1, B) * a.D * 2 * per_item);
+  const int64_t grain = std::max<int64_t>(1, (int64_t)(1 << 16) / work);
+  at::parallel_for(0, items, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scores((n_max + 7) / 8 * 8 * std::min<int64_t>(per_item, 4));
+    for (int64_t i = lo; i < hi; i++) {
+      const int64_t b = i / (Hkv * chunks), g = i / chunks % Hkv, c = i % chunks;
+      const int64_t h0 = g * a.rep + c * per_item;
+      heads(a, b, h0, std::min(per_item, (g + 1) * a.rep - h0), scores.data());
+    }
   });
   return out;
 }

@@ -57,20 +57,21 @@ inline uint16_t f_to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
-// The bodies' entry points, one namespace per ISA: one query head of decode_attention (row b,
-// head h at bh = b * H + h; scores: room for the row's attended positions) and a whole
+// The bodies' entry points, one namespace per ISA: query heads h0..h0+count-1 of row b of
+// decode_attention, all of one kv head (scores: room for min(count, 4) x the row's attended
+// positions rounded up to a multiple of 8) and a whole
 // prefill_attention call (run_bf16: fp32 operands multiplied in bf16, AVX512-BF16 CPUs).
 namespace avx512 {
-void decode_head(const Args& a, int64_t bh, float* scores);
+void decode_heads(const Args& a, int64_t b, int64_t h0, int64_t count, float* scores);
 void prefill_run(const PrefillArgs& a);
 void prefill_run_bf16(const PrefillArgs& a);
 }  // namespace avx512
 namespace avx2 {
-void decode_head(const Args& a, int64_t bh, float* scores);
+void decode_heads(const Args& a, int64_t b, int64_t h0, int64_t count, float* scores);
 void prefill_run(const PrefillArgs& a);
 }  // namespace avx2
 namespace baseline {
-void decode_head(const Args& a, int64_t bh, float* scores);
+void decode_heads(const Args& a, int64_t b, int64_t h0, int64_t count, float* scores);
 void prefill_run(const PrefillArgs& a);
 }  // namespace baseline
 

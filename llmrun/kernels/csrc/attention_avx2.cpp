@@ -18,6 +18,7 @@
 namespace llmrun_attention {
 
 #define ATTN_BODY_NS avx2
+#define ATTN_GROUP 2  // query heads per pass over k and v: 2 x 4 sums + 4 k rows + q in 16 ymm
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #include "attention_body.inc"
@@ -31,7 +32,9 @@ namespace llmrun_attention {
 
 // the entry points attention.cpp calls (declared in attention.h without a target attribute)
 namespace avx2 {
-void decode_head(const Args& a, int64_t bh, float* scores) { one_head(a, bh, scores); }
+void decode_heads(const Args& a, int64_t b, int64_t h0, int64_t count, float* scores) {
+  row_heads(a, b, h0, count, scores);
+}
 void prefill_run(const PrefillArgs& a) { prefill::run(a); }
 }  // namespace avx2
 

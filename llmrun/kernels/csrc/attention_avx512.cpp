@@ -19,6 +19,7 @@
 namespace llmrun_attention {
 
 #define ATTN_BODY_NS avx512
+#define ATTN_GROUP 4  // query heads per pass over k and v: 4 x 4 sums + 4 k rows + q in 32 ymm
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")
 #include "attention_body.inc"
@@ -33,7 +34,9 @@ namespace llmrun_attention {
 
 // the entry points attention.cpp calls (declared in attention.h without a target attribute)
 namespace avx512 {
-void decode_head(const Args& a, int64_t bh, float* scores) { one_head(a, bh, scores); }
+void decode_heads(const Args& a, int64_t b, int64_t h0, int64_t count, float* scores) {
+  row_heads(a, b, h0, count, scores);
+}
 void prefill_run(const PrefillArgs& a) { prefill::run(a); }
 void prefill_run_bf16(const PrefillArgs& a) { prefill::run_bf16(a); }
 }  // namespace avx512

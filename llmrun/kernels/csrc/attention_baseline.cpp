@@ -17,6 +17,7 @@
 namespace llmrun_attention {
 
 #define ATTN_BODY_NS baseline
+#define ATTN_GROUP 1  // query heads per pass over k and v (16 xmm: no room for more)
 #include "attention_body.inc"
 #define PF_W 4
 #define PF_QK_R 4
@@ -27,7 +28,9 @@ namespace llmrun_attention {
 
 // the entry points attention.cpp calls (declared in attention.h without a target attribute)
 namespace baseline {
-void decode_head(const Args& a, int64_t bh, float* scores) { one_head(a, bh, scores); }
+void decode_heads(const Args& a, int64_t b, int64_t h0, int64_t count, float* scores) {
+  row_heads(a, b, h0, count, scores);
+}
 void prefill_run(const PrefillArgs& a) { prefill::run(a); }
 }  // namespace baseline
 

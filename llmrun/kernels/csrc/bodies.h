@@ -14,7 +14,7 @@ enum BodySet : int { BODIES_AVX512 = 0, BODIES_AVXVNNI = 1, BODIES_AVXVNNI_EVEX 
 struct Bodies {  // null where the set has no such body (or is not loaded)
   void (*run_panels)(const RunArgs&, int64_t, int64_t, int, int) = nullptr;
   void (*block_run_panels)(const BlockArgs&, int64_t, int64_t, int, int) = nullptr;
-  void (*decode_head)(const llmrun_attention::Args&, int64_t, float*) = nullptr;
+  void (*decode_heads)(const llmrun_attention::Args&, int64_t, int64_t, int64_t, float*) = nullptr;
   void (*prefill_run)(const llmrun_attention::PrefillArgs&) = nullptr;
   void (*prefill_run_bf16)(const llmrun_attention::PrefillArgs&) = nullptr;
 };

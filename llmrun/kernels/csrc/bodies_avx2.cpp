@@ -5,6 +5,6 @@
 extern "C" void llmrun_bodies_avx2(llmrun_kernels::Bodies* out) {
   out->run_panels = llmrun_kernels::avx2::run_panels;
   out->block_run_panels = llmrun_kernels::avx2::block_run_panels;
-  out->decode_head = llmrun_attention::avx2::decode_head;
+  out->decode_heads = llmrun_attention::avx2::decode_heads;
   out->prefill_run = llmrun_attention::avx2::prefill_run;
 }
