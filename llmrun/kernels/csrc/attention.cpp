@@ -145,7 +145,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t work = std::max<int64_t>(1, n_sum / std::max<int64_t>(1, B) * a.D * 2 * per_item);
   const int64_t grain = std::max<int64_t>(1, (int64_t)(1 << 16) / work);
   at::parallel_for(0, items, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scores((n_max + 7) / 8 * 8 * std::min<int64_t>(per_item, 4));
+    std::vector<float> scores(decode_scores_room(n_max) * std::min(per_item, MAX_DECODE_GROUP));
     for (int64_t i = lo; i < hi; i++) {
       const int64_t b = i / (Hkv * chunks), g = i / chunks % Hkv, c = i % chunks;
       const int64_t h0 = g * a.rep + c * per_item;

@@ -57,9 +57,15 @@ inline uint16_t f_to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
+// The most query heads one pass of a decode body over k and v serves (ATTN_GROUP, per ISA)
+constexpr int64_t MAX_DECODE_GROUP = 4;
+
+// A decode head's room in the scores: its attended positions rounded up to whole 8-lane vectors
+inline int64_t decode_scores_room(int64_t n) { return (n + 7) / 8 * 8; }
+
 // The bodies' entry points, one namespace per ISA: query heads h0..h0+count-1 of row b of
-// decode_attention, all of one kv head (scores: room for min(count, 4) x the row's attended
-// positions rounded up to a multiple of 8) and a whole
+// decode_attention, all of one kv head (scores: room for min(count, MAX_DECODE_GROUP) x
+// decode_scores_room(the row's attended positions)) and a whole
 // prefill_attention call (run_bf16: fp32 operands multiplied in bf16, AVX512-BF16 CPUs).
 namespace avx512 {
 void decode_heads(const Args& a, int64_t b, int64_t h0, int64_t count, float* scores);
