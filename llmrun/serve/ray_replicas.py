@@ -187,10 +187,10 @@ class PromptAffinityRouter(PrefixCacheAffinityRouter):
         return await super()._prefix_match_best_replicas(pending_request, with_slot)
 
 
-def application(args: argparse.Namespace, replicas: int):
-    """The Ray Serve application: `replicas` ModelReplicas behind one Router."""
+def application(args: argparse.Namespace):
+    """The Ray Serve application: `args.replicas` ModelReplicas behind one Router."""
     flags = {k: v for k, v in vars(args).items() if not callable(v)}
-    parallel = args.parallel
+    parallel, replicas = args.parallel, args.replicas
     # the prefix is followed while the replicas' loads differ by at most this many requests
     balance_at = max(1, parallel // 2)
     model = serve.deployment(ModelReplica, name="llmrun-model").options(
@@ -228,17 +228,18 @@ def build(config: dict):
         raise LlmrunError(f"{owned[0].split('=')[0]} is Ray's under `serve run` (its address, a Serve config's "
                           "http_options): leave it out of flags")
     args = build_parser().parse_args(["serve", *flags])
-    return application(checked(args, replicas), replicas)
+    args.replicas = replicas
+    return application(checked(args))
 
 
-def checked(args: argparse.Namespace, replicas: int) -> argparse.Namespace:
+def checked(args: argparse.Namespace) -> argparse.Namespace:
     """`args` with each replica's threads decided: --threads, else this machine's cores shared."""
     from llmrun.cli.serve import check_flags
 
     check_flags(args)
-    if replicas < 1:
-        raise LlmrunError(f"--replicas {replicas} must be >= 1")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // replicas)
+    if args.replicas < 1:
+        raise LlmrunError(f"--replicas {args.replicas} must be >= 1")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
     return argparse.Namespace(**{**vars(args), "threads": threads})
 
 
@@ -246,8 +247,8 @@ def run(args: argparse.Namespace) -> int:
     """`llmrun serve --replicas N`: deploy on Ray, say where it serves, run until interrupted."""
     import ray
 
+    args = checked(args)
     replicas = args.replicas
-    args = checked(args, replicas)
     report = lambda message: print(f"llmrun: {message}", file=sys.stderr, flush=True)  # noqa: E731
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     report(f"starting Ray ({'joining ' + address if address else 'a local cluster'})...")
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         report(f"loading {replicas} replicas...")
         started = time.perf_counter()
         try:
-            serve.run(application(args, replicas), name="llmrun", route_prefix="/", logging_config=quiet)
+            serve.run(application(args), name="llmrun", route_prefix="/", logging_config=quiet)
         except RuntimeError as exc:
             raise LlmrunError(f"the replicas failed to start: {_first_line(exc)}") from None
         threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
