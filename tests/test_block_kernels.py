@@ -223,24 +223,25 @@ def test_fusion_keeps_each_layers_bytes():
 
 @pytest.mark.parametrize("fmt", [(8, 32, False), (4, 32, True), (8, 16, True)], ids=["q8_0", "q4_1", "g16a"])
 def test_rescored_head_over_a_block_table(fmt):
-    """RescoredLinear with a block table (a GGUF's tied Q8_0 head) rescores natively on x86:
-    the picked outputs are the table's rows against the float activations (as the reference's
-    embed() rows give them), the rest the scan's."""
+    """RescoredLinear with a block table (a GGUF's tied Q8_0 head, kept in its rows) rescores
+    natively where the scan runs on x86: the picked outputs are the table's rows against the
+    float activations (as the reference's embed() rows give them), the rest the scan's. Odd K
+    (a partial last 4-byte word of a row: 4-bit codes of K = 97 take 49 bytes) included."""
     from llmrun.kernels import Int4Linear, RescoredLinear, quantize_int4
+    from llmrun.kernels.reference import rescore_top_k_reference
 
     bits, gs, asym = fmt
-    N, K = 300, 96
-    bw = random_blocks(N, K, bits, gs, asym, seed=13)
-    scan = Int4Linear.from_neutral(*quantize_int4(bw.dequantize(), 32), 32, K)
-    x = torch.randn(3, K, generator=torch.Generator().manual_seed(14))
-    outs = {}
-    for backend in [b for b in BACKENDS if b in available_backends()]:
-        head = RescoredLinear(scan, BlockLinear.from_blocks(bw, backend=backend), k=20)
-        assert head._native == backend.startswith("x86")
-        outs[backend] = head(x)
-    ref = outs.pop("reference")
-    picked = ref != scan(x)
-    assert int(picked.sum()) == 3 * 20
-    for backend, y in outs.items():
-        assert torch.equal(y[~picked], ref[~picked]), backend
-        torch.testing.assert_close(y[picked], ref[picked], rtol=1e-5, atol=1e-5)
+    for K in (96, 97):
+        bw = random_blocks(300, K, bits, gs, asym, seed=13)
+        table = BlockLinear.from_blocks(bw, backend="reference")
+        scan = Int4Linear.from_neutral(*quantize_int4(bw.dequantize(), 32), 32, K)
+        head = RescoredLinear(scan, table, k=20)
+        assert head._native == scan.backend.startswith("x86")
+        for M in (1, 3):  # one row's picks split across threads; rows in parallel
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(14))
+            y, y4 = head(x), scan(x)
+            ref = rescore_top_k_reference(y4, x, table.embed, 20)
+            picked = ref != y4
+            assert int(picked.sum()) == M * 20
+            assert torch.equal(y[~picked], ref[~picked]), (K, M)
+            torch.testing.assert_close(y[picked], ref[picked], rtol=1e-5, atol=1e-5)

@@ -84,7 +84,7 @@ def test_rescored_head_scan_takes_the_int4_kind(int4):
     the block layout, the bytes of symmetric g32), and its picks are the exact table's."""
     from torch import nn
 
-    from llmrun.kernels import Int4Linear, RescoredLinear
+    from llmrun.kernels import Int4Linear, Int8Linear, RescoredLinear
     from llmrun.kernels.block_linear import BlockLinear
     from llmrun.quant.transform import RESCORE_ASYMMETRIC_GROUP, QuantTransform
 
@@ -102,8 +102,9 @@ def test_rescored_head_scan_takes_the_int4_kind(int4):
     top = y.topk(8).indices
     assert torch.equal(top, exact.topk(8).indices)
     picked = y.gather(1, top)
-    if head.exact.backend.startswith("x86"):  # rescored as the table's own kernel scores them
-        assert torch.equal(picked, exact.gather(1, top))
+    if head._native:  # rescored as the int8 kernel scores them
+        kernel = Int8Linear.from_neutral(head.exact.qweight, head.exact.scales)
+        assert torch.equal(picked, kernel(x).gather(1, top))
     else:  # the picked rows against the float activations
         rows = head.exact.embed(top)  # (3, 8, 96)
         torch.testing.assert_close(picked, torch.einsum("mk,mpk->mp", x, rows), rtol=1e-5, atol=1e-5)

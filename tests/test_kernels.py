@@ -312,9 +312,10 @@ def test_int8_linear(name):
 
 @pytest.mark.parametrize("name", ["x86-avx512vnni", "x86-avx2", "reference"])
 def test_rescored_linear_recomputes_each_rows_top_k(name):
-    """RescoredLinear: each row's k largest int4 outputs are the int8 layer's (bit for bit on
-    every x86 ISA, AVX2's block_mm panels included; x . (q8 * s8) from float activations
-    elsewhere), every other output is the int4 layer's own (+ bias)."""
+    """RescoredLinear: each row's k largest int4 outputs, recomputed from the int8 table's rows,
+    are the int8 kernel's (bit for bit on every x86 ISA, AVX2's block_mm panels included;
+    x . (q8 * s8) from float activations elsewhere), every other output is the int4 layer's
+    own (+ bias). A table in kernel panels is refused."""
     if name.startswith("x86"):
         _backend_or_skip(name)
     g = torch.Generator().manual_seed(5)
@@ -323,10 +324,13 @@ def test_rescored_linear_recomputes_each_rows_top_k(name):
         q8, s8 = quantize_int8(W)
         q4, s4 = quantize_int4(W, 32)
         scan = Int4Linear.from_neutral(q4, s4, 32, K, backend=name)
-        exact = Int8Linear.from_neutral(q8, s8, backend=name)
+        exact = Int8Linear.from_neutral(q8, s8, backend=name)  # the int8 kernel's values
         bias = torch.randn(N, generator=g)
-        mod = RescoredLinear(scan, exact, k, bias)
-        assert mod.exact_fraction_read() == min(1.0, (16 if name.startswith("x86") else 1) * min(k, N) / N)
+        mod = RescoredLinear(scan, Int8Linear.from_neutral(q8, s8, backend="reference"), k, bias)
+        assert mod.exact_fraction_read() == min(k, N) / N
+        if name.startswith("x86"):
+            with pytest.raises(ValueError, match="keep its rows"):
+                RescoredLinear(scan, exact, k)
         int8_values = name.startswith("x86")
         w8 = q8.double() * s8.double()[:, None]
         for M in (1, 3, 17):

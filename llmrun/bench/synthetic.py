@@ -137,7 +137,7 @@ def _packed_head(q8: torch.Tensor, s8: torch.Tensor, scheme: str, group_size: in
     scan = Int4Linear.from_neutral(*_random_int4(N, K, group, g), group, K)
     if scheme == "int4":
         return scan
-    return RescoredLinear(scan, Int8Linear.from_neutral(q8, s8), RESCORE_K)
+    return RescoredLinear(scan, Int8Linear.from_neutral(q8, s8, backend="reference"), RESCORE_K)
 
 
 def _random_int4_layer(N: int, K: int, group_size: int, kind: str, g: torch.Generator) -> nn.Module:

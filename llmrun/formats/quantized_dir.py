@@ -141,17 +141,19 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
                                   f"({type(exc).__name__}: {exc}); quantize again") from None
 
         def quantized(name: str, module: nn.Module, source: str, with_bias: bool = True,
-                      group: int | None = None):
+                      group: int | None = None, rows: bool = False):
+            # rows: a rescored head's exact table, kept in its neutral rows (RescoredLinear)
             bias = take(f"{name}.bias") if with_bias and f"{name}.bias" in keys else None
             if isinstance(module, nn.Embedding) and f"{source}.table.layout" in keys:
                 return BlockEmbedding(blocks(f"{source}.table", module.embedding_dim), dtype)
             if f"{source}.layout" in keys:
-                return BlockLinear.from_blocks(blocks(source, module.in_features), bias=bias, backend=backend)
+                return BlockLinear.from_blocks(blocks(source, module.in_features), bias=bias,
+                                               backend="reference" if rows else backend)
             q, s = take(f"{source}.qweight"), take(f"{source}.scales")
             if isinstance(module, nn.Embedding):
                 return Int8Embedding(q, s, dtype)
             if q.dtype == torch.int8:
-                return Int8Linear.from_neutral(q, s, bias=bias)
+                return Int8Linear.from_neutral(q, s, bias=bias, backend="reference" if rows else None)
             if group is None:
                 group = int(meta["scheme"]["group_size"]) if not name.endswith("lm_head") else int(
                     meta["scheme"].get("head_group_size", meta["scheme"]["group_size"]))
@@ -159,7 +161,7 @@ def load_quantized(directory: Path, dtype: torch.dtype, backend: str | None = No
 
         def rescored(module: nn.Module) -> RescoredLinear:
             scan = quantized("lm_head", module, "lm_head.scan", with_bias=False, group=RESCORE_GROUP)
-            exact = quantized("lm_head", module, "lm_head.exact", with_bias=False)
+            exact = quantized("lm_head", module, "lm_head.exact", with_bias=False, rows=True)
             bias = take("lm_head.bias") if "lm_head.bias" in keys else None
             return RescoredLinear(scan, exact, RESCORE_K, bias)
 

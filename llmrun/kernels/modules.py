@@ -267,8 +267,10 @@ class Int8Linear(_PackedLinear):
             else:
                 self._keep(w=w, sc=sc, corr=corr)
             self._isa = native.isa_code(self.backend)
-        else:
+        elif self.backend == "int8pack":
             self._keep(qweight=qweight, scales=scales, scales_bf16=scales.to(torch.bfloat16))
+        else:
+            self._keep(qweight=qweight, scales=scales)
 
     def _saved_scales(self, scales: torch.Tensor) -> torch.Tensor:
         return scales.reshape(-1).float().contiguous()
@@ -321,26 +323,31 @@ class Int8Linear(_PackedLinear):
 
 class RescoredLinear(torch.nn.Module):
     """A wide linear layer whose largest outputs are the ones that matter (an output head):
-    an int4 copy scores every output, then each row's `k` highest are recomputed from the int8
-    table. A call reads the int4 copy (about half the int8 table's bytes) and k int8 rows; the
-    outputs that decide greedy, top-k and top-p picks are the int8 layer's (bit for bit on x86,
-    where they come from the same quantized activations; elsewhere, and for a block table, the
-    picked rows against the float activations), the rest carry int4 error.
+    an int4 copy scores every output, then each row's `k` highest are recomputed from the exact
+    table. A call reads the int4 copy (about half the int8 table's bytes) and k rows of the
+    table, kept row-major so that a pick reads one row's bytes (in the x86 kernels' panels a
+    row's bytes spread over 16 rows' lines). The outputs that decide greedy, top-k and top-p
+    picks are the int8 kernels' (bit for bit on x86, where they come from the same quantized
+    activations; elsewhere, and for a block table, the picked rows against the float
+    activations), the rest carry int4 error.
 
-    scan: Int4Linear [N, K] without bias; exact: a layer [N, K] without bias that has
-    embed(ids) (Int8Linear, BlockLinear); bias: [N] or None, added to every output.
+    scan: Int4Linear or BlockLinear [N, K] without bias; exact: a layer [N, K] without bias that
+    keeps its neutral rows (Int8Linear or BlockLinear of backend "reference", whose embed() a
+    tied embedding reads); bias: [N] or None, added to every output.
     """
 
-    def __init__(self, scan: Int4Linear, exact: Int8Linear, k: int, bias: torch.Tensor | None = None):
+    def __init__(self, scan: torch.nn.Module, exact: torch.nn.Module, k: int, bias: torch.Tensor | None = None):
         super().__init__()
         if (scan.in_features, scan.out_features) != (exact.in_features, exact.out_features):
             raise ValueError("scan and exact layers must have the same shape")
         if scan.bias is not None or exact.bias is not None:
             raise ValueError("the bias belongs to RescoredLinear, not to its layers")
+        if exact._isa is not None:
+            raise ValueError("the exact table must keep its rows (backend 'reference'), not kernel panels")
         self.scan, self.exact = scan, exact
-        # x86 tables (int8, or block-quantized: a GGUF file's own) rescore in one native pass;
-        # the reference's through their embed() rows
-        self._native = getattr(exact, "_isa", None) is not None
+        # where the scan runs the x86 kernels, their ops rescore from the rows in one pass; the
+        # reference elsewhere, through the table's embed() rows
+        self._native = getattr(scan, "_isa", None) is not None
         self.in_features, self.out_features = exact.in_features, exact.out_features
         self.k = min(k, self.out_features)
         self.bias = _float_bias(bias)
@@ -350,11 +357,11 @@ class RescoredLinear(torch.nn.Module):
         x2 = x.reshape(-1, self.in_features).float()  # (M, K)
         y = self.scan(x2)  # (M, N) float32
         e = self.exact
-        if self._native and isinstance(e, Int8Linear):  # one pass, the table's kernel's values
-            a, sa = native.QUANT_ACT(x2, e.w.shape[1] * 4)  # (M, Kpad) uint8, (M,)
-            y = native.RESCORE_TOP_K(y, a, sa, e.w, e.sc, self.k, e.unsigned_codes)
+        if self._native and isinstance(e, Int8Linear):  # the int8 kernels' values
+            a, sa = native.QUANT_ACT(x2, self.in_features)  # (M, K) uint8, (M,)
+            y = native.RESCORE_TOP_K(y, a, sa, e.qweight, e.scales, self.k)
         elif self._native:  # a block table's picked rows against the float activations
-            y = native.RESCORE_TOP_K_BLOCKS(y, x2, e.w, e.sc, e.of, e.bits, e.group_size, self.k)
+            y = native.RESCORE_TOP_K_BLOCKS(y, x2, e.codes, e.scales, e.offsets, e.bits, e.group_size, self.k)
         else:
             y = rescore_top_k_reference(y, x2, self.exact.embed, self.k)
         if self.bias is not None:
@@ -362,10 +369,8 @@ class RescoredLinear(torch.nn.Module):
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def exact_fraction_read(self) -> float:
-        """The share of the int8 table one row's call reads: on x86 a picked row's bytes are
-        spread over its 16-row panel (4 per 64-byte line), so each pick reads the whole panel."""
-        rows = 16 * self.k if getattr(self.exact, "_isa", None) is not None else self.k
-        return min(1.0, rows / self.out_features)
+        """The share of the exact table one row's call reads: its k picked rows."""
+        return self.k / self.out_features
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}"

@@ -251,11 +251,11 @@ def _register_fakes() -> None:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::rescore_top_k")
-    def _(y, a, sa, w, sc, k, unsigned_codes=False):
+    def _(y, a, sa, q, sc, k):
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::rescore_top_k_blocks")
-    def _(y, x, w, sc, of, bits, group_size, k):
+    def _(y, x, codes, sc, of, bits, group_size, k):
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmrun::quant_act")

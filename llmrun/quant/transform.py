@@ -8,8 +8,8 @@ a model. Schemes:
                  (group_size 0) symmetric
   output head    its exact table (the file's as shipped, else int8 per channel); int4-rescored
                  (the CLI's default, schemes.DEFAULT_HEAD): an int4 g32 copy scores the
-                 vocabulary and each row's top RESCORE_K are recomputed from the exact table
-                 (RescoredLinear); int4 with the layers' scheme; or none
+                 vocabulary and each row's top RESCORE_K are recomputed from the exact table,
+                 kept in its neutral rows (RescoredLinear); int4 with the layers' scheme; or none
   embedding      as shipped, else int8 per row (rows are dequantized as they are read)
 A tied head and the embedding share one exact table: the embedding reads its rows from the
 head (TiedEmbedding), whatever layout the head's kernel keeps."""
@@ -190,11 +190,15 @@ class QuantTransform:
             if bias is not None:
                 head.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
             return head
-        own_bias = None if self.head == "int4-rescored" else bias
-        if bw is not None:
-            exact = BlockLinear.from_blocks(bw, bias=own_bias, backend=self.backend)
+        if self.head == "int8":  # the table's own kernel scores every output
+            if bw is not None:
+                exact = BlockLinear.from_blocks(bw, bias=bias, backend=self.backend)
+            else:
+                exact = Int8Linear.from_neutral(*self._int8(module.weight), bias=bias)
+        elif bw is not None:  # rescored: the table keeps its rows (RescoredLinear)
+            exact = BlockLinear.from_blocks(bw, backend="reference")
         else:
-            exact = Int8Linear.from_neutral(*self._int8(module.weight), bias=own_bias)
+            exact = Int8Linear.from_neutral(*self._int8(module.weight), backend="reference")
         self._tables[id(module.weight)] = (weakref.ref(module.weight), exact)
         if self.head == "int8":
             return exact

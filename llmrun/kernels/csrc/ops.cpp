@@ -17,8 +17,8 @@ TORCH_LIBRARY(llmrun, m) {
         "int window, bool bf16_dots=False) -> Tensor");
   m.def("set_attention_isa(int cap) -> int", &llmrun_attention::set_attention_isa);
   m.def("prefill_bf16_dots_available() -> bool", &llmrun_attention::prefill_bf16_dots_available);
-  m.def("rescore_top_k(Tensor y, Tensor a, Tensor sa, Tensor w, Tensor sc, int k, bool unsigned_codes=False) -> Tensor");
-  m.def("rescore_top_k_blocks(Tensor y, Tensor x, Tensor w, Tensor sc, Tensor of, int bits, int group_size, int k) -> Tensor");
+  m.def("rescore_top_k(Tensor y, Tensor a, Tensor sa, Tensor q, Tensor sc, int k) -> Tensor");
+  m.def("rescore_top_k_blocks(Tensor y, Tensor x, Tensor codes, Tensor sc, Tensor of, int bits, int group_size, int k) -> Tensor");
   m.def("int4_group_search(Tensor w, int group_size) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -37,9 +37,9 @@ bool prefill_bf16_dots_available();
 }  // namespace llmrun_attention
 
 namespace llmrun_rescore {
-at::Tensor rescore_top_k(const at::Tensor& y, const at::Tensor& a, const at::Tensor& sa, const at::Tensor& w,
-                         const at::Tensor& sc, int64_t k, bool unsigned_codes);
-at::Tensor rescore_top_k_blocks(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc,
+at::Tensor rescore_top_k(const at::Tensor& y, const at::Tensor& a, const at::Tensor& sa, const at::Tensor& q,
+                         const at::Tensor& sc, int64_t k);
+at::Tensor rescore_top_k_blocks(const at::Tensor& y, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc,
                                 const at::Tensor& of, int64_t bits, int64_t group_size, int64_t k);
 }  // namespace llmrun_rescore
 
