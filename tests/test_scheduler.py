@@ -172,3 +172,33 @@ def test_a_prompt_gives_the_same_logits_however_it_is_split_or_reused(engine):
         whole = logits_of(n, 0)
         for chunk, reused in [(n - 1, 0), (7, 0), (n, reusable(ids, ids)), (16, 20)]:
             assert torch.equal(logits_of(chunk, reused), whole), (chunk, reused)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_the_cache_takes_memory_for_the_positions_written(engine):
+    """A scheduler's cache of 8 slots x 2048 positions (720 MiB on SmolLM2) is zeros that take
+    memory only where positions are written: made, and read in full, it adds a small share of
+    its bytes to the process's resident size (what else the process allocates meanwhile); a
+    request of ~20 positions adds about its share."""
+    import torch
+
+    from llmrun.runtime.kv_cache import KVCache
+
+    before = _resident_bytes()
+    cache = KVCache(engine.config, 8, 2048, torch.float32)
+    assert _resident_bytes() - before < cache.nbytes / 10
+    assert all(not bool(t.any()) for t in cache.buffers())  # reads see zeros, and map no memory
+    assert _resident_bytes() - before < cache.nbytes / 10
+    scheduler = Scheduler(engine.model, engine.tokenizer, 8, 2048)
+    try:
+        before = _resident_bytes()
+        list(scheduler.submit(engine.prompt_ids(PROMPTS[0]), SETTINGS[0], ignore_eos=True))
+        # 16 positions a 4 KiB page per (layer, k or v, kv head): 2 pages of each, in one slot
+        assert _resident_bytes() - before < scheduler.cache.nbytes / 10
+    finally:
+        scheduler.close()

@@ -4,10 +4,17 @@ Laid out in slots, one per sequence: per layer, k and v of (slots, n_kv_heads, l
 head_dim). A forward's row b is a sequence in slot `slots[b]` at positions `input_pos[b]`:
 rows at different lengths share one step, and a slot outlives any one call (what prefix
 reuse and batched decode build on). A module so that a compiled step can hold its tensors as
-buffers by name (llmrun.runtime.aot binds them without copies)."""
+buffers by name (llmrun.runtime.aot binds them without copies).
+
+Each tensor lies in its own anonymous memory map, whose pages the OS hands out zeroed when
+first written: a cache of 8 slots x 2048 positions takes memory for the positions its
+sequences reach, not for all of them (the attention ops read only filled positions; a read of
+a page never written maps the shared zero page)."""
 
 from __future__ import annotations
 
+import math
+import mmap
 from typing import NamedTuple
 
 import torch
@@ -33,6 +40,13 @@ def kv_dtype(name: str, compute: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor in its own anonymous map (the tensor keeps the map alive)."""
+    count = math.prod(shape)
+    pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE)  # private: unwritten pages read as the zero page
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
+
+
 class LayerCache(NamedTuple):
     """One layer's k and v, (slots, n_kv_heads, length, head_dim) each."""
 
@@ -52,8 +66,8 @@ class KVCache(nn.Module):
         self.slots, self.length = slots, length
         shape = (slots, cfg.n_kv_heads, length, cfg.head_dim)
         for i in range(cfg.n_layers):
-            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype), persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+            self.register_buffer(f"k{i}", _zeros_on_demand(shape, dtype), persistent=False)
+            self.register_buffer(f"v{i}", _zeros_on_demand(shape, dtype), persistent=False)
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(getattr(self, f"k{i}"), getattr(self, f"v{i}"))

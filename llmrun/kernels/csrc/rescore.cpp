@@ -43,10 +43,44 @@ static float top_k_threshold(const float* v, int64_t N, int64_t k) {
   return sample[k - 1];
 }
 
-// The entries of v[begin, end) >= t (NaN never is), appended to `out`.
-static void collect_at_least(const float* v, int64_t begin, int64_t end, float t, std::vector<Entry>& out) {
+// The entries of v[begin, end) >= t (NaN never is), appended to `out` in column order. Most
+// entries are below t: the vector bodies compare 16 (8) at a time and visit only the hits.
+static void collect_at_least_scalar(const float* v, int64_t begin, int64_t end, float t, std::vector<Entry>& out) {
   for (int64_t n = begin; n < end; n++)
     if (v[n] >= t) out.push_back({v[n], n});
+}
+
+__attribute__((target("avx512f"))) static void collect_at_least_avx512(const float* v, int64_t begin, int64_t end,
+                                                                      float t, std::vector<Entry>& out) {
+  const __m512 tv = _mm512_set1_ps(t);
+  int64_t n = begin;
+  for (; n + 16 <= end; n += 16)
+    for (uint32_t hits = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + n), tv, _CMP_GE_OQ); hits; hits &= hits - 1) {
+      const int64_t c = n + __builtin_ctz(hits);
+      out.push_back({v[c], c});
+    }
+  collect_at_least_scalar(v, n, end, t, out);
+}
+
+__attribute__((target("avx2"))) static void collect_at_least_avx2(const float* v, int64_t begin, int64_t end, float t,
+                                                                 std::vector<Entry>& out) {
+  const __m256 tv = _mm256_set1_ps(t);
+  int64_t n = begin;
+  for (; n + 8 <= end; n += 8)
+    for (uint32_t hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + n), tv, _CMP_GE_OQ)); hits;
+         hits &= hits - 1) {
+      const int64_t c = n + __builtin_ctz(hits);
+      out.push_back({v[c], c});
+    }
+  collect_at_least_scalar(v, n, end, t, out);
+}
+
+using Collect = void (*)(const float*, int64_t, int64_t, float, std::vector<Entry>&);
+
+static Collect collect_at_least() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return collect_at_least_avx512;
+  return __builtin_cpu_supports("avx2") ? collect_at_least_avx2 : collect_at_least_scalar;
 }
 
 // sum_k (a[k] - 128) q[k] over one row of K codes
@@ -82,6 +116,7 @@ static at::Tensor rescore_with(const at::Tensor& y, int64_t k, const Values& val
   at::Tensor out = y.contiguous().clone();
   if (M == 0 || k == 0) return out;
   float* o = out.data_ptr<float>();
+  const Collect collect = collect_at_least();
   // One row's picks, its k largest entries by (value, column): the entries at least a
   // threshold (top_k_threshold), collected in `parts` slices, then the k largest of those.
   auto picks = [&](int64_t m, int64_t parts) {
@@ -89,7 +124,7 @@ static at::Tensor rescore_with(const at::Tensor& y, int64_t k, const Values& val
     const float t = top_k_threshold(row, N, k);
     std::vector<std::vector<Entry>> found(parts);
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {  // inline inside the rows' parallel_for
-      for (int64_t s = b; s < e; s++) collect_at_least(row, s * N / parts, (s + 1) * N / parts, t, found[s]);
+      for (int64_t s = b; s < e; s++) collect(row, s * N / parts, (s + 1) * N / parts, t, found[s]);
     });
     std::vector<Entry> all;
     for (auto& f : found) all.insert(all.end(), f.begin(), f.end());
