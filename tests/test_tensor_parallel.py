@@ -149,3 +149,55 @@ def test_a_rank_that_dies_ends_the_run(models, tmp_path):
     start = time.monotonic()
     done = _torchrun(str(script), timeout=120, env={"LLMRUN_TP_TIMEOUT": "20"})
     assert done.returncode != 0 and time.monotonic() - start < 90
+
+
+def test_serve_tp2_answers_as_one_process(models):
+    """`serve --tp 2` under torchrun: rank 0 serves HTTP and schedules, rank 1 runs each step it
+    announces. Two requests at once, through the official openai client, get the greedy answers
+    of the model in one process. Ctrl-C (to the whole process group, as a terminal sends it)
+    ends both: rank 0 once drained, rank 1 when rank 0's scheduler stops, not by a broken
+    connection."""
+    import signal
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    openai = pytest.importorskip("openai")
+    from llmrun.runtime.engine import Engine, EngineOptions
+    from llmrun.runtime.types import SamplingSettings
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "-m", "llmrun", "serve", "--tp", "2", "-m", str(models["qwen2"]),
+         "--quant", "none", "--no-compile", "--port", str(port), "--parallel", "2", "--ctx-size", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.communicate()[1][-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve --tp 2 did not come up"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        prompts = ["The capital of France is", "France is The capital of"]
+
+        def complete(prompt):
+            return client.completions.create(model=str(models["qwen2"]), prompt=prompt, max_tokens=10,
+                                             temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(complete, prompts))
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        _, err = server.communicate(timeout=60)
+    assert "Connection closed" not in err and "llmrun: error" not in err, err[-3000:]
+    engine = Engine.load(EngineOptions(model=str(models["qwen2"]), quant="none", compile=False))
+    settings = SamplingSettings(max_new_tokens=10, temperature=0)
+    for prompt, answer in zip(prompts, answers):
+        alone = "".join(c.text for c in engine.stream_generate(engine.tokenizer.encode(prompt), settings))
+        assert answer == alone and alone

@@ -54,3 +54,11 @@ def add_template_args(p: argparse.ArgumentParser) -> None:
 def template_kwargs(args: argparse.Namespace) -> dict:
     """The chat template variables the flags of add_template_args ask for."""
     return {"enable_thinking": False} if args.no_think else {}
+
+
+def add_tp_arg(p: argparse.ArgumentParser, command: str, rank0: str) -> None:
+    """--tp N: tensor parallel over N processes started by torchrun (llmrun.runtime.tensor_parallel)."""
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help=f"tensor parallel over N processes, started by `torchrun --nproc-per-node N -m "
+                   f"llmrun {command} --tp N ...` (or torchrun's rendezvous across hosts): each holds "
+                   f"its share of every layer; {rank0}")

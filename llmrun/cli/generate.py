@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from llmrun.cli.common import add_model_args, add_sampling_args, add_template_args, template_kwargs
+from llmrun.cli.common import add_model_args, add_sampling_args, add_template_args, add_tp_arg, template_kwargs
 
 
 def add_parser(sub) -> None:
@@ -18,10 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     add_template_args(p)
     add_sampling_args(p)
-    p.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor parallel over N processes, started by `torchrun --nproc-per-node N -m "
-                   "llmrun generate --tp N ...` (or torchrun's rendezvous across hosts): each holds "
-                   "its share of every layer; rank 0 prints")
+    add_tp_arg(p, "generate", "rank 0 prints")
     p.add_argument("--json", action="store_true", help="print stats as one JSON object on stderr")
     p.set_defaults(run=run)
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from llmrun.cli.common import add_model_args
+from llmrun.cli.common import add_model_args, add_tp_arg
 from llmrun.errors import LlmrunError
 
 DRAIN_SECONDS = 5  # on Ctrl-C / SIGTERM: running requests get this long to finish
@@ -38,10 +38,18 @@ def add_parser(sub) -> None:
                    "(needs pip install 'llmrun[ray]'; --threads is then per replica, default: cores / N)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="with --replicas: the Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
+    add_tp_arg(p, "serve", "rank 0 serves HTTP and schedules, the others run its steps")
     p.set_defaults(run=run, max_new_tokens=1, seed=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tp > 1 and args.replicas is not None:
+        raise LlmrunError("--tp and --replicas do not go together: each replica is one process")
+    if args.tp > 1:
+        from llmrun.runtime.tensor_parallel import is_main
+
+        if not is_main():
+            return follow(args)
     if args.replicas is not None:
         # each replica's request log line by line (Ray merges similar lines unless told, when imported)
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -62,9 +70,32 @@ def run(args: argparse.Namespace) -> int:
                             log_level="warning", access_log=False, timeout_graceful_shutdown=DRAIN_SECONDS)
     server = uvicorn.Server(config)
     _watch_load(state, server, report, f"http://{args.host}:{args.port}")
-    server.run()
+    try:
+        server.run()  # re-raises the signal that stopped it, once drained
+    finally:
+        if state.scheduler is not None:
+            state.scheduler.close()  # under --tp its last step tells the other ranks to stop
     if state.load_error:
         raise LlmrunError(f"the model failed to load: {state.load_error}")
+    return 0
+
+
+def follow(args: argparse.Namespace) -> int:
+    """A rank but 0 of `serve --tp`: load this rank's share, then run the steps rank 0's
+    scheduler announces until it stops. Ctrl-C and SIGTERM (torchrun passes them to every rank)
+    are rank 0's to act on: it drains its requests and then stops this loop."""
+    import signal
+
+    from llmrun.cli.loading import engine_options
+    from llmrun.runtime.engine import Engine
+    from llmrun.serve.state import Limits
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    check_flags(args)
+    engine = Engine.load(engine_options(args), stream=False)
+    limits = Limits(args.parallel, args.ctx_size, args.queue)
+    engine.follow_scheduler(limits.parallel, limits.slot_positions(engine.context_length))
     return 0
 
 

@@ -183,15 +183,40 @@ class Engine:
         """The batch API beside stream_generate: a llmrun.runtime.scheduler.Scheduler running up to
         `slots` sequences at once, each up to `length` positions (default: the context), on
         steps compiled as this engine's are (`warm`: every step built before its `ready`).
-        `submit` requests to it; `close` it when done."""
+        `submit` requests to it; `close` it when done. Under --tp this is rank 0's: it
+        announces each step to the other ranks, which run follow_scheduler."""
         if slots < 1:
             raise LlmrunError(f"{slots} slots: a scheduler needs at least one")
-        if self.options.compile:
-            steps = compile_steps(self.options.compile_backend, report or (lambda message: None))
-            return Scheduler(self.model, self.tokenizer, slots, length or self.context_length,
-                             steps.prefill, steps.decode, steps.batch_sizes, self.kv_dtype, warm)
-        return Scheduler(self.model, self.tokenizer, slots, length or self.context_length,
-                         kv_dtype=self.kv_dtype, warm=warm)
+        prefill_fn, decode_fn, batch_sizes = self._scheduler_steps(report)
+        on_stop = None
+        if self.shard is not None:
+            from llmrun.runtime.tensor_parallel import LeaderSteps
+
+            leader = LeaderSteps(prefill_fn, decode_fn)
+            prefill_fn, decode_fn, on_stop = leader.prefill, leader.decode, leader.stop
+        return Scheduler(self.model, self.tokenizer, slots, length or self.context_length, prefill_fn, decode_fn,
+                         batch_sizes, self.kv_dtype, warm, on_stop)
+
+    def follow_scheduler(self, slots: int, length: int | None = None) -> None:
+        """Under --tp, on the ranks but 0: run the steps that rank 0's scheduler (of the same
+        slots and length) announces, on this rank's share of the model, until it stops."""
+        from llmrun.runtime.kv_cache import KVCache
+        from llmrun.runtime.scheduler import slot_length
+        from llmrun.runtime.tensor_parallel import follow
+
+        prefill_fn, decode_fn, _ = self._scheduler_steps(None)
+        cache = KVCache(self.config, slots, slot_length(self.model, length or self.context_length), self.kv_dtype)
+        follow(self.model, cache, prefill_fn, decode_fn)
+
+    def _scheduler_steps(self, report: Callable[[str], None] | None):
+        """(prefill, decode, batch sizes) of a scheduler: compiled as this engine's steps are,
+        eager without compile (and under --tp with AOT packages, as in load)."""
+        from llmrun.runtime.generator import decode_one, prefill
+
+        if not self.options.compile or (self.shard is not None and self.options.compile_backend == "aot"):
+            return prefill, decode_one, None
+        steps = compile_steps(self.options.compile_backend, report or (lambda message: None))
+        return steps.prefill, steps.decode, steps.batch_sizes
 
 
 def compile_steps(backend: str, report: Callable[[str], None], background: EngineOptions | None = None):

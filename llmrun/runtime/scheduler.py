@@ -67,6 +67,11 @@ class Request:
         return self.fed == len(self.seq.prompt)
 
 
+def slot_length(model: Transformer, length: int) -> int:
+    """The positions of a scheduler's slot asked for `length`: at most the model's context."""
+    return min(length, model.config.max_seq_len)
+
+
 class Scheduler:
     """`submit` from any thread; the steps run on the scheduler's own thread. `batch_sizes`:
     the decode batch sizes the steps are built for (compiled steps have static shapes): a
@@ -76,10 +81,11 @@ class Scheduler:
     def __init__(self, model: Transformer, tokenizer, slots: int, length: int,
                  prefill_fn: Callable = prefill, decode_fn: Callable = decode_one,
                  batch_sizes: tuple[int, ...] | None = None, kv_dtype: torch.dtype | None = None,
-                 warm: bool = False):
+                 warm: bool = False, on_stop: Callable[[], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
-        self.length = min(length, model.config.max_seq_len)
+        self._on_stop = on_stop  # run on the scheduler's thread as it stops (--tp: tells the other ranks)
+        self.length = slot_length(model, length)
         self.cache = KVCache(model.config, slots, self.length, kv_dtype or model.compute_dtype)
         self.batch_sizes = batch_sizes
         self.held: list[list[int]] = [[] for _ in range(slots)]  # tokens each slot holds from position 0
@@ -143,6 +149,8 @@ class Scheduler:
                     if self._closing:
                         for request in [*self.waiting, *self.running]:
                             self._retire(request, "cancelled")
+                        if self._on_stop is not None:
+                            self._on_stop()
                         return
                     self._admit()
                 for request in [r for r in self.running if r.cancelled.is_set()]:

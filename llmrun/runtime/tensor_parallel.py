@@ -51,12 +51,20 @@ def threads_per_rank() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+# How long the other ranks wait for rank 0's next scheduler step: a server may be idle for days
+# (a rank 0 that dies closes its connections, which ends the wait at once)
+IDLE_TIMEOUT = timedelta(days=30)
+_steps_group = None  # the process group rank 0 announces its scheduler's steps on
+
+
 def join(shard: Shard) -> None:
-    """Join the ranks' process group (gloo), once per process."""
+    """Join the ranks' process group (gloo), once per process, and the group of announced steps."""
     import torch.distributed as dist
 
+    global _steps_group
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=shard.rank, world_size=shard.world, timeout=TIMEOUT)
+        _steps_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
 def local_config(cfg, world: int, group_size: int = 1):
@@ -125,3 +133,61 @@ def shared_seed(seed: int | None) -> int:
     """One sampling seed for every rank: rank 0's (`seed`, or one it draws)."""
     mine = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     return from_rank0([mine] if is_main() else None)[0]
+
+
+# A scheduler's steps under --tp: rank 0's scheduler decides each step (which sequences, which
+# tokens, which slots) and announces it before running it; the other ranks run the same
+# forward on their shares (follow), so the all-reduces inside meet. An announcement is two
+# broadcasts of int64 tensors: (kind, B, T), then ids (B*T), positions (B*T) and slots (B).
+_STOP, _PREFILL, _DECODE = 0, 1, 2
+
+
+def _announce(kind: int, ids=None, input_pos=None, slots=None) -> None:
+    import torch.distributed as dist
+
+    B, T = ids.shape if ids is not None else (0, 0)
+    dist.broadcast(torch.tensor([kind, B, T], dtype=torch.int64), src=0, group=_steps_group)
+    if kind != _STOP:
+        dist.broadcast(torch.cat([ids.reshape(-1), input_pos.reshape(-1), slots.reshape(-1)]).long(), src=0,
+                       group=_steps_group)
+
+
+class LeaderSteps:
+    """Rank 0's scheduler steps (llmrun.runtime.scheduler's prefill_fn, decode_fn and on_stop),
+    each announced to the other ranks before it runs."""
+
+    def __init__(self, prefill, decode):
+        self._prefill, self._decode = prefill, decode
+
+    def prefill(self, model, cache, ids, input_pos, slots):
+        _announce(_PREFILL, ids, input_pos, slots)
+        return self._prefill(model, cache, ids, input_pos, slots)
+
+    def decode(self, model, cache, ids, input_pos, slots):
+        _announce(_DECODE, ids, input_pos, slots)
+        return self._decode(model, cache, ids, input_pos, slots)
+
+    def stop(self) -> None:
+        """The scheduler has stopped: so do the other ranks' follow() (unless they are gone)."""
+        try:
+            _announce(_STOP)
+        except RuntimeError:  # a rank that died closed its connection: nothing left to stop
+            pass
+
+
+def follow(model, cache, prefill, decode) -> None:
+    """On the ranks but 0: run each step rank 0's scheduler announces (LeaderSteps), with this
+    rank's share of the model and a cache of the same slots and length, until it stops."""
+    import torch.distributed as dist
+
+    with torch.inference_mode():
+        while True:
+            head = torch.empty(3, dtype=torch.int64)
+            dist.broadcast(head, src=0, group=_steps_group)
+            kind, B, T = head.tolist()
+            if kind == _STOP:
+                return
+            data = torch.empty(2 * B * T + B, dtype=torch.int64)
+            dist.broadcast(data, src=0, group=_steps_group)
+            ids, input_pos, slots = data[:B * T].view(B, T), data[B * T:2 * B * T].view(B, T), data[2 * B * T:]
+            (prefill if kind == _PREFILL else decode)(model, cache, ids, input_pos, slots)

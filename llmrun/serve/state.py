@@ -21,6 +21,10 @@ class Limits:
     queue: int = 32  # requests waiting for a slot before new ones get 503
     max_body_bytes: int = 4 << 20
 
+    def slot_positions(self, context_length: int) -> int:
+        """Positions per slot for a model of `context_length`."""
+        return min(self.ctx_size or DEFAULT_CTX, context_length)
+
 
 DEFAULT_CTX = 4096
 
@@ -49,7 +53,7 @@ class ServerState:
         def run() -> None:
             try:
                 engine, defaults = load()
-                ctx = min(self.limits.ctx_size or DEFAULT_CTX, engine.context_length)
+                ctx = self.limits.slot_positions(engine.context_length)
                 scheduler = engine.scheduler(self.limits.parallel, ctx, report, warm=True)
                 scheduler.ready.wait()
                 if scheduler.warm_error is not None:
