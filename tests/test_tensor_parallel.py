@@ -201,3 +201,27 @@ def test_serve_tp2_answers_as_one_process(models):
     for prompt, answer in zip(prompts, answers):
         alone = "".join(c.text for c in engine.stream_generate(engine.tokenizer.encode(prompt), settings))
         assert answer == alone and alone
+
+
+def test_bench_tp2_puts_each_path_on_two_ranks_beside_one_process(models):
+    """`llmrun bench --tp 2`: each path that splits runs in one process and then on 2 ranks
+    (torchrun, a thread each); the fp32 path on its ranks decodes the one-process greedy
+    tokens; the ranks' peak RSS and all-reduce time are reported. AOT paths are refused in
+    one line."""
+    args = [sys.executable, "-m", "llmrun", "bench", "-m", str(models["qwen2"]), "--tp", "2", "--threads", "2",
+            "-p", "8", "-n", "8", "-r", "1"]
+    done = subprocess.run([*args, "--paths", "default,eager-int4", "-o", "json"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    rows = {(r["path"], r["test"]): r for r in report["rows"]}
+    for path in ("default", "eager-int4"):
+        one, ranks = rows[(path, "tg8")], rows[(f"{path} (2 ranks)", "tg8")]
+        assert one["threads"] == 2 and ranks["threads"] == 1 and ranks["tps_mean"] > 0
+    match, compared = rows[("default (2 ranks)", "tg8")]["greedy_match"]
+    assert compared > 0 and match == compared
+    tp_run = report["paths"]["eager-int4 (2 ranks)"]
+    assert len(tp_run["peak_rss_per_rank"]) == 2 and tp_run["allreduce_ms_per_token"] > 0
+    refused = subprocess.run([*args, "--paths", "compiled-int4"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "AOTInductor packages do not hold" in refused.stderr
+    assert "Traceback" not in refused.stderr

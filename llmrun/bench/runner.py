@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from llmrun.bench import EXTRA_PATHS, PATHS, PEER_MODULES, is_quantized, machine
-from llmrun.bench.worker import SHORT, Spec
+from llmrun.bench.worker import SHORT, Spec, run_label
 from llmrun.errors import LlmrunError
 from llmrun.quant.schemes import DEFAULT_HEAD, DEFAULT_INT4
 
@@ -37,6 +37,11 @@ class BenchOptions:
     int4: str = DEFAULT_INT4  # int4 paths: asymmetric or symmetric groups (llmrun.quant.schemes)
     batches: tuple[int, ...] = (1,)  # tg with this many sequences per decode step (llmrun paths)
     kv_cache: str = "auto"  # llmrun paths' KV cache dtype (llmrun.runtime.kv_cache.kv_dtype)
+    tp: int = 1  # > 1: llmrun's paths also on this many ranks (torchrun), `threads` shared among them
+
+# under --tp: the paths that can split (llmrun's own, eager or torch.compile'd: AOTInductor
+# packages do not hold the ranks' all-reduces)
+TP_PATHS = ("default", "eager-int4", "jit-int4", "eager-shipped")
 
 
 def parse_paths(text: str | None) -> tuple[str, ...]:
@@ -79,6 +84,17 @@ def validate(opts: BenchOptions) -> None:
         raise LlmrunError(f"--group-size {opts.group_size} is not supported: use 0 (per channel) or 32, 64, 128, 256")
     if opts.model and opts.synthetic:
         raise LlmrunError("give --model or --synthetic, not both")
+    if opts.tp < 1:
+        raise LlmrunError(f"--tp {opts.tp} must be >= 1")
+    if opts.tp > 1:
+        if opts.paths == PATHS:  # the default: the paths that split
+            opts.paths = ("default", "eager-int4", "jit-int4")
+        cannot = [p for p in opts.paths if p not in TP_PATHS and p not in PEER_MODULES]
+        if cannot:
+            raise LlmrunError(f"--tp runs {', '.join(TP_PATHS)} (and peers in one process), not {', '.join(cannot)}: "
+                              "AOTInductor packages do not hold the ranks' all-reduces (jit-int4 compiles them)")
+        if opts.threads is not None and opts.threads < opts.tp:
+            raise LlmrunError(f"--threads {opts.threads} is fewer than --tp {opts.tp}: a rank needs a thread")
     if opts.synthetic:
         from llmrun.bench.synthetic import hf_dict
 
@@ -135,14 +151,20 @@ def peer_missing(path: str, opts: BenchOptions) -> str | None:
 
 
 def run_path(spec: Spec, workdir: str) -> dict:
-    """Run one path in a subprocess; its progress streams to our stderr."""
-    spec_file = os.path.join(workdir, f"{spec.path}.spec.json")
-    out_file = os.path.join(workdir, f"{spec.path}.out.json")
+    """Run one path in a subprocess (under spec.tp > 1, torchrun's ranks on this host); its
+    progress streams to our stderr."""
+    tag = f"{spec.path}-tp{spec.tp}"
+    spec_file = os.path.join(workdir, f"{tag}.spec.json")
+    out_file = os.path.join(workdir, f"{tag}.out.json")
     with open(spec_file, "w") as f:
         json.dump(dataclasses.asdict(spec), f)
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads))
+    launch = [sys.executable]
+    if spec.tp > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(spec.tp), "--master-addr", "127.0.0.1",
+                   "--master-port", str(_free_port())]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "llmrun.bench.worker", spec_file, out_file],
+    proc = subprocess.run([*launch, "-m", "llmrun.bench.worker", spec_file, out_file],
                           env=env, stdout=sys.stderr, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     try:
@@ -152,6 +174,14 @@ def run_path(spec: Spec, workdir: str) -> dict:
         result = {"path": spec.path, "error": f"worker exited with status {proc.returncode} and no result"}
     result["wall_s"] = wall
     return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def summarize(samples_s: list[float], n: int) -> dict:
@@ -178,37 +208,46 @@ def run_bench(opts: BenchOptions, log=None) -> dict:
         f"load average {load[0] if load else '?'} (cores: {meta['cores']})")
     if load and load[0] > meta["cores"] * 0.5:
         log(f"warning: the machine is busy (load {load[0]} on {meta['cores']} cores): timings are unreliable")
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {}  # by run label: a path, or a path on its ranks
+    runs = [(path, 1) for path in paths]
+    if opts.tp > 1:  # each path that splits, also on its ranks, right after it ran in one process
+        runs = [r for path in paths for r in [(path, 1)] + ([(path, opts.tp)] if path in TP_PATHS else [])]
     with tempfile.TemporaryDirectory(prefix="llmrun-bench-") as workdir:
-        for path in paths:
+        for path, tp in runs:
+            label = run_label(path, tp)
             dtype = path_dtype(path, opts)
             if path in missing:
-                results[path] = {"path": path, "skipped": f"skipped: {missing[path]}"}
-                log(f"{path}: {results[path]['skipped']}")
+                results[label] = {"path": path, "skipped": f"skipped: {missing[path]}"}
+                log(f"{label}: {results[label]['skipped']}")
                 continue
             note = memory_note(path, dtype, opts)
             if note:
-                results[path] = {"path": path, "dtype": dtype, "skipped": note}
-                log(f"{path}: {note}")
+                results[label] = {"path": path, "dtype": dtype, "skipped": note}
+                log(f"{label}: {note}")
                 continue
-            spec = Spec(path=path, model=opts.model, synthetic=opts.synthetic, threads=threads, pp=opts.pp,
-                        tg=opts.tg, reps=opts.reps, group_size=opts.group_size, head=opts.head, dtype=dtype,
-                        int4=opts.int4, batches=opts.batches, kv_cache=opts.kv_cache)
-            log(f"{path}: starting ({SHORT[dtype]})")
+            spec = Spec(path=path, model=opts.model, synthetic=opts.synthetic, threads=max(1, threads // tp),
+                        pp=opts.pp, tg=opts.tg, reps=opts.reps, group_size=opts.group_size, head=opts.head,
+                        dtype=dtype, int4=opts.int4, batches=opts.batches, kv_cache=opts.kv_cache, tp=tp)
+            log(f"{label}: starting ({SHORT[dtype]}" + (f", {spec.threads} thread(s) a rank)" if tp > 1 else ")"))
             res = run_path(spec, workdir)
-            results[path] = res
+            results[label] = res
             if res.get("error"):
-                log(f"{path}: FAILED: {res['error']}")
+                log(f"{label}: FAILED: {res['error']}")
                 continue
             stages = [f"load {res['load_s']:.2f} s"]
             if is_quantized(path):
                 stages.append(f"quantize {res['quantize_s']:.2f} s")
             if res.get("compile_s") is not None:
                 stages.append(f"compile {res['compile_s']:.1f} s")
-            log(f"{path}: " + "  ".join(stages) + f"  peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
+            if tp > 1:
+                stages.append(f"all-reduces alone {res['allreduce_ms_per_token']:.2f} ms a token")
+                rss = ", ".join(f"{b / 2**20:.0f}" for b in res["peak_rss_per_rank"])
+                log(f"{label}: " + "  ".join(stages) + f"  peak RSS per rank {rss} MiB")
+            else:
+                log(f"{label}: " + "  ".join(stages) + f"  peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
     meta["load_average_end"] = machine.load_average()
     log(f"load average at the end: {meta['load_average_end']} (cores: {meta['cores']})")
-    rows = build_rows(results, paths, threads, opts)
+    rows = build_rows(results, [run_label(path, tp) for path, tp in runs], threads, opts)
     report = {"meta": meta, "paths": results, "rows": rows}
     for line in roofline_lines(report):
         log(line)
@@ -238,16 +277,17 @@ def planned_tests(opts: BenchOptions) -> list[tuple[str, str, int, int]]:
     return tests
 
 
-def build_rows(results: dict, paths: list[str], threads: int, opts: BenchOptions) -> list[dict]:
-    """One row per path and test; a batched tg's t/s is the aggregate over its sequences, a pp
-    beside running decodes that of the prompt (per stream: each decoding one's t/s meanwhile)."""
+def build_rows(results: dict, labels: list[str], threads: int, opts: BenchOptions) -> list[dict]:
+    """One row per run (a path, or under --tp a path on its ranks: run_label) and test; a
+    batched tg's t/s is the aggregate over its sequences, a pp beside running decodes that of
+    the prompt (per stream: each decoding one's t/s meanwhile)."""
     rows = []
     default = results.get("default", {})
     model_name = next((r["model"] for r in results.values() if r.get("model")),
                       f"{opts.synthetic} (synthetic)" if opts.synthetic else (opts.model or "default"))
-    for path in paths:
-        res = results[path]
-        ref = default.get("greedy_tokens") if path != "default" else res.get("greedy_tokens")
+    for run in labels:
+        res = results[run]
+        ref = default.get("greedy_tokens") if run != "default" else res.get("greedy_tokens")
         match = greedy_match(res.get("greedy_tokens"), ref)
         for key, label, n, batch in planned_tests(opts):
             data = (res.get("tests") or {}).get(key)
@@ -255,7 +295,7 @@ def build_rows(results: dict, paths: list[str], threads: int, opts: BenchOptions
             if batch > 1 and not data and not note:
                 note = "many sequences: llmrun paths only"
             row = {"model": res.get("model") or model_name, "weights": res.get("weights") or
-                   SHORT.get(res.get("dtype", ""), ""), "path": path, "threads": threads,
+                   SHORT.get(res.get("dtype", ""), ""), "path": run, "threads": res.get("threads") or threads,
                    "test": label, "n_tokens": n, "batch": batch, "tps_mean": None, "tps_sd": None,
                    "per_stream_tps": None, "samples_s": None, "samples_tps": None, "vs_default": None,
                    "roofline_tps": None, "roofline_pct": None, "bytes_per_token": None,

@@ -1,4 +1,5 @@
-"""One benchmark path in its own process: `python -m llmrun.bench.worker SPEC.json OUT.json`.
+"""One benchmark path in its own process: `python -m llmrun.bench.worker SPEC.json OUT.json`
+(under `--tp N`, N processes started by torchrun, each holding its share; rank 0 writes OUT).
 
 Builds the path's model, then times (warm-up excluded, `reps` repetitions):
   pp  one prefill of `pp` synthetic tokens (chunks of generator.PREFILL_CHUNK, as generate does)
@@ -49,6 +50,7 @@ class Spec:
     seed: int = 0
     batches: tuple[int, ...] = (1,)  # tg also with this many sequences in each decode step
     kv_cache: str = "auto"  # the KV cache's dtype (llmrun.runtime.kv_cache.kv_dtype)
+    tp: int = 1  # tensor-parallel ranks (started by torchrun; `threads` is then per rank)
 
     @property
     def quantized(self) -> bool:
@@ -69,7 +71,15 @@ class Spec:
 
 
 def log(spec: Spec, msg: str) -> None:
-    print(f"llmrun bench: [{spec.path}] {msg}", file=sys.stderr, flush=True)
+    from llmrun.runtime.tensor_parallel import is_main
+
+    if is_main():  # under --tp, rank 0 speaks for the ranks
+        print(f"llmrun bench: [{run_label(spec.path, spec.tp)}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_label(path: str, tp: int) -> str:
+    """A path as the table names it: with its ranks under --tp."""
+    return path if tp == 1 else f"{path} ({tp} ranks)"
 
 
 def weights_label(spec: Spec, scheme=None) -> str:
@@ -87,8 +97,9 @@ def weights_label(spec: Spec, scheme=None) -> str:
 
 
 # ------------------------------------------------------------------ llmrun paths
-def load_llmrun(spec: Spec):
-    """(model as it runs, tokenizer or None, timings, model name, the weights' label)."""
+def load_llmrun(spec: Spec, shard=None):
+    """(model as it runs, tokenizer or None, timings, model name, the weights' label); shard:
+    this rank's share only (llmrun.runtime.tensor_parallel.Shard)."""
     from llmrun.errors import LlmrunError
     from llmrun.quant.transform import prepare_int4_model
 
@@ -99,6 +110,10 @@ def load_llmrun(spec: Spec):
         if spec.as_shipped:
             raise LlmrunError(f"{spec.path} runs a GGUF file's weights as shipped; synthetic models have none")
         cfg = synthetic.model_config(spec.synthetic)
+        if shard is not None:
+            from llmrun.runtime.tensor_parallel import local_config
+
+            cfg = local_config(cfg, shard.world, spec.group_size if spec.quantized else 1)
         model, timings = synthetic.build_llmrun(cfg, dtype, spec.quantized, spec.group_size, spec.seed, spec.head,
                                                 spec.int4)
         if spec.quantized:  # as the engine runs it
@@ -113,7 +128,7 @@ def load_llmrun(spec: Spec):
         raise LlmrunError(f"{spec.path} runs a GGUF file's weights as shipped; {resolved.path} is not one")
     asked = Scheme("int4" if spec.quantized else "none", spec.group_size, spec.head,
                             "as-shipped" if spec.as_shipped else "int4", spec.int4)
-    loaded = pipeline.load(spec.model, asked, dtype, cache=False)  # quantized here: its time is measured
+    loaded = pipeline.load(spec.model, asked, dtype, cache=False, shard=shard)  # quantized here: timed
     if loaded.scheme.quant != asked.quant:
         raise LlmrunError("the model is stored quantized: it has no float weights for this path")
     timings = {"load_s": loaded.timings["load"], "quantize_s": loaded.timings.get("quantize", 0.0)}
@@ -173,12 +188,12 @@ def stored_bytes(model, cache=None, attended: float | None = None) -> dict:
     return {"weights_bytes": weights, "kv_bytes": kv}
 
 
-def run_llmrun(spec: Spec, result: dict) -> None:
+def run_llmrun(spec: Spec, result: dict, shard=None) -> None:
     from llmrun.runtime.generator import PREFILL_CHUNK, SLOT, Generator
     from llmrun.runtime.kv_cache import kv_dtype
 
     log(spec, "loading" + (" and quantizing" if spec.quantized else ""))
-    model, tokenizer, timings, name, weights = load_llmrun(spec)
+    model, tokenizer, timings, name, weights = load_llmrun(spec, shard)
     result.update(model=name, weights=weights, **timings)
     log(spec, f"load {timings['load_s']:.2f} s" + (f"  quantize {timings['quantize_s']:.2f} s" if spec.quantized else ""))
     gen = Generator(model, tokenizer, kv_dtype=kv_dtype(spec.kv_cache, model.compute_dtype))
@@ -249,6 +264,8 @@ def run_llmrun(spec: Spec, result: dict) -> None:
             result["tests"][f"pp_b{batch}"] = _prefill_beside_decode(gen, model, spec, batch, g)
         if tokenizer is not None:
             result["greedy_tokens"] = _greedy_llmrun(gen, model, tokenizer, spec)
+        if shard is not None:
+            result["allreduce_ms_per_token"] = _allreduce_ms(model, spec)
     result["compile_s"] = compile_s if spec.compiled else None
     if spec.backend == "jit":  # a recompiling step would hide inside the t/s: count the graphs
         from torch._dynamo.utils import counters
@@ -315,6 +332,19 @@ def _prefill_beside_decode(gen, model, spec: Spec, batch: int, g: torch.Generato
         log(spec, f"first prefill beside {others} decoding (compile) {time.perf_counter() - start:.1f} s")
     samples = _repeat(spec, "pp", interleaved, label=f" beside {others} decoding")
     return {"n": spec.pp, "batch": batch, "samples_s": samples, "decode_steps": len(chunks)}
+
+
+def _allreduce_ms(model, spec: Spec) -> float:
+    """The time one token's all-reduces take alone under --tp: one after o_proj and one after
+    down_proj in every layer, each of the model's width in the activations' dtype."""
+    from llmrun.models.layers import all_ranks_sum
+
+    x = torch.zeros(1, 1, model.config.dim, dtype=model.compute_dtype)
+    start = time.perf_counter()
+    for _ in range(spec.tg or 16):
+        for _ in range(2 * model.config.n_layers):
+            x = all_ranks_sum(x)
+    return (time.perf_counter() - start) / (spec.tg or 16) * 1e3
 
 
 def _greedy_llmrun(gen, model, tokenizer, spec: Spec) -> list[int]:
@@ -451,19 +481,36 @@ def _repeat(spec: Spec, test: str, fn, setup=None, label: str = "") -> list[floa
     return samples
 
 
-def run(spec: Spec) -> dict:
+def run(spec: Spec, shard=None) -> dict:
     torch.set_num_threads(spec.threads)
     result = {"path": spec.path, "dtype": spec.dtype, "weights": weights_label(spec), "threads": spec.threads,
-              "tests": {}, "greedy_tokens": None, "pp_argmax": None, "error": None}
+              "tp": spec.tp, "tests": {}, "greedy_tokens": None, "pp_argmax": None, "error": None}
     if spec.path == "transformers":
         run_transformers(spec, result)
     elif spec.path in FORMAT_OF_PATH:
         run_llama_cpp(spec, result, lambda msg: log(spec, msg), lambda test, fn, setup=None: _repeat(spec, test, fn, setup),
                       _timed, TG_PROMPT, WARMUP_DECODE, QUALITY_PROMPT)
     else:
-        run_llmrun(spec, result)
+        run_llmrun(spec, result, shard)
     result["peak_rss_bytes"] = peak_rss_bytes()
+    if shard is not None:
+        _gather_ranks(result)
     return result
+
+
+def _gather_ranks(result: dict) -> None:
+    """Under --tp, what rank 0 reports for the host: each rank's peak RSS, and the bytes a
+    step reads summed over the ranks (each reads its shares and the whole head)."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([result["peak_rss_bytes"], result.get("weights_bytes", 0), result.get("kv_bytes", 0)],
+                        dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    result["peak_rss_per_rank"] = [int(t[0]) for t in every]
+    result["peak_rss_bytes"] = max(result["peak_rss_per_rank"])
+    if "weights_bytes" in result:
+        result["weights_bytes"], result["kv_bytes"] = (int(sum(t[i] for t in every)) for i in (1, 2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -473,8 +520,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with open(argv[0]) as f:
         spec = Spec(**json.load(f))
+    shard = None
     try:
-        result = run(spec)
+        if spec.tp > 1:  # one rank of torchrun's: only rank 0 writes the result
+            from llmrun.runtime import tensor_parallel
+
+            shard = tensor_parallel.shard_from_env(spec.tp)
+            tensor_parallel.join(shard)
+        result = run(spec, shard)
         rc = 0
     except Exception as exc:  # the parent reports it in the table and carries on
         from llmrun.errors import LlmrunError
@@ -484,8 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         result = {"path": spec.path, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                   "peak_rss_bytes": peak_rss_bytes()}
         rc = 1
-    with open(argv[1], "w") as f:
-        json.dump(result, f)
+    if shard is None or shard.rank == 0:
+        with open(argv[1], "w") as f:
+            json.dump(result, f)
     return rc
 
 

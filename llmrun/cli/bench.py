@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
                    help="dtype of default/transformers and of the int4 paths' activations (default: "
                    "bf16 where the CPU has native bf16, else fp32, for default/transformers; llmrun's "
                    "default for int4)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="also run llmrun's eager and jit paths on N tensor-parallel ranks (torchrun on this "
+                   "host, --threads shared among them), each row beside its one-process row")
     p.add_argument("-o", "--output", choices=["md", "json", "csv"], default="md", help="table format on stdout")
     p.add_argument("--kernels", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
                    help="run the kernel micro-benchmark instead; the rest of the line goes to it "
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(model=args.model, synthetic=args.synthetic, paths=parse_paths(args.paths),
                         threads=args.threads, pp=args.n_prompt, tg=args.n_gen, reps=args.repetitions,
                         group_size=args.group_size, head=args.head, dtype=args.dtype, int4=args.int4,
-                        batches=parse_batches(args.batch), kv_cache=args.kv_cache)
+                        batches=parse_batches(args.batch), kv_cache=args.kv_cache, tp=args.tp)
     report = run_bench(opts)
     print(FORMATS[args.output](report), flush=True)
     failed = [p for p, r in report["paths"].items() if r.get("error")]
