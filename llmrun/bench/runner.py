@@ -39,6 +39,7 @@ class BenchOptions:
     kv_cache: str = "auto"  # llmrun paths' KV cache dtype (llmrun.runtime.kv_cache.kv_dtype)
     tp: int = 1  # > 1: llmrun's paths also on this many ranks (torchrun), `threads` shared among them
 
+
 # under --tp: the paths that can split (llmrun's own, eager or torch.compile'd: AOTInductor
 # packages do not hold the ranks' all-reduces)
 TP_PATHS = ("default", "eager-int4", "jit-int4", "eager-shipped")

@@ -116,8 +116,11 @@ def load_llmrun(spec: Spec, shard=None):
             cfg = local_config(cfg, shard.world, spec.group_size if spec.quantized else 1)
         model, timings = synthetic.build_llmrun(cfg, dtype, spec.quantized, spec.group_size, spec.seed, spec.head,
                                                 spec.int4)
-        if spec.quantized:  # as the engine runs it
+        if spec.quantized:  # as the engine runs it (pipeline.load), its kernels loaded before any tracing
+            from llmrun.kernels.dispatch import default_backend, require_kernels
+
             prepare_int4_model(model)
+            require_kernels(default_backend())
         return model, None, timings, f"{spec.synthetic} (synthetic)", weights_label(spec)
     from llmrun.quant.schemes import Scheme
     from llmrun.runtime import pipeline

@@ -41,9 +41,10 @@ def kv_dtype(name: str, compute: torch.dtype) -> torch.dtype:
 
 
 def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor in its own anonymous map (the tensor keeps the map alive)."""
+    """A zero tensor in its own anonymous map (the tensor keeps the map alive). Private: a page
+    never written reads as the shared zero page (a shared map would allocate it)."""
     count = math.prod(shape)
-    pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE)  # private: unwritten pages read as the zero page
+    pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE)
     return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
 
 
