@@ -122,6 +122,36 @@ def test_a_conversation_stays_on_the_replica_holding_its_prefix(cluster):
         assert second.usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens - 2
 
 
+def _metrics(cluster) -> dict:
+    """GET /metrics through the Router: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{cluster.url}/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_are_the_sums_over_the_replicas(cluster):
+    """/metrics answers for the deployment: both replicas' slots, and every request whichever
+    replica served it."""
+    chats = ("llmrun:requests_total", (("endpoint", "chat"), ("status", "200")))
+    deadline = time.time() + 30
+    while (before := _metrics(cluster)).get(("llmrun:kv_slots", ())) != 2 * PARALLEL:  # both reported
+        assert time.time() < deadline, before.get(("llmrun:kv_slots", ()))
+        time.sleep(1)
+    questions = [f"Count to {n}." for n in range(3, 9)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda q: cluster.chat([SYSTEM, {"role": "user", "content": q}], max_tokens=2),
+                                questions))
+    assert len({replica for _, replica in answers}) == 2
+    deadline = time.time() + 30
+    while (after := _metrics(cluster)).get(chats, 0) - before.get(chats, 0) != len(questions):
+        assert time.time() < deadline, (before.get(chats), after.get(chats))
+        time.sleep(0.5)
+    generated = ("llmrun:generation_tokens_total", ())
+    assert after[generated] - before[generated] == sum(a.usage.completion_tokens for a, _ in answers)
+
+
 def test_errors_keep_openai_shape(cluster):
     response = httpx.get(f"{cluster.url}/v1/nothing", timeout=30)
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"

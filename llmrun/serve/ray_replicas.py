@@ -7,7 +7,8 @@ Two deployments:
 - `Router`, the HTTP ingress behind Ray's proxy: reads a request's body, hands it to a replica
   through a deployment handle and streams the replica's response back. Requests beyond the
   replicas' slots wait at the handle (at most `--queue`, then 503), so each goes to the first
-  replica that frees a slot rather than into one replica's queue.
+  replica that frees a slot rather than into one replica's queue. It answers GET /metrics
+  itself: every replica's metrics summed (ray_metrics.MetricsHub, a third deployment).
 
 Ray routes with its prefix-affinity router (the one Ray Serve LLM uses): a prompt whose text
 begins with one a replica served before goes to that replica, where llmrun's prefix reuse finds
@@ -45,6 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llmrun.errors import LlmrunError
 from llmrun.serve.protocol import error_body
+from llmrun.serve.ray_metrics import MetricsHub, snapshot
 
 REPLICA_HEADER = "x-llmrun-replica"  # on every response: the replica that answered
 
@@ -78,23 +80,37 @@ class RoutedRequest:
 
 
 class ModelReplica:
-    """One copy of the model behind `llmrun serve`'s app; ready once its steps are built."""
+    """One copy of the model behind `llmrun serve`'s app; ready once its steps are built. Its
+    metrics go to the hub after each request and at each of Ray's health checks."""
 
-    def __init__(self, flags: dict):
+    def __init__(self, flags: dict, hub: DeploymentHandle):
         from llmrun.cli.serve import prepare
 
-        state, self.app, _ = prepare(argparse.Namespace(**flags))
-        state.ready.wait()
-        if state.load_error:
-            raise LlmrunError(f"the model failed to load: {state.load_error}")
+        self.state, self.app, _ = prepare(argparse.Namespace(**flags))
+        self.state.ready.wait()
+        if self.state.load_error:
+            raise LlmrunError(f"the model failed to load: {self.state.load_error}")
         self.name = serve.get_replica_context().replica_tag.encode()
+        self.hub = hub
 
     async def __call__(self, request: RoutedRequest):
         """The app's ASGI messages for this request: its response start, then body parts."""
-        async for message in _asgi_messages(self.app, request):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message["headers"], (REPLICA_HEADER.encode(), self.name)]}
-            yield message
+        try:
+            async for message in _asgi_messages(self.app, request):
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message["headers"], (REPLICA_HEADER.encode(), self.name)]}
+                yield message
+        finally:
+            self._report()
+
+    async def check_health(self) -> None:
+        """Ray's health check of this replica (every 10 s): its metrics go to the hub too."""
+        self._report()
+
+    def _report(self) -> None:
+        metrics = self.state.metrics
+        metrics.sample_scheduler(*self.state.scheduler.counts)
+        self.hub.put.remote(self.name.decode(), snapshot(metrics.registry))  # sent; its answer is not awaited
 
 
 async def _asgi_messages(app, request: RoutedRequest):
@@ -132,13 +148,16 @@ async def _asgi_messages(app, request: RoutedRequest):
 class Router:
     """The HTTP ingress: every path goes to a model replica, its response streamed back."""
 
-    def __init__(self, model: DeploymentHandle):
+    def __init__(self, model: DeploymentHandle, hub: DeploymentHandle):
         self.model = model.options(stream=True)
+        self.hub = hub
 
     async def __call__(self, request: Request) -> Response:
         if request.url.path == "/health" and request.method == "GET":
             # answered here, never queued behind busy slots: Ray routes to replicas once loaded
             return JSONResponse({"status": "ok"})
+        if request.url.path == "/metrics" and request.method == "GET":  # the replicas' sums
+            return Response(await self.hub.text.remote(), media_type="text/plain; version=0.0.4")
         routed = await RoutedRequest.read(request)
         replies = self.model.remote(routed)
         try:
@@ -188,7 +207,8 @@ class PromptAffinityRouter(PrefixCacheAffinityRouter):
 
 
 def application(args: argparse.Namespace):
-    """The Ray Serve application: `args.replicas` ModelReplicas behind one Router."""
+    """The Ray Serve application: `args.replicas` ModelReplicas behind one Router, and the
+    hub of their metrics."""
     flags = {k: v for k, v in vars(args).items() if not callable(v)}
     parallel, replicas = args.parallel, args.replicas
     # the prefix is followed while the replicas' loads differ by at most this many requests
@@ -207,7 +227,9 @@ def application(args: argparse.Namespace):
         num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=replicas * parallel + args.queue + 16,
     )
-    return router.bind(model.bind(flags))
+    hub = serve.deployment(MetricsHub, name="llmrun-metrics").options(num_replicas=1,
+                                                                      ray_actor_options={"num_cpus": 0}).bind()
+    return router.bind(model.bind(flags, hub), hub)
 
 
 def build(config: dict):
