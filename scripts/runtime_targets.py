@@ -156,6 +156,8 @@ def batch(args) -> None:
     for t in scheduler.cache.buffers():  # every position of every slot written: the cache in full
         t.fill_(0)
     full_rss = peak_rss_bytes()
+    with open("/proc/self/status") as f:  # what stays resident after the run (the peak: also the load's)
+        resident = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
     print(f"{label}, int4, {torch.get_num_threads()} threads; {args.slots} slots x {args.length} positions; "
           f"prompts of {args.prompt_tokens} tokens, {args.tokens} new tokens each\n")
     print("| concurrency | aggregate t/s | per stream t/s | vs 1 | TTFT mean |\n|---:|---:|---:|---:|---:|")
@@ -169,7 +171,8 @@ def batch(args) -> None:
     total = weights + cache
     print(f"\nweights {weights / 2**20:.0f} MiB + KV cache {cache / 2**20:.0f} MiB = {total / 2**20:.0f} MiB; "
           f"peak RSS {rss / 2**20:.0f} MiB ({rss / total:.2f}x) with the positions these requests reached, "
-          f"{full_rss / 2**20:.0f} MiB ({full_rss / total:.2f}x) with every position written")
+          f"{full_rss / 2**20:.0f} MiB ({full_rss / total:.2f}x) with every position written, of which "
+          f"{resident / 2**20:.0f} MiB ({resident / total:.2f}x) stay resident")
 
 
 def main() -> int:

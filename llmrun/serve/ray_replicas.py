@@ -1,6 +1,6 @@
 """`llmrun serve`'s OpenAI app as replicas on Ray Serve (`pip install 'llmrun[ray]'`).
 
-Two deployments:
+Three deployments:
 - `ModelReplica`, N of them: each loads the model and runs `llmrun serve`'s own Starlette app
   (llmrun.serve.app) in its process, so routes, streaming, errors and limits are the plain
   server's. Each takes `--parallel` requests at once (its KV cache slots) and `--threads` CPUs.
@@ -8,7 +8,8 @@ Two deployments:
   through a deployment handle and streams the replica's response back. Requests beyond the
   replicas' slots wait at the handle (at most `--queue`, then 503), so each goes to the first
   replica that frees a slot rather than into one replica's queue. It answers GET /metrics
-  itself: every replica's metrics summed (ray_metrics.MetricsHub, a third deployment).
+  itself, from the hub.
+- `MetricsHub` (ray_metrics.py), one: every replica's metrics, summed for /metrics.
 
 Ray routes with its prefix-affinity router (the one Ray Serve LLM uses): a prompt whose text
 begins with one a replica served before goes to that replica, where llmrun's prefix reuse finds
