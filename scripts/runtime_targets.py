@@ -5,8 +5,8 @@
          token, beside the same prompt prefilled from nothing
   batch  --requests at once through the scheduler (8 slots of --length positions) at each
          concurrency of --concurrency: aggregate and per-stream decode tokens/s, TTFT, and the
-         peak RSS beside the weights' and the KV cache's bytes (the cache's pages are taken as
-         positions are written: also after writing all of them)
+         peak RSS beside the bytes the model's tensors and the KV cache hold (the cache's pages
+         are taken as positions are written: also after writing all of them)
 
     python scripts/runtime_targets.py chat  [--model M | --synthetic llama3.2-1b] [--turns 10]
     python scripts/runtime_targets.py batch [--model M | --synthetic llama3.2-1b] [--concurrency 1,2,4,8]
@@ -126,8 +126,19 @@ def _run(gen, prompt, settings):
     return stats, answer
 
 
+def held_bytes(model) -> int:
+    """The bytes of every tensor the model holds, each storage once (the tables a step reads only
+    rows of, such as the embedding and the rescored head's exact table, in full)."""
+    from llmrun.bench.worker import module_tensors
+
+    storages = {}
+    for module in model.modules():
+        for _, t in module_tensors(module):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 def batch(args) -> None:
-    from llmrun.bench.worker import stored_bytes
     from llmrun.runtime.memory import peak_rss_bytes
     from llmrun.runtime.scheduler import Scheduler
 
@@ -150,7 +161,7 @@ def batch(args) -> None:
     finally:
         scheduler.close()
     rows = rows[1:]
-    weights = stored_bytes(model)["weights_bytes"]
+    weights = held_bytes(model)
     cache = scheduler.cache.nbytes
     rss = peak_rss_bytes()
     for t in scheduler.cache.buffers():  # every position of every slot written: the cache in full
