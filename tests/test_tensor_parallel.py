@@ -225,3 +225,33 @@ def test_bench_tp2_puts_each_path_on_two_ranks_beside_one_process(models):
     refused = subprocess.run([*args, "--paths", "compiled-int4"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "AOTInductor packages do not hold" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_idle_leader_heartbeats_and_followers_replay_its_steps(tmp_path):
+    """LeaderSteps and follow() alone (no model): while rank 0 is idle for longer than the
+    announcements' timeout its heartbeats keep rank 1 waiting; then rank 1 runs each announced
+    step on the same tensors, in order, and returns when rank 0 stops."""
+    script = tmp_path / "steps.py"
+    script.write_text(
+        "import os, time, torch\n"
+        "from datetime import timedelta\n"
+        "from llmrun.runtime import tensor_parallel as tp\n"
+        "shard = tp.Shard(int(os.environ['RANK']), 2)\n"
+        "tp.join(shard)\n"
+        "tp.HEARTBEAT, tp.IDLE_TIMEOUT = timedelta(seconds=0.2), timedelta(seconds=1)\n"
+        "seen = []\n"
+        "def step(kind):\n"
+        "    return lambda model, cache, ids, pos, slots: seen.append((kind, ids.tolist(), pos.tolist(), slots.tolist()))\n"
+        "if shard.rank == 0:\n"
+        "    leader = tp.LeaderSteps(step('prefill'), step('decode'))\n"
+        "    time.sleep(1.5)\n"
+        "    leader.prefill(None, None, torch.tensor([[5, 6, 7]]), torch.tensor([[0, 1, 2]]), torch.tensor([1]))\n"
+        "    leader.decode(None, None, torch.tensor([[8], [9]]), torch.tensor([[3], [4]]), torch.tensor([1, 0]))\n"
+        "    leader.stop()\n"
+        "else:\n"
+        "    tp.follow(None, None, step('prefill'), step('decode'))\n"
+        f"open(f'{tmp_path}/seen{{shard.rank}}', 'w').write(repr(seen))\n")
+    done = _torchrun(str(script), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = "[('prefill', [[5, 6, 7]], [[0, 1, 2]], [1]), ('decode', [[8], [9]], [[3], [4]], [1, 0])]"
+    assert (tmp_path / "seen0").read_text() == steps == (tmp_path / "seen1").read_text()

@@ -11,6 +11,8 @@ same on all of them, and so do the logits and (with one seed, chosen by rank 0) 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -51,20 +53,12 @@ def threads_per_rank() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-# How long the other ranks wait for rank 0's next scheduler step: a server may be idle for days
-# (a rank 0 that dies closes its connections, which ends the wait at once)
-IDLE_TIMEOUT = timedelta(days=30)
-_steps_group = None  # the process group rank 0 announces its scheduler's steps on
-
-
 def join(shard: Shard) -> None:
-    """Join the ranks' process group (gloo), once per process, and the group of announced steps."""
+    """Join the ranks' process group (gloo), once per process."""
     import torch.distributed as dist
 
-    global _steps_group
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=shard.rank, world_size=shard.world, timeout=TIMEOUT)
-        _steps_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
 def local_config(cfg, world: int, group_size: int = 1):
@@ -138,41 +132,66 @@ def shared_seed(seed: int | None) -> int:
 # A scheduler's steps under --tp: rank 0's scheduler decides each step (which sequences, which
 # tokens, which slots) and announces it before running it; the other ranks run the same
 # forward on their shares (follow), so the all-reduces inside meet. An announcement is two
-# broadcasts of int64 tensors: (kind, B, T), then ids (B*T), positions (B*T) and slots (B).
-_STOP, _PREFILL, _DECODE = 0, 1, 2
+# broadcasts of int64 tensors, (kind, B, T), then ids (B*T), positions (B*T) and slots (B), on
+# a process group of their own whose timeout is long: the other ranks wait there for as long as
+# the server is idle. An idle rank 0 announces "nothing" every HEARTBEAT, so that wait never
+# reaches it; a rank 0 that dies closes its connections, which ends the wait at once.
+_STOP, _PREFILL, _DECODE, _NOTHING = 0, 1, 2, 3
+HEARTBEAT = timedelta(hours=1)
+IDLE_TIMEOUT = timedelta(days=1)
 
 
-def _announce(kind: int, ids=None, input_pos=None, slots=None) -> None:
+def _steps_group():
+    """The announcements' group (a collective: every rank makes it, once, at the same point)."""
     import torch.distributed as dist
 
-    B, T = ids.shape if ids is not None else (0, 0)
-    dist.broadcast(torch.tensor([kind, B, T], dtype=torch.int64), src=0, group=_steps_group)
-    if kind != _STOP:
-        dist.broadcast(torch.cat([ids.reshape(-1), input_pos.reshape(-1), slots.reshape(-1)]).long(), src=0,
-                       group=_steps_group)
+    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
 class LeaderSteps:
     """Rank 0's scheduler steps (llmrun.runtime.scheduler's prefill_fn, decode_fn and on_stop),
-    each announced to the other ranks before it runs."""
+    each announced to the other ranks before it runs; "nothing" while idle (HEARTBEAT)."""
 
     def __init__(self, prefill, decode):
         self._prefill, self._decode = prefill, decode
+        self._group = _steps_group()
+        self._lock = threading.Lock()  # one announcement at a time: a step's or the heartbeat's
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._beat, name="llmrun-tp-heartbeat", daemon=True).start()
 
     def prefill(self, model, cache, ids, input_pos, slots):
-        _announce(_PREFILL, ids, input_pos, slots)
+        self._announce(_PREFILL, ids, input_pos, slots)
         return self._prefill(model, cache, ids, input_pos, slots)
 
     def decode(self, model, cache, ids, input_pos, slots):
-        _announce(_DECODE, ids, input_pos, slots)
+        self._announce(_DECODE, ids, input_pos, slots)
         return self._decode(model, cache, ids, input_pos, slots)
 
     def stop(self) -> None:
         """The scheduler has stopped: so do the other ranks' follow() (unless they are gone)."""
+        self._stopped.set()
         try:
-            _announce(_STOP)
+            self._announce(_STOP)
         except RuntimeError:  # a rank that died closed its connection: nothing left to stop
             pass
+
+    def _announce(self, kind: int, ids=None, input_pos=None, slots=None) -> None:
+        import torch.distributed as dist
+
+        B, T = ids.shape if ids is not None else (0, 0)
+        with self._lock:
+            dist.broadcast(torch.tensor([kind, B, T], dtype=torch.int64), src=0, group=self._group)
+            if B:
+                data = torch.cat([ids.reshape(-1), input_pos.reshape(-1), slots.reshape(-1)]).long()
+                dist.broadcast(data, src=0, group=self._group)
+            self._last = time.monotonic()
+
+    def _beat(self) -> None:
+        period = HEARTBEAT.total_seconds()
+        while not self._stopped.wait(period / 4):
+            if time.monotonic() - self._last >= period:
+                self._announce(_NOTHING)
 
 
 def follow(model, cache, prefill, decode) -> None:
@@ -180,14 +199,17 @@ def follow(model, cache, prefill, decode) -> None:
     rank's share of the model and a cache of the same slots and length, until it stops."""
     import torch.distributed as dist
 
+    group = _steps_group()
     with torch.inference_mode():
         while True:
             head = torch.empty(3, dtype=torch.int64)
-            dist.broadcast(head, src=0, group=_steps_group)
+            dist.broadcast(head, src=0, group=group)
             kind, B, T = head.tolist()
             if kind == _STOP:
                 return
+            if kind == _NOTHING:
+                continue
             data = torch.empty(2 * B * T + B, dtype=torch.int64)
-            dist.broadcast(data, src=0, group=_steps_group)
+            dist.broadcast(data, src=0, group=group)
             ids, input_pos, slots = data[:B * T].view(B, T), data[B * T:2 * B * T].view(B, T), data[2 * B * T:]
             (prefill if kind == _PREFILL else decode)(model, cache, ids, input_pos, slots)
