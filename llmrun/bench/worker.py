@@ -161,7 +161,7 @@ def mean_tg_context(spec) -> float:
 
 def stored_bytes(model, cache=None, attended: float | None = None) -> dict:
     """Bytes a decode step reads: every weight tensor once, the embedding table one row (unless
-    it is also the head), a rescored head's int8 table the panels of its k rows, and the KV
+    it is also the head), a rescored head's exact table its k picked rows, and the KV
     cache (llmrun.runtime.kv_cache.KVCache): all of it (masked attention), or `attended` of its
     positions on average (the decode attention kernel reads only the filled ones)."""
     from llmrun.kernels import RescoredLinear
