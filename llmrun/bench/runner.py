@@ -248,7 +248,7 @@ def run_bench(opts: BenchOptions, log=None) -> dict:
                 log(f"{label}: " + "  ".join(stages) + f"  peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
     meta["load_average_end"] = machine.load_average()
     log(f"load average at the end: {meta['load_average_end']} (cores: {meta['cores']})")
-    rows = build_rows(results, [run_label(path, tp) for path, tp in runs], threads, opts)
+    rows = build_rows(results, threads, opts)
     report = {"meta": meta, "paths": results, "rows": rows}
     for line in roofline_lines(report):
         log(line)
@@ -278,16 +278,15 @@ def planned_tests(opts: BenchOptions) -> list[tuple[str, str, int, int]]:
     return tests
 
 
-def build_rows(results: dict, labels: list[str], threads: int, opts: BenchOptions) -> list[dict]:
-    """One row per run (a path, or under --tp a path on its ranks: run_label) and test; a
-    batched tg's t/s is the aggregate over its sequences, a pp beside running decodes that of
-    the prompt (per stream: each decoding one's t/s meanwhile)."""
+def build_rows(results: dict, threads: int, opts: BenchOptions) -> list[dict]:
+    """One row per run (a path, or under --tp a path on its ranks: run_label), in the order they
+    ran, and test; a batched tg's t/s is the aggregate over its sequences, a pp beside running
+    decodes that of the prompt (per stream: each decoding one's t/s meanwhile)."""
     rows = []
     default = results.get("default", {})
     model_name = next((r["model"] for r in results.values() if r.get("model")),
                       f"{opts.synthetic} (synthetic)" if opts.synthetic else (opts.model or "default"))
-    for run in labels:
-        res = results[run]
+    for run, res in results.items():
         ref = default.get("greedy_tokens") if run != "default" else res.get("greedy_tokens")
         match = greedy_match(res.get("greedy_tokens"), ref)
         for key, label, n, batch in planned_tests(opts):
